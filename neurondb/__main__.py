@@ -1,0 +1,3 @@
+from neurondb.cli import main
+
+main()

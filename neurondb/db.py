@@ -1,0 +1,55 @@
+"""Connections to PostgreSQL: which server (DSN resolution) and how every process connects.
+
+The DSN comes from, in order: `--dsn`, `$NEURONDB_DSN`, the `dsn` file of the data directory (written by
+`neurondb init`, owner-only since it holds the password). Every connection carries an application_name of
+the form `neurondb <process>` so that `pg_stat_activity` tells which neurondb process holds it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+
+from neurondb.paths import DataDir
+
+ENV_DSN = "NEURONDB_DSN"
+
+
+class NotInitialized(RuntimeError):
+    """No DSN is known for this data directory: neither given nor recorded by `neurondb init`."""
+
+
+def resolve_dsn(datadir: DataDir, dsn: str | None = None) -> str:
+    """The DSN to use: explicit, else `$NEURONDB_DSN`, else the one recorded in the data directory."""
+    if dsn:
+        return dsn
+    env = os.environ.get(ENV_DSN)
+    if env:
+        return env
+    try:
+        return datadir.dsn_file.read_text().strip()
+    except FileNotFoundError:
+        raise NotInitialized(
+            f"no database known for data directory {datadir.root}: run `neurondb init -D {datadir.root}` "
+            f"(embedded PostgreSQL) or pass --dsn / set {ENV_DSN}"
+        ) from None
+
+
+def connect(dsn: str, application_name: str, autocommit: bool = True,
+            connect_timeout: int = 10) -> psycopg.Connection:
+    """Open a connection named `neurondb <application_name>`."""
+    return psycopg.connect(
+        dsn,
+        autocommit=autocommit,
+        application_name=f"neurondb {application_name}"[:63],
+        connect_timeout=connect_timeout,
+    )
+
+
+def redact(dsn: str) -> str:
+    """The DSN with its password hidden, for logs and messages."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    if "password" in info:
+        info["password"] = "********"
+    return psycopg.conninfo.make_conninfo(**info)

@@ -1,0 +1,70 @@
+"""Shared fixtures: one real PostgreSQL per test session, a fresh migrated database per test that asks.
+
+The server is the project's embedded PostgreSQL (started in a temporary data directory), or the server
+named by `$NEURONDB_TEST_DSN`. Nothing here mocks the database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from neurondb.migrate import migrate
+from neurondb.paths import DataDir
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENT = REPO.parent / "shared" / "seed" / "neurondb-background-workers.md"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of a superuser connection to the session's PostgreSQL server."""
+    env = os.environ.get("NEURONDB_TEST_DSN")
+    if env:
+        yield env
+        return
+    from neurondb.pgserver import EmbeddedPostgres
+
+    datadir = DataDir(tmp_path_factory.mktemp("pgsession"))
+    datadir.init()
+    server = EmbeddedPostgres(datadir)
+    server.init()
+    dsn = server.start()
+    try:
+        yield dsn
+    finally:
+        server.stop("fast")
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture
+def fresh_dsn(pg_admin_dsn: str) -> Iterator[str]:
+    """A new database with the neurondb schema installed, dropped after the test."""
+    name = f"nd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = _with_dbname(pg_admin_dsn, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrate(conn)
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def document_text() -> str:
+    if not DOCUMENT.exists():
+        pytest.skip(f"source document not found at {DOCUMENT}")
+    return DOCUMENT.read_text(encoding="utf-8")
