@@ -29,6 +29,7 @@ from neurondb.shm import (
     Latch,
     Segment,
     SharedState,
+    attach_latches,
     generation_name,
     get_text,
     heartbeat,
@@ -380,7 +381,7 @@ def test_latch_set_from_other_process_and_signal_handler(prefix: str, children: 
         def set_later() -> None:
             time.sleep(0.2)
             scratch[0] = time.monotonic()
-            SharedState.attach(prefix).latch(0).set()
+            attach_latches(prefix, 2)[0].set()
 
         children.fork(set_later)
         assert latch.wait(5)

@@ -62,7 +62,6 @@ LOCK_FIELDS = [
     ("last_dead_pid", "<i8"),
     ("acquired_at", "<f8"),
 ]
-LOCK_DTYPE = np.dtype(LOCK_FIELDS, align=True)
 
 PID_BITS = 22  # Linux pid_max is at most 2**22
 PID_MASK = (1 << PID_BITS) - 1
