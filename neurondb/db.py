@@ -47,6 +47,15 @@ def connect(dsn: str, application_name: str, autocommit: bool = True,
     )
 
 
+def close_quietly(conn: psycopg.Connection | None) -> None:
+    """Close a connection that may already be broken (the server went away): errors are moot then."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
 def redact(dsn: str) -> str:
     """The DSN with its password hidden, for logs and messages."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)

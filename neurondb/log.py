@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from neurondb.paths import ensure_private_dir
+
 FORMAT = "%(asctime)s.%(msecs)03d [%(process)d] %(processName)s %(levelname)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
@@ -27,7 +29,7 @@ def setup(process_name: str, log_file: Path | None = None, level: int = logging.
         handler.close()
     formatter = logging.Formatter(FORMAT, DATEFMT)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(log_file.parent)
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.close(fd)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")

@@ -13,10 +13,13 @@ ENV_DATA_DIR = "NEURONDB_DATA"
 
 
 def default_data_dir() -> Path:
-    """`$NEURONDB_DATA`, else `$XDG_DATA_HOME/neurondb`, else `~/.local/share/neurondb`."""
+    """`$NEURONDB_DATA`, else `/var/lib/neurondb` for root (the embedded server runs as a system user that
+    cannot enter /root), else `$XDG_DATA_HOME/neurondb`, else `~/.local/share/neurondb`."""
     env = os.environ.get(ENV_DATA_DIR)
     if env:
         return Path(env).expanduser().resolve()
+    if os.geteuid() == 0:
+        return Path("/var/lib/neurondb")
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
     return (base / "neurondb").resolve()
@@ -28,8 +31,12 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) if missing; the leaf is mode 0700 whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True)
+    """Create `path` (and parents) if missing, the leaf mode 0700 whatever the umask. An existing directory
+    keeps its mode: as root the embedded server needs the data directory traversable (0711)."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return path
     os.chmod(path, 0o700)
     return path
 

@@ -7,6 +7,8 @@ named by `$NEURONDB_TEST_DSN`. Nothing here mocks the database.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ DOCUMENT = REPO.parent / "shared" / "seed" / "neurondb-background-workers.md"
 
 
 @pytest.fixture(scope="session")
-def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_dsn() -> Iterator[str]:
     """DSN of a superuser connection to the session's PostgreSQL server."""
     env = os.environ.get("NEURONDB_TEST_DSN")
     if env:
@@ -30,7 +32,9 @@ def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from neurondb.pgserver import EmbeddedPostgres
 
-    datadir = DataDir(tmp_path_factory.mktemp("pgsession"))
+    # Not under pytest's tmp_path: as root that is a 0700 tree the server's system user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="neurondb-session-", dir="/tmp"))
+    datadir = DataDir(root)
     datadir.init()
     server = EmbeddedPostgres(datadir)
     server.init()
@@ -39,6 +43,7 @@ def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield dsn
     finally:
         server.stop("fast")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:

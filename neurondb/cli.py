@@ -1,0 +1,383 @@
+"""The `neurondb` command: the operator's interface, on top of everything else (nothing imports it)."""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import functools
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from neurondb import db, log
+from neurondb.instance import Instance
+from neurondb.migrate import MigrationError
+from neurondb.paths import DataDir, resolve_data_dir
+from neurondb.settings import Config, SettingError, lookup, reset_auto, set_auto
+
+if TYPE_CHECKING:
+    from neurondb.status import Status
+
+console = Console()
+
+# Errors the operator can act on: shown as one clear line, exit status 1, no traceback.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (SettingError, db.NotInitialized, MigrationError)
+
+
+def expected_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the operator-facing errors into click errors; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from neurondb.pgserver import PostgresError
+
+        try:
+            return func(*args, **kwargs)
+        except (*EXPECTED_ERRORS, PostgresError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def instance_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`-D/--data-dir` and `--dsn` on every command, as PostgreSQL's tools take -D."""
+
+    @click.option("-D", "--data-dir", "data_dir", envvar="NEURONDB_DATA", type=click.Path(file_okay=False),
+                  help="Data directory (default: $NEURONDB_DATA, else ~/.local/share/neurondb).")
+    @click.option("--dsn", envvar="NEURONDB_DSN",
+                  help="Use this PostgreSQL server instead of the embedded one (also $NEURONDB_DSN).")
+    @functools.wraps(func)
+    def wrapper(data_dir: str | None, dsn: str | None, **kwargs: Any) -> Any:
+        return func(Instance(DataDir(resolve_data_dir(data_dir)), dsn), **kwargs)
+
+    return expected_errors(wrapper)
+
+
+@click.group()
+@click.version_option(package_name="neurondb")
+def main() -> None:
+    """neurondb: background workers for PostgreSQL (queue, auto-tuner, index maintenance, LLM jobs)."""
+
+
+@main.command()
+@instance_options
+def init(inst: Instance) -> None:
+    """Create the data directory, start the embedded PostgreSQL (unless --dsn) and install the schema."""
+    log.setup("neurondb init", inst.datadir.log_dir / "neurondb.log", level=logging.WARNING)
+    report = inst.init()
+    applied = ", ".join(report.migrations_applied) or "schema up to date"
+    console.print(f"data directory  {inst.datadir.root}")
+    console.print(f"database        {db.redact(report.dsn)} ({'embedded' if report.embedded else 'external'})")
+    console.print(f"migrations      {applied}")
+    console.print(f"done in {report.seconds:.2f}s")
+
+
+@main.command()
+@instance_options
+def dsn(inst: Instance) -> None:
+    """Print the DSN of this installation's database (it contains the password: keep it private)."""
+    click.echo(db.resolve_dsn(inst.datadir, inst.explicit_dsn))
+
+
+@main.command()
+@instance_options
+def run(inst: Instance) -> None:
+    """The main job on the embedded default: initialise everything and say where it is."""
+    log.setup("neurondb", inst.datadir.log_file, level=logging.WARNING)
+    report = inst.init()
+    console.print("[bold]neurondb is ready[/bold]")
+    console.print(f"  data directory   {inst.datadir.root}")
+    console.print(f"  configuration    {inst.datadir.conf} (+ {inst.datadir.auto_conf.name})")
+    console.print(f"  log              {inst.datadir.log_file}")
+    if report.embedded:
+        console.print(f"  PostgreSQL       embedded, data in {inst.datadir.pgdata}")
+    console.print(f"  connect          psql \"$(neurondb dsn -D {inst.datadir.root})\"")
+    console.print(f"  DSN              {db.redact(report.dsn)}")
+    console.print(f"  schema           {', '.join(report.migrations_applied) or 'up to date'}")
+    console.print(f"  ready in         {report.seconds:.2f}s")
+
+
+@main.group("db")
+def db_group() -> None:
+    """The embedded PostgreSQL server."""
+
+
+@db_group.command("start")
+@instance_options
+def db_start(inst: Instance) -> None:
+    """Start the embedded PostgreSQL (no-op when running)."""
+    inst.datadir.init()
+    server = inst.server()
+    server.init()
+    click.echo(db.redact(server.start()))
+
+
+@db_group.command("stop")
+@click.option("-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast")
+@instance_options
+def db_stop(inst: Instance, mode: str) -> None:
+    """Stop the embedded PostgreSQL (no-op when stopped)."""
+    inst.server().stop(mode)
+
+
+@db_group.command("status")
+@instance_options
+def db_status(inst: Instance) -> None:
+    """Exit 0 when the embedded PostgreSQL runs, 3 when it does not (like pg_ctl status)."""
+    running = inst.server().is_running()
+    click.echo("running" if running else "stopped")
+    raise SystemExit(0 if running else 3)
+
+
+@main.group()
+def config() -> None:
+    """Settings, like PostgreSQL's GUCs: show, set (ALTER SYSTEM), reset."""
+
+
+@config.command("show")
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@instance_options
+def config_show(inst: Instance, pattern: str | None, as_json: bool) -> None:
+    """Show settings whose name matches PATTERN (a substring, or a glob with * and ?)."""
+    rows = Config.load(inst.datadir).rows()
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        rows = [r for r in rows if fnmatch.fnmatch(r["name"], glob)]
+    if as_json:
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    table = Table("name", "setting", "unit", "context", "source", "range", "description")
+    table.columns[0].no_wrap = True
+    for r in rows:
+        rng = "|".join(r["enumvals"]) if r.get("enumvals") else (
+            f"{r['min_val']}..{r['max_val']}" if r.get("min_val") is not None else "")
+        setting = r["setting"] + (" (pending restart)" if r.get("pending_restart") else "")
+        table.add_row(r["name"], setting, r.get("unit") or "", r["context"], r["source"], rng, r["short_desc"])
+    console.print(table)
+
+
+@config.command("set")
+@click.argument("name")
+@click.argument("value")
+@instance_options
+def config_set(inst: Instance, name: str, value: str) -> None:
+    """Write NAME = VALUE to neurondb.auto.conf after validating it (like ALTER SYSTEM SET)."""
+    inst.datadir.init()
+    setting = set_auto(inst.datadir, name, value)
+    how = ("`neurondb reload` applies it" if setting.context == "sighup"
+           else "takes effect at the next `neurondb start` (context postmaster)")
+    click.echo(f"{setting.name} = '{value}' written to {inst.datadir.auto_conf}; {how}")
+
+
+@config.command("reset")
+@click.argument("name")
+@instance_options
+def config_reset(inst: Instance, name: str) -> None:
+    """Remove NAME from neurondb.auto.conf (like ALTER SYSTEM RESET)."""
+    setting = reset_auto(inst.datadir, name)
+    click.echo(f"{setting.name} removed from {inst.datadir.auto_conf}")
+
+
+@config.command("describe")
+@click.argument("name")
+def config_describe(name: str) -> None:
+    """Describe one setting: type, unit, default, range, context."""
+    s = lookup(name)
+    click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context})")
+    click.echo(f"  {s.short_desc}")
+    click.echo(f"  default {s.default}" + (f", range {s.min}..{s.max}" if s.min is not None else "")
+               + (f", one of {', '.join(s.enumvals)}" if s.enumvals else ""))
+
+
+# -- the service ------------------------------------------------------------------------------------------
+
+def _daemonize_supervisor(inst: Instance, timeout: float = 60.0) -> int:
+    """Fork the supervisor into its own session (double fork, stdio to the log) and wait until it says it is
+    ready or why it is not. Returns its pid."""
+    from neurondb.supervisor import Supervisor, read_pid
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        code = 1
+        try:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            logfd = os.open(inst.datadir.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(logfd, 2)
+            os.close(devnull)
+            os.close(logfd)
+            log.setup("supervisor", inst.datadir.log_file, stderr=False, level=_log_level(inst))
+            code = Supervisor(inst, ready_fd=ready_w).run()
+        except Exception:
+            logging.getLogger("neurondb.supervisor").exception("supervisor failed")
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.waitpid(pid, 0)
+    message = _read_line(ready_r, timeout)
+    os.close(ready_r)
+    if message != "ready":
+        detail = message.removeprefix("error: ") if message else "the supervisor exited without saying why"
+        raise click.ClickException(f"{detail}\n{_log_tail(inst)}")
+    return read_pid(inst.datadir.pid_file)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data and time.monotonic() < deadline:
+        readable, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not readable:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _log_tail(inst: Instance, lines: int = 15) -> str:
+    try:
+        tail = inst.datadir.log_file.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return ""
+    return "last lines of " + str(inst.datadir.log_file) + ":\n" + "\n".join(tail)
+
+
+def _log_level(inst: Instance) -> int:
+    return getattr(logging, str(Config.load(inst.datadir).get("neurondb.log_level")).upper(), logging.INFO)
+
+
+@main.command()
+@click.option("--foreground", is_flag=True, help="Stay in the foreground, logging to stderr too.")
+@instance_options
+def start(inst: Instance, foreground: bool) -> None:
+    """Start the supervisor and its workers (and the embedded PostgreSQL if needed)."""
+    from neurondb.supervisor import Supervisor, SupervisorError
+
+    inst.datadir.init()
+    Config.load(inst.datadir)   # refuse bad settings here, with file:line, before forking anything
+    try:
+        if foreground:
+            log.setup("supervisor", inst.datadir.log_file, level=_log_level(inst))
+            raise SystemExit(Supervisor(inst).run())
+        pid = _daemonize_supervisor(inst)
+    except SupervisorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"neurondb started (supervisor pid {pid}, data directory {inst.datadir.root})")
+
+
+def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
+    """True once the supervisor `pid` is gone and no process of this installation holds its lock (the
+    workers inherit it)."""
+    from neurondb.status import pid_alive
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid_alive(pid):
+            time.sleep(0.02)
+            continue
+        try:
+            fd = os.open(inst.datadir.lock_file, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
+    return False
+
+
+@main.command()
+@click.option("-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast", show_default=True,
+              help="smart: finish current batches; fast: hand batches back; immediate: kill at once.")
+@click.option("-t", "--timeout", default=90.0, show_default=True, help="Seconds to wait for the stop.")
+@instance_options
+def stop(inst: Instance, mode: str, timeout: float) -> None:
+    """Stop the supervisor and its workers, then the embedded PostgreSQL."""
+    from neurondb.status import pid_alive
+    from neurondb.supervisor import SHUTDOWN_SIGNALS, read_pid
+
+    pid = read_pid(inst.datadir.pid_file)
+    if pid_alive(pid):
+        signum = next(s for s, m in SHUTDOWN_SIGNALS.items() if m == mode)
+        os.kill(pid, signum)
+        if not _wait_stopped(inst, pid, timeout):
+            raise click.ClickException(f"neurondb did not stop within {timeout:.0f}s (supervisor pid {pid})")
+        click.echo(f"neurondb stopped ({mode})")
+    else:
+        click.echo("neurondb is not running")
+    if inst.embedded and inst.datadir.pgdata.exists():
+        inst.server().stop("fast")
+
+
+@main.command()
+@instance_options
+def reload(inst: Instance) -> None:
+    """Re-read the settings (like pg_ctl reload); reports what changed, waits for restart or was rejected."""
+    from neurondb.status import pid_alive, read_status
+    from neurondb.supervisor import read_pid
+
+    pid = read_pid(inst.datadir.pid_file)
+    if not pid_alive(pid):
+        raise click.ClickException("neurondb is not running")
+    before = read_status(inst.datadir, with_database=False).config_generation
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while read_status(inst.datadir, with_database=False).config_generation <= before:
+        if time.monotonic() > deadline:
+            raise click.ClickException("the supervisor did not acknowledge the reload within 10s; see the log")
+        time.sleep(0.05)
+    click.echo("configuration reloaded")
+    with inst.connect("reload") as conn:
+        for name, setting, pending, rejected, reason in conn.execute(
+            "SELECT name, setting, pending_restart, rejected_value, rejected_reason FROM neurondb.settings"
+            " WHERE pending_restart OR rejected_value IS NOT NULL ORDER BY name"
+        ):
+            if pending:
+                click.echo(f"  {name}: changed in the files, needs a restart (still {setting})")
+            if rejected is not None:
+                click.echo(f"  {name}: value {rejected!r} rejected, still {setting}: {reason}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Live view, refreshed every second until Ctrl-C.")
+@instance_options
+def status(inst: Instance, as_json: bool, watch: bool) -> None:
+    """Supervisor, workers and queues. Exit 0 healthy, 1 a worker is FATAL, 3 not running."""
+    from neurondb.status import read_status
+    from neurondb.tui import render
+    from neurondb.tui import watch as live
+
+    def read() -> Status:
+        return read_status(inst.datadir, inst.explicit_dsn)
+
+    if watch:
+        live(read)
+        return
+    snapshot = read()
+    if as_json:
+        click.echo(orjson.dumps(snapshot.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        console.print(render(snapshot))
+    raise SystemExit(snapshot.exit_code)

@@ -1,0 +1,118 @@
+"""What `neurondb status` reports: the supervisor and each worker as shared memory shows them, plus queue
+depths from PostgreSQL. Reading never blocks the service: no lock is taken, slots are read as they are."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import psycopg
+
+from neurondb import db
+from neurondb.paths import DataDir
+from neurondb.shm import names
+from neurondb.shm.control import SharedState
+from neurondb.supervisor import read_pid
+
+# `neurondb status` exit codes, after pg_ctl status: 0 running and healthy, 1 degraded, 3 not running.
+OK, DEGRADED, NOT_RUNNING = 0, 1, 3
+
+
+@dataclass
+class WorkerStatus:
+    name: str
+    kind: str
+    pid: int
+    state: str
+    uptime_s: float | None
+    heartbeat_age_s: float | None
+    restarts: int
+    processed: int
+    failed: int
+    retried: int
+    naptime_ms: int
+    enabled: bool
+    config_generation: int
+    last_error: str
+
+
+@dataclass
+class Status:
+    data_dir: str
+    running: bool
+    supervisor_pid: int = 0
+    uptime_s: float | None = None
+    config_generation: int = 0
+    workers: list[WorkerStatus] = field(default_factory=list)
+    queue: dict[str, int] = field(default_factory=dict)
+    llm_jobs: dict[str, int] = field(default_factory=dict)
+    database_error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if not self.running:
+            return NOT_RUNNING
+        return DEGRADED if any(w.state == "fatal" for w in self.workers) else OK
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = True) -> Status:
+    """A consistent-enough snapshot for an operator; never raises because the service is down."""
+    status = Status(data_dir=str(datadir.root), running=False)
+    pid = read_pid(datadir.pid_file)
+    if not pid_alive(pid):
+        return status
+    try:
+        shared = SharedState.attach(names.instance_prefix(datadir.root))
+    except FileNotFoundError:
+        return status
+    try:
+        now = time.time()
+        control = shared.read_control()
+        status.running = True
+        status.supervisor_pid = int(control["supervisor_pid"])
+        status.uptime_s = now - control["supervisor_started_at"] if control["supervisor_started_at"] else None
+        status.config_generation = int(control["config_generation"])
+        for i in range(shared.n_slots):
+            s = shared.read_slot(i)
+            alive = s["pid"] and s["state"] not in ("stopped", "crashed", "fatal")
+            status.workers.append(WorkerStatus(
+                name=s["name"], kind=s["kind"], pid=int(s["pid"]) if alive else 0, state=s["state"],
+                uptime_s=now - s["started_at"] if alive and s["started_at"] else None,
+                heartbeat_age_s=now - s["heartbeat"] if alive and s["heartbeat"] else None,
+                restarts=int(s["restarts"]), processed=int(s["jobs_processed"]), failed=int(s["jobs_failed"]),
+                retried=int(s["jobs_retried"]), naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
+                config_generation=int(s["config_generation_seen"]), last_error=s["last_error"],
+            ))
+    finally:
+        shared.close()
+    if with_database:
+        try:
+            with db.connect(db.resolve_dsn(datadir, dsn), "status", connect_timeout=3) as conn:
+                status.queue = dict(conn.execute(
+                    "SELECT status, count(*) FROM neurondb.neurondb_job_queue GROUP BY status").fetchall())
+                status.llm_jobs = dict(conn.execute(
+                    "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs GROUP BY status").fetchall())
+        except (psycopg.Error, db.NotInitialized) as exc:
+            status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return status

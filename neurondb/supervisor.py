@@ -1,0 +1,572 @@
+"""The supervisor: neurondb's postmaster. One readable state machine, after gunicorn's arbiter.
+
+It owns the data directory (an flock the kernel drops when the last process holding it dies), the shared
+memory and semaphores (created at start, unlinked at exit, stale ones of a crashed predecessor removed),
+and the worker processes, which it forks and watches:
+
+- SIGCHLD: reap in the main loop; exit 0 is a deliberate stop (not restarted); anything else is a crash:
+  release the semaphores the dead pid held, mark what it was writing for repair, hand its claimed jobs back,
+  and restart it after `worker_restart_interval`, doubling per recent crash; too many crashes within
+  `worker_crash_window` mark it FATAL instead of restarting it in a tight loop.
+- a worker whose heartbeat is older than `worker_heartbeat_timeout` is sent SIGTERM, then SIGKILL.
+- SIGHUP, `neurondb reload`, or NOTIFY neurondb_reload (`SELECT neurondb.reload_conf()`): apply the
+  settings requested through `neurondb.alter_system()`, re-read the files, log what changed, what waits for
+  a restart and what was rejected, publish them to `neurondb.settings`, and forward SIGHUP to the workers.
+- SIGTERM smart / SIGINT fast / SIGQUIT immediate shutdown, forwarded as the same signals to the workers.
+
+Signal handlers only queue the signal and write a byte to a pipe that wakes the loop; all work happens in
+the loop. The supervisor never takes a data lock: it reads worker slots as they are.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import psycopg
+import setproctitle
+
+from neurondb import db
+from neurondb.instance import Instance, publish_settings
+from neurondb.migrate import migrate
+from neurondb.paths import write_private_file
+from neurondb.settings import Config, SettingError, lookup, reset_auto, set_auto
+from neurondb.shm import names
+from neurondb.shm.control import SHUTDOWN_MODES, SharedState
+from neurondb.workers import WORKER_KINDS
+from neurondb.workers.base import WorkerContext
+
+log = logging.getLogger("neurondb.supervisor")
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+SHUTDOWN_SIGNALS = {signal.SIGTERM: "smart", signal.SIGINT: "fast", signal.SIGQUIT: "immediate"}
+WORKER_SIGNAL = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+# How long each shutdown mode waits for workers before escalating to the next one.
+ESCALATE_AFTER = {"smart": 60.0, "fast": 10.0, "immediate": 2.0}
+NEXT_MODE = {"smart": "fast", "fast": "immediate"}
+KILL_GRACE = 5.0          # SIGTERM to SIGKILL for a hung worker
+MAX_BACKOFF = 30.0
+STATUS_INTERVAL = 2.0     # how often neurondb.workers is refreshed from shared memory
+LOOP_TIMEOUT = 0.25
+
+
+class SupervisorError(RuntimeError):
+    """The supervisor cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Child:
+    """The supervisor's bookkeeping for one worker slot."""
+
+    kind: str
+    name: str
+    slot: int
+    pid: int = 0
+    started_at: float = 0.0
+    started_mono: float = 0.0
+    restarts: int = 0
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None
+    fatal: bool = False
+    hung_since: float | None = None   # set when we sent SIGTERM for a stale heartbeat
+
+
+def worker_layout(config: Config) -> list[tuple[str, str]]:
+    """(kind, name) of every worker process, in slot order."""
+    n_queue = int(config.get("neurondb.neuranq_workers"))
+    layout = [("neuranq", "neuranq" if i == 0 else f"neuranq-{i + 1}") for i in range(n_queue)]
+    return layout + [(kind, kind) for kind in ("neuranmon", "neurandefrag", "neuranllm")]
+
+
+def lease_owner(pid: int) -> str:
+    """How a worker names itself in the lease columns of the job tables: unique across machines."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+class Supervisor:
+    def __init__(self, instance: Instance, ready_fd: int | None = None) -> None:
+        self.instance = instance
+        self.datadir = instance.datadir
+        self.ready_fd = ready_fd
+        self.prefix = names.instance_prefix(self.datadir.root)
+        self.config: Config
+        self.shared: SharedState
+        self.dsn = ""
+        self.children: list[Child] = []
+        self.signals: list[int] = []
+        self.shutdown_mode: str | None = None
+        self.shutdown_started = 0.0
+        self.sql_rejections: dict[str, tuple[str, str]] = {}
+        self._lock_fd = -1
+        self._life_r = self._life_w = -1
+        self._wake_r = self._wake_w = -1
+        self._conn: psycopg.Connection | None = None
+        self._last_status = 0.0
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, supervise until shut down, clean up; returns the process exit status."""
+        try:
+            self._acquire_lock()
+        except SupervisorError as exc:
+            self._report_ready(f"error: {exc}")
+            raise
+        try:
+            try:
+                self._startup()
+            except Exception as exc:
+                self._report_ready(f"error: {exc}")
+                raise
+            self._loop()
+            return 0
+        finally:
+            self._cleanup()
+
+    def _acquire_lock(self) -> None:
+        """One supervisor per data directory. The lock fd is inherited by the workers on purpose: the kernel
+        releases the lock only when the last process of this installation is gone, so a new supervisor can
+        never start beside survivors of a crashed one."""
+        self.datadir.init()
+        fd = os.open(self.datadir.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            pid = read_pid(self.datadir.pid_file)
+            raise SupervisorError(
+                f"neurondb is already running on {self.datadir.root}"
+                + (f" (supervisor pid {pid})" if pid else " (or processes of a crashed supervisor still exit)")
+            ) from None
+        self._lock_fd = fd
+
+    def _startup(self) -> None:
+        setproctitle.setproctitle(f"neurondb: supervisor -D {self.datadir.root}")
+        stale = names.unlink_all(self.prefix)
+        if stale:
+            log.warning("removed %d stale shared memory objects of a previous run: %s", len(stale), ", ".join(stale))
+        self.config = Config.load(self.datadir)
+        self.dsn = self.instance.ensure_database()
+        with db.connect(self.dsn, "supervisor") as conn:
+            migrate(conn)
+        layout = worker_layout(self.config)
+        self.shared = SharedState.create(self.prefix, n_slots=len(layout))
+        self.shared.control["supervisor_pid"] = os.getpid()
+        self.shared.control["supervisor_started_at"] = time.time()
+        self.shared.control["config_generation"] = 1
+        for slot, (kind, name) in enumerate(layout):
+            self.shared.init_slot(slot, name, kind)
+            self.children.append(Child(kind=kind, name=name, slot=slot))
+        self._life_r, self._life_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        write_private_file(self.datadir.pid_file, f"{os.getpid()}\n{self.datadir.root}\n{time.time():.0f}\n")
+        self._connect()
+        self._publish_settings()
+        for child in self.children:
+            self._spawn(child)
+        log.info("supervisor started (pid %d), %d workers, database %s", os.getpid(), len(self.children),
+                 db.redact(self.dsn))
+        self._report_ready("ready")
+
+    def _report_ready(self, message: str) -> None:
+        """Tell the `neurondb start` that daemonised us how the start went."""
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, message.encode() + b"\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if len(self.signals) < 10:
+            self.signals.append(signum)
+        try:
+            os.write(self._wake_w, b".")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            self._sleep()
+            self._drain_notifications()
+            while self.signals:
+                self._handle_signal(self.signals.pop(0))
+            self._reap()
+            if self.shutdown_mode:
+                if not any(c.pid for c in self.children):
+                    return
+                self._escalate_shutdown()
+                continue
+            self._check_heartbeats()
+            self._spawn_due()
+            if time.monotonic() - self._last_status >= STATUS_INTERVAL:
+                self._publish_status()
+
+    def _sleep(self) -> None:
+        fds = [self._wake_r]
+        if self._conn is not None and not self._conn.closed:
+            fds.append(self._conn.fileno())
+        try:
+            readable, _, _ = select.select(fds, [], [], LOOP_TIMEOUT)
+        except InterruptedError:
+            return
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # reaped right after
+        if signum == signal.SIGHUP:
+            self.reload()
+        elif signum in SHUTDOWN_SIGNALS:
+            self._begin_shutdown(SHUTDOWN_SIGNALS[signal.Signals(signum)])
+
+    # -- children -------------------------------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        child.restart_at = None
+        child.hung_since = None
+        self.shared.reset_slot(child.slot)
+        self.shared.latch(child.slot).reset()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                os.close(self._life_w)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                for signum in HANDLED_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                ctx = WorkerContext(kind=child.kind, name=child.name, slot=child.slot, datadir=self.datadir,
+                                    dsn=self.dsn, config=self.config, shared=self.shared,
+                                    latch=self.shared.latch(child.slot), death_fd=self._life_r)
+                status = WORKER_KINDS[child.kind](ctx).main()
+            except BaseException:
+                traceback.print_exc()
+                logging.getLogger(f"neurondb.{child.name}").critical("worker died: %s", traceback.format_exc())
+            finally:
+                os._exit(status)  # never run the supervisor's finalizers (its DB connection) in a worker
+        child.pid = pid
+        child.started_at, child.started_mono = time.time(), time.monotonic()
+        self.shared.slot(child.slot)["restarts"] = child.restarts
+        log.info("started %s worker (pid %d)", child.name, pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = next((c for c in self.children if c.pid == pid), None)
+            if child is not None:
+                self._on_exit(child, status)
+
+    def _on_exit(self, child: Child, status: int) -> None:
+        pid, code = child.pid, os.waitstatus_to_exitcode(status)
+        child.pid = 0
+        how = f"was terminated by signal {-code} ({signal.Signals(-code).name})" if code < 0 else \
+            f"exited with exit code {code}"
+        for lock_name, dirty in self.shared.release_locks_held_by(pid):
+            log.warning("%s worker (pid %d) died holding %s; released%s", child.name, pid, lock_name,
+                        ", structure marked for repair" if dirty else "")
+        self._hand_back_jobs(pid, f"worker {child.name} (pid {pid}) {how}")
+        if self.shutdown_mode:
+            self.shared.set_state(child.slot, "stopped")
+            log.info("%s worker (pid %d) %s", child.name, pid, how)
+            return
+        if code == 0 and child.hung_since is None:
+            self.shared.set_state(child.slot, "stopped")
+            log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
+            return
+        now = time.time()
+        window = float(self.config.get("neurondb.worker_crash_window")) / 1000.0
+        child.crashes.append(now)
+        while child.crashes and child.crashes[0] < now - window:
+            child.crashes.popleft()
+        max_crashes = int(self.config.get("neurondb.worker_max_crashes"))
+        if len(child.crashes) >= max_crashes:
+            child.fatal = True
+            self.shared.set_state(child.slot, "fatal")
+            self.shared.set_last_error(child.slot, f"{how}; {len(child.crashes)} crashes within {window:.0f}s")
+            log.error("%s worker (pid %d) %s: %d crashes within %.0f s, marked FATAL and not restarted "
+                      "(fix the cause, then `neurondb reload` retries it)", child.name, pid, how,
+                      len(child.crashes), window)
+            return
+        interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
+        delay = min(interval * 2 ** (len(child.crashes) - 1), MAX_BACKOFF)
+        child.restart_at = time.monotonic() + delay
+        child.restarts += 1
+        self.shared.set_state(child.slot, "crashed")
+        log.warning("%s worker (pid %d) %s; restarting in %.2f s", child.name, pid, how, delay)
+
+    def _hand_back_jobs(self, pid: int, reason: str) -> None:
+        """Jobs the dead worker had claimed go back to pending at once (not after their lease expires);
+        the interrupted run counts as an attempt, so a job that kills its worker every time ends failed."""
+        if self._conn is None:
+            return
+        owner = lease_owner(pid)
+        try:
+            for table in ("neurondb.neurondb_job_queue", "neurondb.neurondb_llm_jobs"):
+                cur = self._conn.execute(
+                    f"UPDATE {table} SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+                    " run_at = now(), retry_count = retry_count + 1,"
+                    " attempts = attempts || jsonb_build_array(jsonb_build_object("
+                    "   'owner', lease_owner, 'started_at', started_at, 'finished_at', now(), 'error', %s::text))"
+                    " WHERE status = 'processing' AND lease_owner = %s",
+                    (reason, owner),
+                )
+                if cur.rowcount:
+                    log.warning("handed %d jobs of %s back to %s", cur.rowcount, owner, table)
+        except psycopg.Error as exc:
+            log.warning("could not hand back the jobs of %s now (their leases will expire): %s", owner, exc)
+            self._drop_connection()
+
+    def _check_heartbeats(self) -> None:
+        timeout = float(self.config.get("neurondb.worker_heartbeat_timeout")) / 1000.0
+        if timeout <= 0:
+            return
+        now, now_mono = time.time(), time.monotonic()
+        for child in self.children:
+            if not child.pid:
+                continue
+            if child.hung_since is not None:
+                if now - child.hung_since > KILL_GRACE:
+                    log.warning("%s worker (pid %d) ignored SIGTERM; sending SIGKILL", child.name, child.pid)
+                    self._kill(child.pid, signal.SIGKILL)
+                continue
+            # CLOCK_MONOTONIC is system-wide: comparable across processes, immune to clock steps.
+            beat = float(self.shared.slot(child.slot)["heartbeat_mono"]) or child.started_mono
+            if now_mono - beat > timeout:
+                log.warning("%s worker (pid %d) sent no heartbeat for %.1f s; terminating it", child.name,
+                            child.pid, now_mono - beat)
+                child.hung_since = now
+                self._kill(child.pid, signal.SIGTERM)
+
+    def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if not child.pid and child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- reload ---------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Apply `neurondb.alter_system()` requests, re-read the settings and tell every worker."""
+        self._apply_sql_requests()
+        result = self.config.reload()
+        for name, old, new in result.changed:
+            log.info("parameter %s changed from %s to %s", name, old, new)
+        for name, old, new in result.pending_restart:
+            log.warning("parameter %s cannot be changed without restarting neurondb (%s -> %s); pending restart",
+                        name, old, new)
+        for name, raw, message in result.rejected:
+            log.error("parameter %s: invalid value %r rejected, old value kept: %s", name, raw, message)
+        self.shared.control["config_generation"] += 1
+        for child in self.children:
+            if child.fatal:   # a reload is the operator's way of saying "try again"
+                child.fatal = False
+                child.crashes.clear()
+                child.restart_at = time.monotonic()
+                log.info("%s worker: FATAL cleared by reload, restarting", child.name)
+            if child.pid:
+                self._kill(child.pid, signal.SIGHUP)
+        self._publish_settings()
+        log.info("configuration reloaded (generation %d)", int(self.shared.control["config_generation"]))
+
+    def _apply_sql_requests(self) -> None:
+        """Settings requested with `SELECT neurondb.alter_system(name, value)` since the last reload."""
+        if not self._ensure_connection():
+            return
+        try:
+            with self._conn.transaction():
+                rows = self._conn.execute(
+                    "DELETE FROM neurondb.neurondb_settings_requests RETURNING request_id, name, value"
+                ).fetchall()
+        except psycopg.Error as exc:
+            log.warning("could not read neurondb.alter_system() requests: %s", exc)
+            self._drop_connection()
+            return
+        for _, name, value in sorted(rows):
+            try:
+                setting = set_auto(self.datadir, name, value) if value is not None else \
+                    reset_auto(self.datadir, name)
+                self.sql_rejections.pop(setting.name, None)
+                log.info("neurondb.alter_system: %s = %s written to %s", setting.name, value,
+                         self.datadir.auto_conf.name)
+            except SettingError as exc:
+                try:
+                    key = lookup(name).name
+                except SettingError:
+                    key = name
+                self.sql_rejections[key] = (str(value), str(exc))
+                log.error("neurondb.alter_system: rejected: %s", exc)
+
+    # -- database side --------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._conn = db.connect(self.dsn, "supervisor")
+        self._conn.execute("LISTEN neurondb_reload")
+
+    def _ensure_connection(self) -> bool:
+        if self._conn is not None and not self._conn.closed:
+            return True
+        try:
+            self._connect()
+            return True
+        except psycopg.Error:
+            self._conn = None
+            return False
+
+    def _drop_connection(self) -> None:
+        db.close_quietly(self._conn)
+        self._conn = None
+
+    def _drain_notifications(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            notified = any(True for _ in self._conn.notifies(timeout=0))
+        except psycopg.Error:
+            self._drop_connection()
+            return
+        if notified and not self.shutdown_mode:
+            log.info("reload requested through neurondb.reload_conf()")
+            self.reload()
+
+    def _publish_settings(self) -> None:
+        if not self._ensure_connection():
+            return
+        try:
+            publish_settings(self._conn, self.config, self.sql_rejections)
+        except psycopg.Error as exc:
+            log.warning("could not publish settings to neurondb.settings: %s", exc)
+            self._drop_connection()
+
+    def _publish_status(self) -> None:
+        """Copy the worker slots into neurondb.neurondb_worker_status, so heartbeats are visible from SQL."""
+        self._last_status = time.monotonic()
+        if not self._ensure_connection():
+            return
+        rows = []
+        host = socket.gethostname()
+        for child in self.children:
+            s = self.shared.read_slot(child.slot)
+            rows.append((child.name, s["pid"] or None, s["state"], ts(s["started_at"]), ts(s["heartbeat"]),
+                         ts(s["last_batch_at"]), child.restarts, s["jobs_processed"], s["jobs_failed"],
+                         s["last_error"] or None, host))
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO neurondb.neurondb_worker_status (worker, pid, state, started_at, last_heartbeat,"
+                    " last_batch_at, restarts, jobs_processed, jobs_failed, last_error, host, updated_at)"
+                    " VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s,"
+                    " now()) ON CONFLICT (worker) DO UPDATE SET pid = EXCLUDED.pid, state = EXCLUDED.state,"
+                    " started_at = EXCLUDED.started_at, last_heartbeat = EXCLUDED.last_heartbeat,"
+                    " last_batch_at = EXCLUDED.last_batch_at, restarts = EXCLUDED.restarts,"
+                    " jobs_processed = EXCLUDED.jobs_processed, jobs_failed = EXCLUDED.jobs_failed,"
+                    " last_error = EXCLUDED.last_error, host = EXCLUDED.host, updated_at = now()",
+                    rows,
+                )
+        except psycopg.Error as exc:
+            log.debug("could not refresh neurondb.workers: %s", exc)
+            self._drop_connection()
+
+    # -- shutdown -------------------------------------------------------------------------------------
+
+    def _begin_shutdown(self, mode: str) -> None:
+        if self.shutdown_mode and list(ESCALATE_AFTER).index(mode) <= list(ESCALATE_AFTER).index(self.shutdown_mode):
+            return
+        log.info("received %s shutdown request", mode)
+        self.shutdown_mode = mode
+        self.shutdown_started = time.monotonic()
+        for child in self.children:
+            child.restart_at = None
+            if child.pid:
+                self._kill(child.pid, WORKER_SIGNAL[mode])
+        self.shared.control["shutdown_mode"] = SHUTDOWN_MODES.index(mode)
+
+    def _escalate_shutdown(self) -> None:
+        assert self.shutdown_mode is not None
+        if time.monotonic() - self.shutdown_started < ESCALATE_AFTER[self.shutdown_mode]:
+            return
+        nxt = NEXT_MODE.get(self.shutdown_mode)
+        if nxt:
+            log.warning("%s shutdown is taking too long; switching to %s", self.shutdown_mode, nxt)
+            self._begin_shutdown(nxt)
+        else:
+            for child in self.children:
+                if child.pid:
+                    self._kill(child.pid, signal.SIGKILL)
+
+    def _cleanup(self) -> None:
+        """Leave nothing behind: status rows say stopped, shared memory and semaphores are unlinked."""
+        for child in self.children:   # only after a startup failure or an exception in the loop
+            if child.pid:
+                self._kill(child.pid, signal.SIGKILL)
+                try:
+                    os.waitpid(child.pid, 0)
+                except ChildProcessError:
+                    pass
+                self._hand_back_jobs(child.pid, f"worker {child.name} killed: supervisor exiting")
+                child.pid = 0
+        if hasattr(self, "shared"):
+            self._publish_status()
+            self.shared.close()
+        self._drop_connection()
+        names.unlink_all(self.prefix)
+        for fd in (self._life_r, self._life_w, self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self._lock_fd >= 0:
+            try:
+                if read_pid(self.datadir.pid_file) == os.getpid():
+                    self.datadir.pid_file.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        log.info("supervisor stopped")
+
+
+def ts(epoch: float) -> float | None:
+    return float(epoch) if epoch else None
+
+
+def read_pid(pid_file: os.PathLike[str]) -> int:
+    """The supervisor pid recorded in the pid file, 0 when absent or unreadable."""
+    try:
+        with open(pid_file) as f:
+            return int(f.readline().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0

@@ -1,0 +1,90 @@
+"""`neurondb status` as a table, and `--watch` as a live `rich` view with job rates as sparklines.
+
+Plain characters and colours only, so it works over SSH and inside tmux."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from neurondb.status import Status
+
+SPARK = "▁▂▃▄▅▆▇█"
+STATE_STYLE = {"running": "green", "idle": "green", "starting": "yellow", "stopping": "yellow",
+               "crashed": "red", "fatal": "bold red", "stopped": "dim"}
+
+
+def sparkline(values: deque[float] | list[float]) -> str:
+    if not values:
+        return ""
+    top = max(values) or 1.0
+    return "".join(SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in values)
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    if value < 3600:
+        return f"{value / 60:.0f}m{value % 60:02.0f}s"
+    return f"{value / 3600:.0f}h{value % 3600 / 60:02.0f}m"
+
+
+def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Group:
+    """The status as rich renderables: a header line, the workers table, queue depths."""
+    if not status.running:
+        return Group(Text(f"neurondb is not running (data directory {status.data_dir})", style="bold red"))
+    header = Text.assemble(
+        ("neurondb ", "bold"), (f"supervisor pid {status.supervisor_pid}", ""),
+        (f"  up {seconds(status.uptime_s)}", ""), (f"  config generation {status.config_generation}", "dim"),
+        (f"  {status.data_dir}", "dim"),
+    )
+    columns = ["worker", "pid", "state", "uptime", "heartbeat", "restarts", "processed", "failed", "rate/s"]
+    if rates is not None:
+        columns.append("")
+    table = Table(*columns, "last error", expand=False)
+    for w in status.workers:
+        history = (rates or {}).get(w.name, deque())
+        row = [w.name, str(w.pid or "-"), Text(w.state + ("" if w.enabled else " (disabled)"),
+                                                 style=STATE_STYLE.get(w.state, "")),
+               seconds(w.uptime_s), seconds(w.heartbeat_age_s), str(w.restarts), str(w.processed),
+               str(w.failed), f"{history[-1]:.1f}" if history else "-"]
+        if rates is not None:
+            row.append(sparkline(history))
+        row.append(Text(w.last_error[:60], style="red") if w.last_error else "")
+        table.add_row(*row)
+    parts: list = [header, table]
+    if status.database_error:
+        parts.append(Text(f"database: {status.database_error}", style="red"))
+    else:
+        for title, counts in (("queue", status.queue), ("llm jobs", status.llm_jobs)):
+            line = "  ".join(f"{k} {counts.get(k, 0)}" for k in ("pending", "processing", "completed", "failed"))
+            parts.append(Text(f"{title:9} {line}"))
+    return Group(*parts)
+
+
+def watch(read: Callable[[], Status], interval: float = 1.0, history: int = 30) -> None:
+    """Refresh every `interval` seconds until Ctrl-C; rates are processed-job deltas per second."""
+    rates: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=history))
+    last: dict[str, tuple[float, int]] = {}
+    with Live(render(read(), rates), refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                status = read()
+                now = time.monotonic()
+                for w in status.workers:
+                    if w.name in last:
+                        t0, n0 = last[w.name]
+                        rates[w.name].append(max(w.processed - n0, 0) / max(now - t0, 1e-6))
+                    last[w.name] = (now, w.processed)
+                live.update(render(status, rates))
+        except KeyboardInterrupt:
+            pass
