@@ -91,19 +91,27 @@ def dsn(inst: Instance) -> None:
 @main.command()
 @instance_options
 def run(inst: Instance) -> None:
-    """The main job on the embedded default: initialise everything and say where it is."""
+    """The main job on the embedded default: initialise, start the service, show its live status;
+    Ctrl-C stops it (fast shutdown) and the embedded PostgreSQL."""
+    from neurondb.status import read_status
+    from neurondb.tui import watch as live
+
     log.setup("neurondb", inst.datadir.log_file, level=logging.WARNING)
     report = inst.init()
-    console.print("[bold]neurondb is ready[/bold]")
-    console.print(f"  data directory   {inst.datadir.root}")
-    console.print(f"  configuration    {inst.datadir.conf} (+ {inst.datadir.auto_conf.name})")
-    console.print(f"  log              {inst.datadir.log_file}")
-    if report.embedded:
-        console.print(f"  PostgreSQL       embedded, data in {inst.datadir.pgdata}")
-    console.print(f"  connect          psql \"$(neurondb dsn -D {inst.datadir.root})\"")
-    console.print(f"  DSN              {db.redact(report.dsn)}")
-    console.print(f"  schema           {', '.join(report.migrations_applied) or 'up to date'}")
-    console.print(f"  ready in         {report.seconds:.2f}s")
+    console.print(f"data directory {inst.datadir.root}   log {inst.datadir.log_file}")
+    console.print(f"database       {db.redact(report.dsn)} ({'embedded' if report.embedded else 'external'})")
+    console.print(f"connect        psql \"$(neurondb dsn -D {inst.datadir.root})\"")
+    try:
+        _daemonize_supervisor(inst)
+    except click.ClickException as exc:
+        if "already running" not in exc.message:
+            raise
+        console.print("the service was already running: showing it (Ctrl-C stops it)")
+    console.print("[bold]neurondb is running[/bold]: Ctrl-C stops it")
+    try:
+        live(lambda: read_status(inst.datadir, inst.explicit_dsn))
+    finally:
+        _stop_service(inst, "fast", timeout=90.0)
 
 
 @main.group("db")
@@ -307,13 +315,9 @@ def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
     return False
 
 
-@main.command()
-@click.option("-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast", show_default=True,
-              help="smart: finish current batches; fast: hand batches back; immediate: kill at once.")
-@click.option("-t", "--timeout", default=90.0, show_default=True, help="Seconds to wait for the stop.")
-@instance_options
-def stop(inst: Instance, mode: str, timeout: float) -> None:
-    """Stop the supervisor and its workers, then the embedded PostgreSQL."""
+def _stop_service(inst: Instance, mode: str, timeout: float) -> None:
+    """Signal the supervisor, wait until every process of the installation is gone, then stop the embedded
+    PostgreSQL (the service started it; nothing of this data directory keeps running)."""
     from neurondb.status import pid_alive
     from neurondb.supervisor import SHUTDOWN_SIGNALS, read_pid
 
@@ -328,6 +332,16 @@ def stop(inst: Instance, mode: str, timeout: float) -> None:
         click.echo("neurondb is not running")
     if inst.embedded and inst.datadir.pgdata.exists():
         inst.server().stop("fast")
+
+
+@main.command()
+@click.option("-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast", show_default=True,
+              help="smart: finish current batches; fast: hand batches back; immediate: kill at once.")
+@click.option("-t", "--timeout", default=90.0, show_default=True, help="Seconds to wait for the stop.")
+@instance_options
+def stop(inst: Instance, mode: str, timeout: float) -> None:
+    """Stop the supervisor and its workers, then the embedded PostgreSQL."""
+    _stop_service(inst, mode, timeout)
 
 
 @main.command()

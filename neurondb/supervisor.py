@@ -321,6 +321,7 @@ class Supervisor:
         child.restart_at = time.monotonic() + delay
         child.restarts += 1
         self.shared.set_state(child.slot, "crashed")
+        self.shared.set_last_error(child.slot, f"previous process (pid {pid}) {how}")
         log.warning("%s worker (pid %d) %s; restarting in %.2f s", child.name, pid, how, delay)
 
     def _hand_back_jobs(self, pid: int, reason: str) -> None:

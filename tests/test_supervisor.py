@@ -209,3 +209,39 @@ def test_worker_killed_holding_a_lock_blocks_nobody(make_service) -> None:
                                                   and service.log_tail(50), 2.0, "the release to be logged")
     finally:
         shared.close()
+
+
+def test_workers_reconnect_when_postgres_restarts() -> None:
+    """Embedded mode: the service's own PostgreSQL is restarted under it; every worker reconnects and keeps
+    working, none crashes or turns FATAL. (A data dir under /tmp: the server's system user must reach it.)"""
+    import shutil
+    import tempfile
+
+    from neurondb.pgserver import EmbeddedPostgres
+
+    root = Path(tempfile.mkdtemp(prefix="neurondb-pgrestart-", dir="/tmp"))
+    service = Service(root, dsn=None)
+    try:
+        service.cli("init")
+        service.start()
+        server = EmbeddedPostgres(service.datadir)
+        server.stop("fast")
+        time.sleep(1.0)
+        server.start()
+        after_restart = {w.name: w.batches for w in service.status().workers}
+
+        def all_working_again() -> bool:
+            return all(w.batches >= after_restart[w.name] + 2 and w.state in ("idle", "running")
+                       for w in service.status().workers)
+
+        wait_for(all_working_again, 15.0, "every worker to run batches again after the restart")
+        status = service.status()
+        assert all(w.restarts == 0 for w in status.workers), [(w.name, w.restarts) for w in status.workers]
+        assert "database unavailable" in service.log_tail(200)
+        assert service.cli("status").returncode == 0
+        service.cli("stop")
+        assert not server.is_running()
+    finally:
+        service.close()
+        EmbeddedPostgres(service.datadir).stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
