@@ -102,7 +102,8 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                 uptime_s=now - s["started_at"] if alive and s["started_at"] else None,
                 heartbeat_age_s=now - s["heartbeat"] if alive and s["heartbeat"] else None,
                 restarts=int(s["restarts"]), processed=int(s["jobs_processed"]), failed=int(s["jobs_failed"]),
-                retried=int(s["jobs_retried"]), batches=int(s["batches"]), naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
+                retried=int(s["jobs_retried"]), batches=int(s["batches"]),
+                naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
                 config_generation=int(s["config_generation_seen"]), last_error=s["last_error"],
             ))
     finally:
