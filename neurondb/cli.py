@@ -395,3 +395,153 @@ def status(inst: Instance, as_json: bool, watch: bool) -> None:
     else:
         console.print(render(snapshot))
     raise SystemExit(snapshot.exit_code)
+
+
+# -- the queue --------------------------------------------------------------------------------------------
+
+def _json_arg(text: str | None, what: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    if not rows:
+        click.echo("(none)")
+        return
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
+@main.group()
+def jobs() -> None:
+    """The job queue (neuranq): enqueue, inspect, retry, cancel, dead letters."""
+
+
+@jobs.command("enqueue")
+@click.argument("job_type")
+@click.argument("payload", required=False)
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--priority", default=0, show_default=True, type=click.IntRange(-32768, 32767),
+              help="Higher runs first.")
+@click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
+@click.option("--max-retries", type=click.IntRange(0, 100), help="Default: neurondb.neuranq_max_retries.")
+@click.option("--dedupe-key", help="Merge into a pending job of this type with the same key.")
+@instance_options
+def jobs_enqueue(inst: Instance, job_type: str, payload: str | None, tenant: str, priority: int,
+                 delay: float | None, max_retries: int | None, dedupe_key: str | None) -> None:
+    """Enqueue a job of JOB_TYPE with a JSON PAYLOAD; prints its id."""
+    from datetime import datetime, timedelta, timezone
+
+    from neurondb import queue
+
+    run_at = datetime.now(timezone.utc) + timedelta(seconds=delay) if delay else None
+    with inst.connect("cli") as conn:
+        click.echo(queue.enqueue(conn, job_type, _json_arg(payload, "PAYLOAD"), tenant_id=tenant, priority=priority,
+                                 run_at=run_at, max_retries=max_retries, dedupe_key=dedupe_key))
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@instance_options
+def jobs_show(inst: Instance, job_id: int) -> None:
+    """One job with its result and attempt history, as JSON."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        job = queue.get(conn, job_id)
+    if job is None:
+        raise click.ClickException(f"no job {job_id}")
+    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(["pending", "processing", "completed", "failed"]))
+@click.option("--type", "job_type")
+@click.option("--tenant")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def jobs_list(inst: Instance, status: str | None, job_type: str | None, tenant: str | None, limit: int,
+              as_json: bool) -> None:
+    """Recent jobs, newest first."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        _print_rows(queue.list_jobs(conn, status=status, job_type=job_type, tenant_id=tenant, limit=limit), as_json)
+
+
+@jobs.command("cancel")
+@click.argument("job_id", type=int)
+@instance_options
+def jobs_cancel(inst: Instance, job_id: int) -> None:
+    """Cancel a pending or running job (it ends failed, 'cancelled by ...')."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        if not queue.cancel(conn, job_id):
+            raise click.ClickException(f"job {job_id} does not exist or has already finished")
+    click.echo(f"job {job_id} cancelled")
+
+
+@jobs.command("retry")
+@click.argument("job_id", type=int)
+@instance_options
+def jobs_retry(inst: Instance, job_id: int) -> None:
+    """Run a failed job again, with fresh retries."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        if not queue.retry(conn, job_id):
+            raise click.ClickException(f"job {job_id} does not exist or is not failed")
+    click.echo(f"job {job_id} queued again")
+
+
+@jobs.group("dlq")
+def dlq() -> None:
+    """Dead letters: jobs that exhausted their retries."""
+
+
+@dlq.command("list")
+@click.option("--type", "job_type")
+@click.option("--tenant")
+@click.option("--all", "include_replayed", is_flag=True, help="Include replayed ones.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def dlq_list(inst: Instance, job_type: str | None, tenant: str | None, include_replayed: bool, limit: int,
+             as_json: bool) -> None:
+    """Dead letters, newest first."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        _print_rows(queue.dlq_list(conn, job_type=job_type, tenant_id=tenant, include_replayed=include_replayed,
+                                   limit=limit), as_json)
+
+
+@dlq.command("replay")
+@click.option("--type", "job_type")
+@click.option("--tenant")
+@click.option("--id", "dlq_ids", type=int, multiple=True, help="Dead-letter ids (repeatable).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1000000))
+@instance_options
+def dlq_replay(inst: Instance, job_type: str | None, tenant: str | None, dlq_ids: tuple[int, ...],
+               limit: int) -> None:
+    """Enqueue matching dead letters again as new jobs."""
+    from neurondb import queue
+
+    with inst.connect("cli") as conn:
+        pairs = queue.dlq_replay(conn, job_type=job_type, tenant_id=tenant, dlq_ids=list(dlq_ids) or None,
+                                 limit=limit)
+    click.echo(f"replayed {len(pairs)} dead letters" + "".join(f"\n  {d} -> job {j}" for d, j in pairs))

@@ -44,6 +44,7 @@ from neurondb.shm import names
 from neurondb.shm.control import SHUTDOWN_MODES, SharedState
 from neurondb.workers import WORKER_KINDS
 from neurondb.workers.base import WorkerContext
+from neurondb.workers.leases import JOB_TABLES, hand_back_owner
 
 log = logging.getLogger("neurondb.supervisor")
 
@@ -331,17 +332,10 @@ class Supervisor:
             return
         owner = lease_owner(pid)
         try:
-            for table in ("neurondb.neurondb_job_queue", "neurondb.neurondb_llm_jobs"):
-                cur = self._conn.execute(
-                    f"UPDATE {table} SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
-                    " run_at = now(), retry_count = retry_count + 1,"
-                    " attempts = attempts || jsonb_build_array(jsonb_build_object("
-                    "   'owner', lease_owner, 'started_at', started_at, 'finished_at', now(), 'error', %s::text))"
-                    " WHERE status = 'processing' AND lease_owner = %s",
-                    (reason, owner),
-                )
-                if cur.rowcount:
-                    log.warning("handed %d jobs of %s back to %s", cur.rowcount, owner, table)
+            for table in JOB_TABLES:
+                n = hand_back_owner(self._conn, table, owner, reason)
+                if n:
+                    log.warning("handed %d jobs of %s back to %s", n, owner, table)
         except psycopg.Error as exc:
             log.warning("could not hand back the jobs of %s now (their leases will expire): %s", owner, exc)
             self._drop_connection()

@@ -22,6 +22,7 @@ from neurondb.supervisor import read_pid
 
 T = TypeVar("T")
 
+REPO = Path(__file__).resolve().parents[1]
 FAST_SETTINGS = {
     "neurondb.neuranq_naptime": "200ms",
     "neurondb.neuranmon_naptime": "1s",
@@ -48,7 +49,8 @@ class Service:
                  env: dict[str, str] | None = None) -> None:
         self.datadir = DataDir(root)
         self.dsn = dsn
-        self.env = {**os.environ, **(env or {})}
+        # The repository on the path: tests load their own job types (tests.jobtypes) into the workers.
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.env.pop("NEURONDB_DSN", None)
         self.datadir.init()
         self.write_settings({**FAST_SETTINGS, **(settings or {})})

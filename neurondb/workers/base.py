@@ -112,6 +112,11 @@ class Worker:
     def on_stop(self) -> None:
         """Last call before a deliberate exit (smart or fast): hand back anything still claimed."""
 
+    def idle_nap(self) -> float:
+        """Seconds to sleep when a batch found nothing to do: the naptime, unless the worker knows work
+        becomes due sooner (a retry's backoff, a rate-limit token)."""
+        return self.naptime
+
     def should_abort(self) -> bool:
         """True once a fast shutdown was requested: batches stop between items and hand the rest back."""
         return self.shutdown == "fast"
@@ -257,7 +262,7 @@ class Worker:
             more = self._one_batch()
             if not more:
                 self._set_state("idle")
-                self._nap(self._reconnect_delay if self._db_down else self.naptime)
+                self._nap(self._reconnect_delay if self._db_down else self.idle_nap())
         self._set_state("stopping")
         try:
             self.on_stop()

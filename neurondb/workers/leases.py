@@ -1,21 +1,24 @@
-"""Lease recovery shared by the two job workers: a job whose lease expired belongs to a process that is gone
-(a machine lost with its supervisor), so it goes back to pending and the lost run counts as an attempt."""
+"""Leases of the job tables, shared by the queue and LLM workers and the supervisor (sql/queries/leases.sql).
+
+A claimed job carries its owner (`host:pid`) and an expiry. It comes back to pending when the supervisor
+reaps its owner (at once) or when the expiry passes (a machine lost with its supervisor).
+"""
 
 from __future__ import annotations
 
 import psycopg
 
-RECOVER_SQL = """
-UPDATE {table}
-   SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
-       retry_count = retry_count + 1,
-       attempts = attempts || jsonb_build_array(jsonb_build_object(
-           'owner', lease_owner, 'started_at', started_at, 'finished_at', now(),
-           'error', 'lease expired: ' || lease_owner || ' stopped renewing it'))
- WHERE status = 'processing' AND lease_expires_at < now()
-"""
+from neurondb.queries import query
+
+JOB_TABLES = ("neurondb.neurondb_job_queue", "neurondb.neurondb_llm_jobs")
 
 
 def recover_expired(conn: psycopg.Connection, table: str) -> int:
     """Return expired leases of `table` to pending; the number recovered."""
-    return conn.execute(RECOVER_SQL.format(table=table)).rowcount
+    return conn.execute(query("leases", "recover_expired").format(table=table)).rowcount
+
+
+def hand_back_owner(conn: psycopg.Connection, table: str, owner: str, reason: str) -> int:
+    """Return the jobs `owner` had claimed in `table` to pending, recording `reason` as the attempt's error."""
+    return conn.execute(query("leases", "hand_back_owner").format(table=table),
+                        {"owner": owner, "reason": reason}).rowcount

@@ -1,12 +1,66 @@
-"""neuranq: the queue worker (document section 1). This module holds its lifecycle; job processing
-(claiming with SKIP LOCKED, retries, dead letters, rate limits, job types) is built on it."""
+"""neuranq: the queue worker (the document's section 1).
+
+One batch = claim up to `neuranq_batch_size` runnable jobs with SKIP LOCKED in one round trip (fair across
+tenants, within their rate limits), commit, run them one by one outside any transaction, then record every
+outcome in one transaction: completions with their deferred effects, retries with their backoff, final
+failures with their dead-letter rows. While claims come back non-empty the next batch starts at once;
+the naptime is the sleep when there is nothing to do, shortened to the next retry or rate-limit token.
+
+Semantics are at-least-once: a job whose worker dies before its outcome is recorded runs again (the
+supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Effects made
+through `ctx.defer` commit only with the completion, so they happen exactly once; outside effects (an
+HTTP call) can repeat, at most once per crash per job in flight.
+
+Retries: attempt n (1-based) that fails with retries left waits
+    delay = min(neuranq_retry_max_delay, neuranq_retry_delay * 2^(n-1)) * uniform(0.5, 1.0)
+("equal jitter": never less than half the exponential step, so the backoff stays a backoff, and spread so
+that jobs failing together do not retry together).
+"""
 
 from __future__ import annotations
 
-import importlib
+import os
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
+from neurondb.queries import query
+from neurondb.settings import parse_module_list
 from neurondb.workers.base import BatchResult, Worker
 from neurondb.workers.leases import recover_expired
+
+TABLE = "neurondb.neurondb_job_queue"
+MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-limit refreshes
+RETENTION_EVERY = 60.0
+RETENTION_BATCH = 1000
+FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
+MAX_ERROR = 2000             # characters of an error message kept per attempt
+
+
+@dataclass
+class Outcome:
+    job_id: int
+    tenant_id: str
+    status: str                          # "completed", "retry" or "failed"
+    result: Any = None
+    error: str = ""
+    delay_ms: float = 0.0
+    effects: list[tuple[str, Any]] | None = None
+    ms: float = 0.0
+
+
+def backoff_ms(attempt: int, base_ms: float, max_ms: float) -> float:
+    """The documented formula: exponential, capped, equal jitter."""
+    return min(max_ms, base_ms * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 class QueueWorker(Worker):
@@ -14,14 +68,267 @@ class QueueWorker(Worker):
     listen_channels = ("neurondb_jobs",)
 
     def on_start(self) -> None:
-        """Import the user's job-type modules first: a typo there should stop the worker loudly at start
-        (and turn FATAL after repeated crashes), not fail every job later."""
-        modules = str(self.config.get("neurondb.neuranq_job_modules") or "")
-        for name in filter(None, (m.strip() for m in modules.split(","))):
-            importlib.import_module(name)
+        """Import the job types first: a typo in neuranq_job_modules stops the worker loudly at start (and
+        turns FATAL after repeated crashes) instead of failing every job later."""
+        load_job_types(parse_module_list(str(self.config.get("neurondb.neuranq_job_modules") or "")))
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.tenant_limits: dict[str, tuple[float | None, int | None]] = {}
+        self._next_maintenance = 0.0
+        self._next_retention = time.monotonic() + random.uniform(0, RETENTION_EVERY)
+        self._wake_at: float | None = None
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    # -- settings -------------------------------------------------------------------------------------
+
+    def _ms(self, name: str) -> float:
+        return float(self.config.get(f"neurondb.{name}"))
+
+    def rate_of(self, tenant: str) -> tuple[float, float]:
+        """(jobs/s, burst) for `tenant`: its row in neurondb_tenants, else the defaults; rate 0 = unlimited."""
+        rate, burst = self.tenant_limits.get(tenant, (None, None))
+        if rate is None:
+            rate = float(self.config.get("neurondb.tenant_rate_limit"))
+        if burst is None:
+            burst = int(self.config.get("neurondb.tenant_burst"))
+        return rate, float(burst)
+
+    # -- the batch ------------------------------------------------------------------------------------
 
     def run_batch(self) -> BatchResult:
-        recovered = recover_expired(self.conn, "neurondb.neurondb_job_queue")
+        self._maintenance()
+        batch_size = int(self.config.get("neurondb.neuranq_batch_size"))
+        capped, caps = self._allowances(batch_size)
+        rows = self.conn.execute(query("queue", "claim"), {
+            "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
+            "salt": str(random.random()), "capped": list(capped), "caps": caps,
+        }).fetchall()
+        if not rows:
+            self._plan_wakeup()
+            return BatchResult()
+        rows = self._take_tokens(rows)
+        outcomes: list[Outcome] = []
+        result = BatchResult(more=True)
+        last_flush = time.monotonic()
+        for i, row in enumerate(rows):
+            if self.should_abort():
+                self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
+                break
+            outcomes.append(self._run_one(*row))
+            if time.monotonic() - last_flush > FLUSH_EVERY:
+                self._flush(outcomes, result)
+                outcomes = []
+                self._extend_leases([r[0] for r in rows[i + 1:]])
+                last_flush = time.monotonic()
+        self._flush(outcomes, result)
+        return result
+
+    def _run_one(self, job_id: int, job_type: str, payload: Any, tenant: str, retry_count: int,
+                 max_retries: int | None) -> Outcome:
+        started = time.perf_counter()
+        attempt = retry_count + 1
+        limit = int(max_retries if max_retries is not None else self.config.get("neurondb.neuranq_max_retries"))
+        ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
+                         config=self.config, conn=self.conn, log=self.log)
+        try:
+            if not isinstance(payload, dict):
+                raise PermanentJobError(f"payload must be a JSON object, got {type(payload).__name__}")
+            handler = resolve(job_type).handler
+            value = self._with_timeout(handler, ctx, payload)
+            result = orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
+            return Outcome(job_id, tenant, "completed", result=result, effects=ctx.effects,
+                           ms=(time.perf_counter() - started) * 1000)
+        except (psycopg.OperationalError, MemoryError):
+            raise   # the database went away mid-job: the batch's jobs come back through their leases
+        except Exception as exc:
+            error = self._describe(exc)
+            ms = (time.perf_counter() - started) * 1000
+            retryable = getattr(exc, "retryable", True) and not isinstance(exc, (TypeError, orjson.JSONEncodeError))
+            if retryable and retry_count < limit:
+                delay = backoff_ms(attempt, self._ms("neuranq_retry_delay"), self._ms("neuranq_retry_max_delay"))
+                self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
+                              delay, error)
+                return Outcome(job_id, tenant, "retry", error=error, delay_ms=delay, ms=ms)
+            why = "not retryable" if not retryable else f"after {attempt} attempts"
+            self.log.warning("job %d (%s) failed %s: %s", job_id, job_type, why, error)
+            return Outcome(job_id, tenant, "failed", error=error, ms=ms)
+
+    @staticmethod
+    def _describe(exc: BaseException) -> str:
+        text = str(exc).strip() or type(exc).__name__
+        if not isinstance(exc, JobError):
+            text = f"{type(exc).__name__}: {text}"
+        return text[:MAX_ERROR]
+
+    # -- timeouts -------------------------------------------------------------------------------------
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        raise JobTimeout(f"job exceeded neurondb.neuranq_timeout ({self._ms('neuranq_timeout'):.0f} ms)")
+
+    def _with_timeout(self, handler: Any, ctx: JobContext, payload: dict) -> Any:
+        """Run the handler under an interval timer: SIGALRM raises JobTimeout inside it when it overruns
+        (Python code and sleeps are interrupted; blocking C calls end at their own timeouts)."""
+        signal.setitimer(signal.ITIMER_REAL, self._ms("neuranq_timeout") / 1000.0)
+        try:
+            return handler(ctx, payload)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    # -- recording outcomes ---------------------------------------------------------------------------
+
+    def _flush(self, outcomes: list[Outcome], result: BatchResult) -> None:
+        """All outcomes in one transaction: lock the jobs still ours, apply each completion's effects under a
+        savepoint (a failing effect fails that job alone), then one statement per kind of outcome."""
+        if not outcomes:
+            return
+        conn = self.conn
+        with conn.transaction():
+            owned = {r[0] for r in conn.execute(query("queue", "lock_owned"),
+                                                {"ids": [o.job_id for o in outcomes], "owner": self.owner})}
+            for o in outcomes:
+                if o.job_id in owned and o.status == "completed" and o.effects:
+                    try:
+                        with conn.transaction():
+                            for sql, params in o.effects:
+                                conn.execute(sql, params)
+                    except psycopg.OperationalError:
+                        raise
+                    except psycopg.Error as exc:
+                        o.status, o.error = "failed", f"storing the result failed: {str(exc).strip()[:MAX_ERROR]}"
+            mine = [o for o in outcomes if o.job_id in owned]
+            done = [o for o in mine if o.status == "completed"]
+            retry = [o for o in mine if o.status == "retry"]
+            failed = [o for o in mine if o.status == "failed"]
+            if done:
+                conn.execute(query("queue", "complete"), {"owner": self.owner, "ids": [o.job_id for o in done],
+                                                          "results": [Jsonb(o.result) for o in done]})
+            if retry:
+                conn.execute(query("queue", "retry"), {"owner": self.owner, "ids": [o.job_id for o in retry],
+                                                       "errors": [o.error for o in retry],
+                                                       "delays_ms": [o.delay_ms for o in retry]})
+            if failed:
+                conn.execute(query("queue", "fail"), {"owner": self.owner, "ids": [o.job_id for o in failed],
+                                                      "errors": [o.error for o in failed]})
+        lost = len(outcomes) - len(mine)
+        if lost:
+            self.log.warning("%d jobs were cancelled or taken over while they ran; their outcome is dropped", lost)
+        result.processed += len(done)
+        result.failed += len(failed)
+        result.retried += len(retry)
+        result.latency_ms += sum(o.ms for o in mine)
+        self._count_tenants(mine)
+
+    def _count_tenants(self, outcomes: list[Outcome]) -> None:
+        per: dict[str, Counter] = {}
+        for o in outcomes:
+            per.setdefault(o.tenant_id, Counter())[o.status] += 1
+        for tenant, c in per.items():
+            latency = sum(o.ms for o in outcomes if o.tenant_id == tenant)
+            self.ctx.shared.tenant_add(tenant, processed=c["completed"], failed=c["failed"], retried=c["retry"],
+                                       latency_ms=latency)
+
+    def _hand_back(self, ids: list[int], delay_ms: float) -> None:
+        if ids:
+            self.conn.execute(query("queue", "hand_back"), {"ids": ids, "owner": self.owner, "delay_ms": delay_ms})
+
+    def _extend_leases(self, ids: list[int]) -> None:
+        if ids:
+            self.conn.execute(query("queue", "extend_leases"),
+                              {"ids": ids, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time")})
+
+    # -- rate limits ----------------------------------------------------------------------------------
+
+    def _allowances(self, batch_size: int) -> tuple[list[str], list[int]]:
+        """Tenants the claim must cap, with how many jobs each may start now (whole tokens in its bucket).
+        Tenants seen for the first time start with a full bucket: the claim's default share covers them."""
+        capped, caps = [], []
+        known = {t.decode() for t in self.ctx.shared.tenants["tenant"][self.ctx.shared.tenants["ready"] == 1]}
+        for tenant in known | set(self.tenant_limits):
+            rate, burst = self.rate_of(tenant)
+            if rate > 0:
+                capped.append(tenant)
+                caps.append(min(int(self._tokens(tenant, rate, burst)), batch_size))
+        return capped, caps
+
+    def _tokens(self, tenant: str, rate: float, burst: float) -> float:
+        row = self.ctx.shared.tenant_stats(tenant)
+        last = float(row["last_refill"])
+        if last == 0:
+            return burst
+        return min(burst, float(row["tokens"]) + (time.monotonic() - last) * rate)
+
+    def _take_tokens(self, rows: list[tuple]) -> list[tuple]:
+        """Spend one token per claimed job; jobs over their tenant's allowance (another process spent it
+        first) go back to pending for when the next token is due."""
+        keep, over = [], []
+        for row in rows:
+            rate, burst = self.rate_of(row[3])
+            if rate <= 0 or self.ctx.shared.tenant_take_token(row[3], rate, burst):
+                keep.append(row)
+            else:
+                over.append((row[0], 1000.0 / rate))
+        if over:
+            self._hand_back([job_id for job_id, _ in over], delay_ms=max(d for _, d in over))
+        return keep
+
+    def _plan_wakeup(self) -> None:
+        """Nothing runnable now: wake up for the next token of a throttled tenant with work, or the next
+        retry, if either comes before the naptime does."""
+        waits = []
+        throttled = [t for t in self.tenant_limits | dict.fromkeys(self._seen_tenants())
+                     if self.rate_of(t)[0] > 0 and self._tokens(t, *self.rate_of(t)) < 1]
+        if throttled:
+            waiting = [r[0] for r in self.conn.execute(query("queue", "pending_tenants"), {"tenants": throttled})]
+            waits += [(1 - self._tokens(t, *self.rate_of(t))) / self.rate_of(t)[0] for t in waiting]
+        next_run = self.conn.execute(query("queue", "next_run_at")).fetchone()[0]
+        if next_run is not None:
+            waits.append(max(next_run.timestamp() - time.time(), 0.0))
+        self._wake_at = time.monotonic() + min(waits) if waits else None
+
+    def _seen_tenants(self) -> list[str]:
+        t = self.ctx.shared.tenants
+        return [name.decode() for name in t["tenant"][t["ready"] == 1]]
+
+    def idle_nap(self) -> float:
+        nap = self.naptime
+        if self._wake_at is not None:
+            nap = min(nap, max(self._wake_at - time.monotonic(), 0.001))
+            self._wake_at = None
+        return nap
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    def _maintenance(self) -> None:
+        now = time.monotonic()
+        if now < self._next_maintenance:
+            return
+        self._next_maintenance = now + MAINTENANCE_EVERY
+        recovered = recover_expired(self.conn, TABLE)
         if recovered:
             self.log.warning("recovered %d jobs whose lease expired", recovered)
-        return BatchResult()
+        self.tenant_limits = {t: (r, b) for t, r, b in self.conn.execute(query("queue", "tenant_limits"))}
+        if now >= self._next_retention:
+            self._next_retention = now + RETENTION_EVERY
+            self._retention()
+
+    def _retention(self) -> None:
+        """Delete finished jobs past neurondb.job_retention in small batches; one queue process at a time."""
+        retention = float(self.config.get("neurondb.job_retention"))
+        if retention <= 0:
+            return
+        if not self.conn.execute("SELECT pg_try_advisory_lock(hashtext('neurondb.retention'))").fetchone()[0]:
+            return
+        try:
+            total = 0
+            while not self.shutdown:
+                n = self.conn.execute(query("queue", "delete_finished"),
+                                      {"retention_s": retention, "limit": RETENTION_BATCH}).rowcount
+                total += n
+                if n < RETENTION_BATCH:
+                    break
+            if total:
+                self.log.info("retention: removed %d finished jobs older than %.0f s", total, retention)
+        finally:
+            self.conn.execute("SELECT pg_advisory_unlock(hashtext('neurondb.retention'))")
+
+    def on_stop(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)

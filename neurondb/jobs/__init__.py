@@ -1,0 +1,134 @@
+"""Job types of the queue worker: a registry of handlers, the context a handler runs with, and the errors
+that decide what happens to a failed job.
+
+A handler is `handler(ctx: JobContext, payload: dict) -> result` (anything JSON-serialisable). It raises
+`PermanentJobError` for a job that can never succeed (malformed payload, unknown index: failed at once,
+no retry) and anything else for a failure worth retrying. Database writes a job makes as its effect go
+through `ctx.defer(sql, params)`: they run in the same transaction that marks the job completed, so a
+completed job's effects are committed exactly with it and a retried job leaves none behind.
+
+Register your own types in a module named in `neurondb.neuranq_job_modules` (imported by every queue
+worker at start) or exposed as an entry point of the group `neurondb.job_types`:
+
+    from neurondb.jobs import job_type, require
+
+    @job_type("thumbnail")
+    def thumbnail(ctx, payload):
+        url = require(payload, "url", str)
+        ...
+        return {"ok": True}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any
+
+import psycopg
+
+from neurondb.settings import Config
+
+
+class JobError(Exception):
+    """A failed attempt; retried with backoff while retries remain."""
+
+    retryable = True
+
+
+class PermanentJobError(JobError):
+    """The job can never succeed as given (malformed payload, unknown type, bad reference): not retried."""
+
+    retryable = False
+
+
+class JobTimeout(JobError):
+    """The attempt ran past neurondb.neuranq_timeout and was stopped."""
+
+
+@dataclass
+class JobContext:
+    job_id: int
+    job_type: str
+    tenant_id: str
+    attempt: int                 # 1 for the first run
+    config: Config
+    conn: psycopg.Connection     # autocommit, for reads: never hold a transaction across slow work
+    log: logging.Logger
+    effects: list[tuple[str, Any]] = field(default_factory=list)
+
+    def defer(self, sql: str, params: Any = None) -> None:
+        """Run `sql` in the transaction that completes this job (and only if it completes)."""
+        self.effects.append((sql, params))
+
+
+Handler = Callable[[JobContext, dict], Any]
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    handler: Handler
+    aliases: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, JobType] = {}
+
+
+def job_type(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
+    """Register `handler` under `name` (and aliases). Registering a taken name is an error: two modules
+    silently fighting over one type would be far worse to debug."""
+
+    def register(handler: Handler) -> Handler:
+        jt = JobType(name, handler, aliases)
+        for key in (name, *aliases):
+            existing = REGISTRY.get(key)
+            if existing is not None and existing.handler is not handler:
+                raise ValueError(f"job type {key!r} is already registered by {existing.handler.__module__}")
+            REGISTRY[key] = jt
+        return handler
+
+    return register
+
+
+def resolve(name: str) -> JobType:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(j.name for j in set(REGISTRY.values())))
+        raise PermanentJobError(f"unknown job type {name!r} (known: {known})") from None
+
+
+def load_job_types(modules: list[str]) -> None:
+    """The built-in types, entry points of group `neurondb.job_types`, then the modules named in the
+    settings. An import error propagates: a worker must not start half-configured."""
+    import_module("neurondb.jobs.builtin")
+    for ep in entry_points(group="neurondb.job_types"):
+        ep.load()
+    for module in modules:
+        import_module(module)
+
+
+_TYPES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object", bool: "a boolean"}
+
+
+def require(payload: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """`payload[key]` checked against `kind`; a missing or mistyped field is a PermanentJobError that says
+    which field and what was expected."""
+    if key not in payload or payload[key] is None:
+        if default is not ...:
+            return default
+        raise PermanentJobError(f"payload is missing {key!r}")
+    value = payload[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+    if not ok:
+        expected = " or ".join(_TYPES.get(k, k.__name__) for k in kinds)
+        raise PermanentJobError(f"payload field {key!r} must be {expected}, got {type(value).__name__}")
+    return value

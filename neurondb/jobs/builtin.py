@@ -1,0 +1,175 @@
+"""The document's four job types: embed, rerank, cache_refresh, http_call.
+
+Payloads (JSON objects):
+- `embed` (alias `embedding`): `{"index": NAME, "doc_id": ID, "text": TEXT, "metadata": {...}}` or
+  `{"index": NAME, "documents": [{"doc_id", "text", "metadata"?, "tenant_id"?}, ...]}`. Texts are embedded
+  with the index's provider and model and upserted into `neurondb.neurondb_vectors` when the job completes.
+- `rerank` (alias `reranking`): `{"query": TEXT, "documents": [TEXT | {"id", "text"}], "top_n"?, "model"?}`;
+  the result is `{"ranking": [{"index", "id", "score"}, ...]}`, best first.
+- `cache_refresh`: `{"cache": "llm" | "embedding" | "result", "name"?: RESULT_CACHE_NAME, "keys"?: [...],
+  "older_than"?: SECONDS, "action"?: "expire" | "refresh"}`. `expire` removes matching entries (and every
+  entry past its expiry); `refresh` recomputes result-cache entries from the job type + payload recorded in
+  their `source`. LLM and embedding results are recomputed on their next use, so they only expire.
+- `http_call`: `{"url", "method"?: "GET", "headers"?: {...}, "json"? | "body"?, "timeout"?: SECONDS,
+  "expected_status"?: [200, ...]}`; the result is `{"status", "headers", "body"}` (body cut at
+  neurondb.http_max_response_size). Loopback, private, link-local and metadata addresses are refused unless
+  allowed by neurondb.http_allowlist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from psycopg.types.json import Jsonb
+
+from neurondb.jobs import JobContext, PermanentJobError, job_type, require, resolve
+
+MAX_DOCUMENTS = 10_000
+
+UPSERT_VECTORS = """
+INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, tenant_id, content, embedding, metadata)
+SELECT %(index)s, u.doc_id, u.tenant_id, u.content, u.embedding::real[], u.metadata
+  FROM unnest(%(doc_ids)s::text[], %(tenants)s::text[], %(contents)s::text[], %(embeddings)s::text[],
+              %(metadata)s::jsonb[]) AS u(doc_id, tenant_id, content, embedding, metadata)
+ON CONFLICT (index_name, doc_id) DO UPDATE
+   SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content, embedding = EXCLUDED.embedding,
+       metadata = EXCLUDED.metadata
+"""
+
+
+def _documents(payload: dict) -> list[dict]:
+    if "documents" in payload:
+        docs = require(payload, "documents", list)
+        if not docs:
+            raise PermanentJobError("payload field 'documents' is empty")
+        if len(docs) > MAX_DOCUMENTS:
+            raise PermanentJobError(f"payload has {len(docs)} documents; at most {MAX_DOCUMENTS} per job")
+    else:
+        docs = [payload]
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise PermanentJobError(f"documents[{i}] must be an object with doc_id and text")
+        require(doc, "doc_id", (str, int))
+        require(doc, "text", str)
+        require(doc, "metadata", dict, default={})
+    return docs
+
+
+def _pg_array(vector: np.ndarray) -> str:
+    return "{" + ",".join(repr(float(x)) for x in vector.tolist()) + "}"
+
+
+@job_type("embed", aliases=("embedding",))
+def embed(ctx: JobContext, payload: dict) -> dict:
+    from neurondb.providers.registry import embedder_for
+
+    index = require(payload, "index", str)
+    docs = _documents(payload)
+    row = ctx.conn.execute("SELECT dim, provider, model_name FROM neurondb.neurondb_indexes WHERE index_name = %s",
+                           (index,)).fetchone()
+    if row is None:
+        raise PermanentJobError(f"index {index!r} does not exist (create it with `neurondb index create`)")
+    dim, provider, model = row
+    embedder = embedder_for(ctx.config, model=payload.get("model") or model, provider=provider)
+    vectors = np.asarray(embedder.embed([d["text"] for d in docs]), dtype=np.float32)
+    if vectors.shape != (len(docs), dim):
+        raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned vectors of shape "
+                                f"{vectors.shape}; index {index!r} expects {dim} dimensions")
+    if not np.isfinite(vectors).all():
+        raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned NaN or infinite values")
+    ctx.defer(UPSERT_VECTORS, {
+        "index": index,
+        "doc_ids": [str(d["doc_id"]) for d in docs],
+        "tenants": [str(d.get("tenant_id") or ctx.tenant_id) for d in docs],
+        "contents": [d["text"] for d in docs],
+        "embeddings": [_pg_array(v) for v in vectors],
+        "metadata": [Jsonb(d.get("metadata") or {}) for d in docs],
+    })
+    return {"index": index, "documents": len(docs), "dim": dim, "provider": embedder.name, "model": embedder.model}
+
+
+@job_type("rerank", aliases=("reranking",))
+def rerank(ctx: JobContext, payload: dict) -> dict:
+    from neurondb.providers.registry import reranker_for
+
+    query = require(payload, "query", str)
+    docs = require(payload, "documents", list)
+    if len(docs) > MAX_DOCUMENTS:
+        raise PermanentJobError(f"payload has {len(docs)} documents; at most {MAX_DOCUMENTS} per job")
+    ids: list[Any] = []
+    texts: list[str] = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, str):
+            ids.append(i)
+            texts.append(doc)
+        elif isinstance(doc, dict) and isinstance(doc.get("text"), str):
+            ids.append(doc.get("id", i))
+            texts.append(doc["text"])
+        else:
+            raise PermanentJobError(f"documents[{i}] must be a string or an object with a text field")
+    top_n = require(payload, "top_n", int, default=None)
+    reranker = reranker_for(ctx.config, model=payload.get("model"))
+    order = reranker.rerank(query, texts, top_n)
+    return {"model": reranker.model, "ranking": [{"index": i, "id": ids[i], "score": float(s)} for i, s in order]}
+
+
+EXPIRE_LLM = """
+DELETE FROM neurondb.neurondb_llm_cache
+ WHERE (%(operation)s::text IS NULL OR operation = %(operation)s)
+   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
+        OR cache_key = ANY(%(keys)s::text[])
+        OR created_at < now() - %(older_than)s * interval '1 second'
+        OR expires_at < now())
+"""
+EXPIRE_RESULTS = """
+DELETE FROM neurondb.neurondb_result_cache
+ WHERE cache_name = %(name)s
+   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
+        OR cache_key = ANY(%(keys)s::text[])
+        OR refreshed_at < now() - %(older_than)s * interval '1 second'
+        OR expires_at < now())
+"""
+STALE_RESULTS = """
+SELECT cache_key, source FROM neurondb.neurondb_result_cache
+ WHERE cache_name = %(name)s AND source IS NOT NULL
+   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
+        OR cache_key = ANY(%(keys)s::text[])
+        OR refreshed_at < now() - %(older_than)s * interval '1 second')
+ ORDER BY refreshed_at LIMIT 1000
+"""
+STORE_RESULT = """
+UPDATE neurondb.neurondb_result_cache SET value = %(value)s, refreshed_at = now()
+ WHERE cache_name = %(name)s AND cache_key = %(key)s
+"""
+
+
+@job_type("cache_refresh")
+def cache_refresh(ctx: JobContext, payload: dict) -> dict:
+    cache = require(payload, "cache", str)
+    action = require(payload, "action", str, default="expire")
+    keys = require(payload, "keys", list, default=None)
+    older_than = require(payload, "older_than", float, default=None)
+    if action not in ("expire", "refresh"):
+        raise PermanentJobError(f"payload field 'action' must be 'expire' or 'refresh', got {action!r}")
+    params = {"keys": [str(k) for k in keys] if keys is not None else None, "older_than": older_than}
+    if cache in ("llm", "embedding"):
+        if action == "refresh":
+            raise PermanentJobError(f"{cache} cache entries are recomputed on their next use: use action 'expire'")
+        ctx.defer(EXPIRE_LLM, {**params, "operation": "embedding" if cache == "embedding" else None})
+        return {"cache": cache, "action": action}
+    if cache != "result":
+        raise PermanentJobError(f"unknown cache {cache!r} (known: llm, embedding, result)")
+    params["name"] = require(payload, "name", str)
+    if action == "expire":
+        ctx.defer(EXPIRE_RESULTS, params)
+        return {"cache": cache, "name": params["name"], "action": action}
+    refreshed = 0
+    for key, source in ctx.conn.execute(STALE_RESULTS, params).fetchall():
+        if not isinstance(source, dict) or not isinstance(source.get("job_type"), str):
+            raise PermanentJobError(f"result cache entry {key!r} has no usable source (job_type + payload)")
+        handler = resolve(source["job_type"]).handler
+        value = handler(ctx, source.get("payload") or {})
+        ctx.defer(STORE_RESULT, {"value": Jsonb(value), "name": params["name"], "key": key})
+        refreshed += 1
+    return {"cache": cache, "name": params["name"], "action": action, "refreshed": refreshed}

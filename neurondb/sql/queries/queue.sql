@@ -1,0 +1,195 @@
+-- Queries of the queue worker and of the queue API. Each starts with `-- name: NAME`.
+-- Parameters are psycopg named placeholders.
+
+-- name: claim
+-- Claim up to %(batch)s runnable jobs in one round trip, fairly across tenants: the distinct tenants with
+-- pending work come from a loose index scan, in an order shuffled per claim by %(salt)s; each gets an equal
+-- share of the batch (its head of line by priority, then age), at most its rate-limit allowance
+-- (%(capped)s / %(caps)s). SKIP LOCKED inside each tenant's scan lets concurrent claimers take the next
+-- jobs instead of colliding on the same ones.
+WITH RECURSIVE tenants AS (
+    (SELECT tenant_id FROM neurondb.neurondb_job_queue WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT q.tenant_id FROM neurondb.neurondb_job_queue q
+             WHERE q.status = 'pending' AND q.tenant_id > t.tenant_id ORDER BY q.tenant_id LIMIT 1)
+      FROM tenants t WHERE t.tenant_id IS NOT NULL
+),
+eligible AS (
+    SELECT t.tenant_id, coalesce(c.cap, %(batch)s) AS cap
+      FROM tenants t
+      LEFT JOIN unnest(%(capped)s::text[], %(caps)s::int[]) AS c(tenant_id, cap) USING (tenant_id)
+     WHERE t.tenant_id IS NOT NULL AND coalesce(c.cap, 1) > 0
+     ORDER BY md5(t.tenant_id || %(salt)s)
+     LIMIT %(batch)s
+),
+share AS (
+    SELECT greatest(1, %(batch)s / greatest(count(*), 1))::int AS n FROM eligible
+),
+claimed AS (
+    SELECT h.job_id
+      FROM eligible e CROSS JOIN share s
+     CROSS JOIN LATERAL (
+        SELECT q.job_id FROM neurondb.neurondb_job_queue q
+         WHERE q.status = 'pending' AND q.tenant_id = e.tenant_id AND q.run_at <= now()
+         ORDER BY q.priority DESC, q.run_at, q.job_id
+         LIMIT least(e.cap, s.n)
+           FOR UPDATE SKIP LOCKED
+     ) h
+)
+UPDATE neurondb.neurondb_job_queue q
+   SET status = 'processing', lease_owner = %(owner)s, started_at = now(),
+       lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
+  FROM claimed
+ WHERE q.job_id = claimed.job_id
+RETURNING q.job_id, q.job_type, q.payload, q.tenant_id, q.retry_count, q.max_retries;
+
+-- name: lock_owned
+-- At completion: the jobs of the batch that are still ours (not cancelled, not re-claimed after a lease
+-- expiry), locked so their side effects and their status change commit together.
+SELECT job_id FROM neurondb.neurondb_job_queue
+ WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s
+   FOR UPDATE;
+
+-- name: complete
+UPDATE neurondb.neurondb_job_queue q
+   SET status = 'completed', result = v.result, completed_at = now(), lease_expires_at = NULL,
+       error_message = NULL
+  FROM unnest(%(ids)s::bigint[], %(results)s::jsonb[]) AS v(job_id, result)
+ WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s;
+
+-- name: retry
+-- A failed attempt with retries left: back to pending after its backoff, the attempt kept in history.
+UPDATE neurondb.neurondb_job_queue q
+   SET status = 'pending', retry_count = q.retry_count + 1, error_message = v.error,
+       run_at = now() + v.delay_ms * interval '1 millisecond',
+       lease_owner = NULL, lease_expires_at = NULL,
+       attempts = q.attempts || jsonb_build_array(jsonb_build_object(
+           'attempt', q.retry_count + 1, 'owner', q.lease_owner, 'started_at', q.started_at,
+           'finished_at', now(), 'error', v.error))
+  FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(delays_ms)s::float8[]) AS v(job_id, error, delay_ms)
+ WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s;
+
+-- name: fail
+-- A job that exhausted its retries, or can never succeed: status failed, and a dead-letter row carrying
+-- its whole attempt history.
+WITH failed AS (
+    UPDATE neurondb.neurondb_job_queue q
+       SET status = 'failed', error_message = v.error, completed_at = now(), lease_expires_at = NULL,
+           attempts = q.attempts || jsonb_build_array(jsonb_build_object(
+               'attempt', q.retry_count + 1, 'owner', q.lease_owner, 'started_at', q.started_at,
+               'finished_at', now(), 'error', v.error))
+      FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS v(job_id, error)
+     WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s
+    RETURNING q.job_id, q.job_type, q.payload, q.tenant_id, q.priority, q.retry_count, q.error_message,
+              q.attempts, q.created_at
+)
+INSERT INTO neurondb.neurondb_dead_letter
+       (job_id, job_type, payload, tenant_id, priority, retry_count, error_message, attempts, created_at)
+SELECT job_id, job_type, payload, tenant_id, priority, retry_count, error_message, attempts, created_at
+  FROM failed;
+
+-- name: hand_back
+-- Claimed jobs that never started (fast shutdown, rate-limit overshoot): back to pending, no attempt counted.
+UPDATE neurondb.neurondb_job_queue
+   SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
+       run_at = greatest(run_at, now() + %(delay_ms)s * interval '1 millisecond')
+ WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
+
+-- name: extend_leases
+UPDATE neurondb.neurondb_job_queue
+   SET lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
+ WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
+
+-- name: delete_finished
+-- Retention: remove finished jobs older than %(retention_s)s seconds, a small batch at a time so the
+-- queue never sees a long lock or a big burst of dead tuples.
+DELETE FROM neurondb.neurondb_job_queue
+ WHERE job_id IN (SELECT job_id FROM neurondb.neurondb_job_queue
+                   WHERE status IN ('completed', 'failed')
+                     AND completed_at < now() - %(retention_s)s * interval '1 second'
+                   ORDER BY completed_at LIMIT %(limit)s);
+
+-- name: tenant_limits
+SELECT tenant_id, rate_limit, burst FROM neurondb.neurondb_tenants
+ WHERE rate_limit IS NOT NULL OR burst IS NOT NULL;
+
+-- name: pending_tenants
+-- Tenants with runnable work now, for the rate limiter's wake-up time.
+SELECT DISTINCT tenant_id FROM neurondb.neurondb_job_queue
+ WHERE status = 'pending' AND run_at <= now() AND tenant_id = ANY(%(tenants)s);
+
+-- name: next_run_at
+-- When the earliest not-yet-runnable pending job becomes runnable (retry backoff, scheduled jobs).
+SELECT min(run_at) FROM neurondb.neurondb_job_queue WHERE status = 'pending' AND run_at > now();
+
+-- name: enqueue
+SELECT neurondb.enqueue(%(job_type)s, %(payload)s, %(tenant_id)s, %(priority)s::smallint,
+                        coalesce(%(run_at)s::timestamptz, now()), %(max_retries)s, %(dedupe_key)s);
+
+-- name: enqueue_batch
+SELECT neurondb.enqueue_batch(%(job_type)s, %(payloads)s::jsonb[], %(tenant_id)s, %(priority)s::smallint,
+                              coalesce(%(run_at)s::timestamptz, now()), %(max_retries)s);
+
+-- name: job
+SELECT job_id, job_type, payload, tenant_id, priority, status, run_at, retry_count, max_retries, dedupe_key,
+       lease_owner, lease_expires_at, result, error_message, attempts, created_at, started_at, completed_at
+  FROM neurondb.neurondb_job_queue WHERE job_id = %(job_id)s;
+
+-- name: list_jobs
+SELECT job_id, job_type, tenant_id, priority, status, retry_count, created_at, completed_at, error_message
+  FROM neurondb.neurondb_job_queue
+ WHERE (%(status)s::text IS NULL OR status = %(status)s)
+   AND (%(job_type)s::text IS NULL OR job_type = %(job_type)s)
+   AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+ ORDER BY job_id DESC LIMIT %(limit)s;
+
+-- name: cancel
+-- A pending job is failed at once; a running one too, and its worker's outcome is then dropped (the worker
+-- only records outcomes of jobs still leased to it). Finished jobs are left as they are.
+UPDATE neurondb.neurondb_job_queue
+   SET status = 'failed', error_message = 'cancelled by ' || current_user, completed_at = now(),
+       lease_expires_at = NULL, lease_owner = coalesce(lease_owner, 'cancelled')
+ WHERE job_id = %(job_id)s AND status IN ('pending', 'processing')
+RETURNING job_id;
+
+-- name: retry_job
+-- Run a failed job again from scratch: its retries start over, its attempt history stays.
+UPDATE neurondb.neurondb_job_queue
+   SET status = 'pending', retry_count = 0, run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+       completed_at = NULL, started_at = NULL
+ WHERE job_id = %(job_id)s AND status = 'failed'
+RETURNING job_id;
+
+-- name: dlq_list
+SELECT dlq_id, job_id, job_type, tenant_id, retry_count, error_message, failed_at, replayed_at, replayed_job_id
+  FROM neurondb.neurondb_dead_letter
+ WHERE (%(all)s OR replayed_at IS NULL)
+   AND (%(job_type)s::text IS NULL OR job_type = %(job_type)s)
+   AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+ ORDER BY dlq_id DESC LIMIT %(limit)s;
+
+-- name: dlq_replay
+-- Re-enqueue dead letters as new jobs (same type, payload, tenant, priority) and mark them replayed.
+WITH picked AS (
+    SELECT dlq_id, job_type, payload, tenant_id, priority FROM neurondb.neurondb_dead_letter
+     WHERE replayed_at IS NULL
+       AND (%(job_type)s::text IS NULL OR job_type = %(job_type)s)
+       AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+       AND (%(ids)s::bigint[] IS NULL OR dlq_id = ANY(%(ids)s::bigint[]))
+     ORDER BY dlq_id LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+),
+enqueued AS (
+    INSERT INTO neurondb.neurondb_job_queue (job_type, payload, tenant_id, priority)
+    SELECT job_type, payload, tenant_id, priority FROM picked ORDER BY dlq_id
+    RETURNING job_id, payload
+),
+paired AS (
+    SELECT p.dlq_id, e.job_id
+      FROM (SELECT dlq_id, row_number() OVER (ORDER BY dlq_id) AS n FROM picked) p
+      JOIN (SELECT job_id, row_number() OVER (ORDER BY job_id) AS n FROM enqueued) e USING (n)
+)
+UPDATE neurondb.neurondb_dead_letter d
+   SET replayed_at = now(), replayed_job_id = paired.job_id
+  FROM paired WHERE d.dlq_id = paired.dlq_id
+RETURNING d.dlq_id, d.replayed_job_id;

@@ -1,0 +1,47 @@
+"""Job types for the queue tests, loaded by the real queue worker through neurondb.neuranq_job_modules."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from neurondb.jobs import JobContext, JobError, job_type, require
+
+
+@job_type("test.noop")
+def noop(ctx: JobContext, payload: dict) -> dict:
+    return {"ok": True}
+
+
+@job_type("test.record")
+def record(ctx: JobContext, payload: dict) -> dict:
+    """An outside side effect (not transactional): one line per run, to count re-runs after crashes."""
+    fd = os.open(require(payload, "file", str), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{ctx.job_id}\n".encode())
+    finally:
+        os.close(fd)
+    return {"ok": True}
+
+
+@job_type("test.fail")
+def fail(ctx: JobContext, payload: dict) -> dict:
+    """Fails its first `fail_times` attempts (all of them by default), then succeeds."""
+    if ctx.attempt <= require(payload, "fail_times", int, default=10**9):
+        raise JobError(f"planned failure {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@job_type("test.sleep")
+def sleep(ctx: JobContext, payload: dict) -> dict:
+    """Sleeps `seconds` in its first `attempts` attempts (all by default)."""
+    if ctx.attempt <= require(payload, "attempts", int, default=10**9):
+        time.sleep(require(payload, "seconds", float))
+    return {"slept": True}
+
+
+@job_type("test.effect")
+def effect(ctx: JobContext, payload: dict) -> dict:
+    """A transactional effect: committed with the completion, or not at all."""
+    ctx.defer("INSERT INTO public.test_effects (job_id) VALUES (%s)", (ctx.job_id,))
+    return {"ok": True}
