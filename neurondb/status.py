@@ -39,6 +39,14 @@ class WorkerStatus:
 
 
 @dataclass
+class TenantStatus:
+    tenant: str
+    processed: int
+    failed: int
+    retried: int
+
+
+@dataclass
 class Status:
     data_dir: str
     running: bool
@@ -46,6 +54,7 @@ class Status:
     uptime_s: float | None = None
     config_generation: int = 0
     workers: list[WorkerStatus] = field(default_factory=list)
+    tenants: list[TenantStatus] = field(default_factory=list)
     queue: dict[str, int] = field(default_factory=dict)
     llm_jobs: dict[str, int] = field(default_factory=dict)
     database_error: str | None = None
@@ -106,6 +115,9 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                 naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
                 config_generation=int(s["config_generation_seen"]), last_error=s["last_error"],
             ))
+        tenants = shared.tenants[shared.tenants["ready"] == 1]
+        status.tenants = [TenantStatus(t["tenant"].decode(errors="replace"), int(t["processed"]), int(t["failed"]),
+                                       int(t["retried"])) for t in tenants]
     finally:
         shared.close()
     if with_database:

@@ -61,6 +61,15 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
         row.append(Text(w.last_error[:60], style="red") if w.last_error else "")
         table.add_row(*row)
     parts: list = [header, table]
+    if status.tenants:
+        tenants = Table("tenant", "processed", "failed", "retried", "jobs/s", *([""] if rates is not None else []))
+        for t in sorted(status.tenants, key=lambda t: -t.processed)[:10]:
+            history = (rates or {}).get(f"tenant:{t.tenant}", deque())
+            row = [t.tenant, str(t.processed), str(t.failed), str(t.retried), f"{history[-1]:.1f}" if history else "-"]
+            if rates is not None:
+                row.append(sparkline(history))
+            tenants.add_row(*row)
+        parts.append(tenants)
     if status.database_error:
         parts.append(Text(f"database: {status.database_error}", style="red"))
     else:
@@ -80,11 +89,13 @@ def watch(read: Callable[[], Status], interval: float = 1.0, history: int = 30) 
                 time.sleep(interval)
                 status = read()
                 now = time.monotonic()
-                for w in status.workers:
-                    if w.name in last:
-                        t0, n0 = last[w.name]
-                        rates[w.name].append(max(w.processed - n0, 0) / max(now - t0, 1e-6))
-                    last[w.name] = (now, w.processed)
+                counts = {w.name: w.processed for w in status.workers}
+                counts.update({f"tenant:{t.tenant}": t.processed for t in status.tenants})
+                for key, processed in counts.items():
+                    if key in last:
+                        t0, n0 = last[key]
+                        rates[key].append(max(processed - n0, 0) / max(now - t0, 1e-6))
+                    last[key] = (now, processed)
                 live.update(render(status, rates))
         except KeyboardInterrupt:
             pass

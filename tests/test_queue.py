@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
 from neurondb import queue
 from tests.service import Service, wait_for
+from tests.test_document_sql import document_statements
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
 
@@ -262,3 +264,22 @@ def test_chaos_sigkill_loses_no_job(service: Service, conn: psycopg.Connection, 
     runs = len(effects.read_text().splitlines())
     assert 10_000 <= runs <= 10_000 + kills * 100, f"{runs} runs after {kills} kills"
     assert kills >= 5, "the queue drained before the chaos could happen"
+
+
+def test_document_queue_queries_and_status_counts(service: Service, conn: psycopg.Connection,
+                                                  document_text: str) -> None:
+    """The document's 'check queue status' and 'per-tenant metrics' queries, and `neurondb status`, agree
+    with what ran."""
+    ok = queue.enqueue_many(conn, "test.noop", [{}] * 30, tenant_id="t1")
+    ok += queue.enqueue_many(conn, "test.noop", [{}] * 20, tenant_id="t2")
+    bad = queue.enqueue_many(conn, "test.fail", [{}] * 5, tenant_id="t2", max_retries=0)
+    wait_finished(conn, ok + bad, 10.0)
+    queries = [q for q in document_statements(document_text) if "neurondb_job_queue" in q and "GROUP BY" in q]
+    by_status, per_tenant = (conn.execute(q).fetchall() for q in queries)
+    assert dict(by_status) == {"completed": 50, "failed": 5}
+    assert {t: n for t, n, _ in per_tenant} == {"t1": 30, "t2": 20}
+    assert all(avg is not None and avg >= 0 for _, _, avg in per_tenant)
+    status = orjson.loads(service.cli("status", "--json").stdout)
+    assert status["queue"] == {"completed": 50, "failed": 5}
+    tenants = {t["tenant"]: t for t in status["tenants"]}
+    assert (tenants["t1"]["processed"], tenants["t2"]["processed"], tenants["t2"]["failed"]) == (30, 20, 5)
