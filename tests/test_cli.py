@@ -15,20 +15,20 @@ def neurondb(*args: str, data_dir: Path, env: dict | None = None) -> subprocess.
                           text=True, timeout=120, env=env)
 
 
-def postgres_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def postgres_under(path: Path) -> list[str]:
+    """Command lines of postgres processes whose arguments mention `path` (their -D data directory)."""
+    out = subprocess.run(["pgrep", "-a", "-x", "postgres"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(path) in line]
 
 
 def test_dsn_mode_starts_nothing(tmp_path: Path, fresh_dsn: str) -> None:
-    before = postgres_pids()
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA neurondb CASCADE")
     result = neurondb("init", "--dsn", fresh_dsn, data_dir=tmp_path / "d")
     assert result.returncode == 0, result.stderr
     assert "(external)" in result.stdout and "001_schema" in result.stdout
     assert not (tmp_path / "d" / "pgdata").exists()
-    assert postgres_pids() - before == set(), "a PostgreSQL was started in --dsn mode"
+    assert postgres_under(tmp_path) == [], "a PostgreSQL was started in --dsn mode"
     # The DSN is recorded (owner-only) so later commands need no --dsn.
     assert (tmp_path / "d" / "dsn").stat().st_mode & 0o077 == 0
     assert neurondb("dsn", data_dir=tmp_path / "d").stdout.strip() == fresh_dsn
