@@ -36,14 +36,17 @@ def resolve_dsn(datadir: DataDir, dsn: str | None = None) -> str:
         ) from None
 
 
-def connect(dsn: str, application_name: str, autocommit: bool = True,
-            connect_timeout: int = 10) -> psycopg.Connection:
-    """Open a connection named `neurondb <application_name>`."""
+def connect(dsn: str, application_name: str, autocommit: bool = True, connect_timeout: int = 10,
+            statement_timeout_ms: int | None = None) -> psycopg.Connection:
+    """Open a connection named `neurondb <application_name>`; `statement_timeout_ms` bounds every statement
+    (for processes that must never hang on the database, like the supervisor)."""
+    options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else None
     return psycopg.connect(
         dsn,
         autocommit=autocommit,
         application_name=f"neurondb {application_name}"[:63],
         connect_timeout=connect_timeout,
+        **({"options": options} if options else {}),
     )
 
 

@@ -225,8 +225,12 @@ class Supervisor:
         fds = [self._wake_r]
         if self._conn is not None and not self._conn.closed:
             fds.append(self._conn.fileno())
+        timeout = LOOP_TIMEOUT
+        due = [c.restart_at for c in self.children if c.restart_at is not None and not c.pid]
+        if due and not self.shutdown_mode:
+            timeout = min(timeout, max(min(due) - time.monotonic(), 0.0))
         try:
-            readable, _, _ = select.select(fds, [], [], LOOP_TIMEOUT)
+            readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         if self._wake_r in readable:
@@ -250,6 +254,7 @@ class Supervisor:
         child.restart_at = None
         child.hung_since = None
         self.shared.reset_slot(child.slot)
+        self.shared.slot(child.slot)["restarts"] = child.restarts
         self.shared.latch(child.slot).reset()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -271,7 +276,6 @@ class Supervisor:
                 os._exit(status)  # never run the supervisor's finalizers (its DB connection) in a worker
         child.pid = pid
         child.started_at, child.started_mono = time.time(), time.monotonic()
-        self.shared.slot(child.slot)["restarts"] = child.restarts
         log.info("started %s worker (pid %d)", child.name, pid)
 
     def _reap(self) -> None:
@@ -294,7 +298,11 @@ class Supervisor:
         for lock_name, dirty in self.shared.release_locks_held_by(pid):
             log.warning("%s worker (pid %d) died holding %s; released%s", child.name, pid, lock_name,
                         ", structure marked for repair" if dirty else "")
+        self._decide_restart(child, pid, code, how)
+        # After the restart is scheduled: a slow database must not delay it.
         self._hand_back_jobs(pid, f"worker {child.name} (pid {pid}) {how}")
+
+    def _decide_restart(self, child: Child, pid: int, code: int, how: str) -> None:
         if self.shutdown_mode:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) %s", child.name, pid, how)
@@ -430,7 +438,7 @@ class Supervisor:
     # -- database side --------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        self._conn = db.connect(self.dsn, "supervisor")
+        self._conn = db.connect(self.dsn, "supervisor", connect_timeout=3, statement_timeout_ms=5000)
         self._conn.execute("LISTEN neurondb_reload")
 
     def _ensure_connection(self) -> bool:

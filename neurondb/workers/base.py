@@ -199,13 +199,16 @@ class Worker:
                 return
 
     def _reload(self) -> None:
+        """Re-read the settings, then announce the generation last: whoever sees it may rely on the new
+        values being in force (read before the files, so a later reload is never announced early)."""
         self.reload_requested = False
+        generation = int(self.ctx.shared.control["config_generation"])
         result = self.config.reload()
         for name, old, new in result.changed:
             self.log.info("parameter %s changed from %s to %s", name, old, new)
-        self.slot["config_generation_seen"] = self.ctx.shared.control["config_generation"]
         self._publish_settings()
         self.on_reload(result)
+        self.slot["config_generation_seen"] = generation
 
     def _publish_settings(self) -> None:
         self.slot["naptime_ms"] = int(self.naptime * 1000)
@@ -230,8 +233,8 @@ class Worker:
         self._install_signals()
         self.slot["pid"] = os.getpid()
         self.slot["started_at"] = time.time()
-        self.slot["config_generation_seen"] = self.ctx.shared.control["config_generation"]
         self._publish_settings()
+        self.slot["config_generation_seen"] = self.ctx.shared.control["config_generation"]
         self._beat()
         self._set_state("starting")
         inject.set_process(self.kind, self.ctx.shared.lock)
