@@ -1,0 +1,1181 @@
+"""HNSW over plain numpy arrays, with numba kernels, designed to live in one shared memory segment.
+
+The algorithm is hnswlib's (hnswalg.h): random levels with mult = 1/ln(M), greedy descent through the
+upper levels, a best-first search with ef candidates on the target level, neighbour selection by
+hnswlib's heuristic (getNeighborsByHeuristic2) for the new node and for every neighbour whose list
+overflows, M links per upper level and 2*M on level 0. What differs is the storage: instead of C++
+objects, the whole index is a fixed set of fixed-capacity arrays (struct of arrays) that a caller can
+place in ONE buffer (a POSIX shared memory segment, an mmap, a bytearray), so any number of processes
+can map it and search it.
+
+Layout (`layout()` gives names, dtypes, shapes and byte offsets; every array starts 64-byte aligned)::
+
+    header        int64   [32]              see the H_* indices below
+    vectors       float32 [capacity, dim]   cosine: stored normalised (search = ip on the normalised query)
+    links0        int32   [capacity, 1+2M]  level-0 neighbours: column 0 = count, then ids (like hnswlib)
+    levels        int8    [capacity]        top level of each node
+    upper_offset  int32   [capacity]        first pool row of the node, -1 if it only lives on level 0
+    labels        int64   [capacity]        the caller's id (e.g. the PostgreSQL row id)
+    tenants       int32   [capacity]        tenant of the node, -1 = none
+    tombstones    uint8   [capacity]        1 = deleted (still traversed, never returned)
+    pool          int32   [pool_capacity, 1+M]  upper-level neighbour lists: node i's level L >= 1
+                                                  is row upper_offset[i] + L - 1 (count, then ids)
+
+Internal ids are row numbers; a node keeps its row until the index is rebuilt (`rebuild`).
+
+Concurrency contract. Exactly one writer at a time (the caller serialises writers, e.g. with a POSIX
+semaphore); readers take no lock, run in any process, and may run while the writer inserts:
+- The writer fully writes a node (vector, label, tenant, level, its links and the back-links of its
+  neighbours) and only then publishes it by storing count + 1 into header[H_COUNT] with release
+  ordering (a single aligned int64 store behind a fence). The entry point and max level are updated
+  after that, so a reader that sees a new entry point also sees a count that includes it.
+- A reader loads the entry point, then the count, once per search, and ignores every neighbour id that
+  is negative or >= that count. Link lists may be rewritten while a reader walks them (the reader can
+  see a half-updated list): the per-list count is clamped to the list width and every id is checked,
+  so a reader never indexes out of bounds and never returns an unpublished node.
+- Deletion sets a tombstone byte. Tombstoned nodes (and other tenants' nodes when a tenant is given)
+  are traversed for connectivity but never enter the results.
+- `update` never rewrites a published vector: the new vector goes to a new row, and the old row is
+  tombstoned in the same publication step (see `update`). So a reader never sees a torn vector.
+- header[H_WRITER] holds (id being inserted + 1) while an insert is in progress and 0 otherwise. A writer
+  killed mid-insert leaves it non-zero: the index is still safe to read (everything published is
+  intact; stray back-links to the unpublished row are ignored by readers), and `repair` removes the
+  stray links before the next writer continues.
+
+Kernels are compiled with numba (`cache=True`): the machine code is cached on disk next to this file
+in `neurondb/index/__pycache__/` (numba's default), so workers and clients load it instead of
+recompiling. When that directory is not writable (read-only install) and NUMBA_CACHE_DIR is not set,
+the cache goes to $XDG_CACHE_HOME/neurondb/numba (default ~/.cache/neurondb/numba), or to
+/tmp/neurondb-numba-<uid> if that is not writable either. Setting NUMBA_CACHE_DIR always wins.
+
+Distances (as hnswlib): l2 = squared euclidean; ip = 1 - <x, q>; cosine = 1 - <x/|x|, q/|q|>.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _setup_numba_cache() -> None:
+    """Give numba a writable cache directory when its default (this package's __pycache__) is not."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    pycache = Path(__file__).resolve().parent / "__pycache__"
+    try:
+        pycache.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=pycache, prefix=".numba-probe-"):
+            return  # numba's in-tree cache works
+    except OSError:
+        pass
+    candidates = [Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neurondb" / "numba",
+                  Path(tempfile.gettempdir()) / f"neurondb-numba-{os.getuid()}"]
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(path, os.W_OK | os.X_OK):
+                import numba.core.config
+
+                numba.core.config.CACHE_DIR = str(path)
+                os.environ["NUMBA_CACHE_DIR"] = str(path)  # for processes we start
+                return
+        except OSError:
+            continue
+
+
+_setup_numba_cache()
+
+import numba  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------------
+
+MAGIC = 0x3157534E48424E44  # b"DNBHNSW1" little-endian
+LAYOUT_VERSION = 1
+HEADER_LEN = 32
+
+# header indices (int64 each)
+H_COUNT = 0  # published nodes: rows [0, count) are readable; stored last, with release ordering
+H_ENTRY = 1  # entry point (internal id), -1 when empty
+H_MAX_LEVEL = 2  # level of the entry point, -1 when empty
+H_EF_SEARCH = 3  # current ef for searches that do not give one (the auto-tuner writes it)
+H_M = 4
+H_EF_CONSTRUCTION = 5
+H_DIM = 6
+H_METRIC = 7  # 0 l2, 1 cosine, 2 ip
+H_CAPACITY = 8
+H_POOL_CAPACITY = 9  # rows in the upper-level pool
+H_POOL_USED = 10
+H_DELETED = 11  # tombstoned nodes
+H_GENERATION = 12  # bumped by grow / rebuild (the new arrays carry old generation + 1)
+H_SEED = 13
+H_RNG = 14  # level generator state (splitmix64), so any writer process continues the same stream
+H_WRITER = 15  # id being inserted + 1 while an insert runs, 0 when idle (non-zero after a crash)
+H_LEVEL_CLAMPED = 16  # inserts whose level was cut because the pool was full
+H_MUTATIONS = 17  # inserts + deletes, ever (cheap change detector for snapshots and caches)
+H_MAGIC = 18
+H_VERSION = 19
+
+METRICS = {"l2": 0, "cosine": 1, "ip": 2}
+METRIC_NAMES = {v: k for k, v in METRICS.items()}
+DEFAULT_EF_SEARCH = 64
+ALIGN = 64
+MAX_LEVEL = 100
+
+
+def default_pool_capacity(capacity: int, m: int) -> int:
+    """Upper-level pool rows for `capacity` nodes. A node has level >= L with probability M^-L, so the
+    expected number of rows is capacity / (M - 1); 1.25 x that plus a margin makes running out
+    practically impossible (if it happens, new nodes get a lower level, counted in H_LEVEL_CLAMPED)."""
+    return math.ceil(capacity / max(m - 1, 1) * 1.25) + 64
+
+
+def layout(capacity: int, dim: int, m: int, upper_pool_capacity: int | None = None
+           ) -> tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], int]:
+    """The arrays of an index and where they lie in its buffer: ([(name, dtype, shape, offset)], total_bytes)."""
+    if capacity < 1 or capacity >= 2**31 - 1:
+        raise ValueError(f"capacity must be in [1, 2^31 - 1), not {capacity}")
+    if dim < 1:
+        raise ValueError(f"dim must be positive, not {dim}")
+    if m < 2 or m > 10_000:
+        raise ValueError(f"m must be in [2, 10000], not {m}")
+    pool = default_pool_capacity(capacity, m) if upper_pool_capacity is None else int(upper_pool_capacity)
+    if pool < 1:
+        raise ValueError(f"upper_pool_capacity must be positive, not {pool}")
+    spec = [
+        ("header", np.dtype(np.int64), (HEADER_LEN,)),
+        ("vectors", np.dtype(np.float32), (capacity, dim)),
+        ("links0", np.dtype(np.int32), (capacity, 1 + 2 * m)),
+        ("levels", np.dtype(np.int8), (capacity,)),
+        ("upper_offset", np.dtype(np.int32), (capacity,)),
+        ("labels", np.dtype(np.int64), (capacity,)),
+        ("tenants", np.dtype(np.int32), (capacity,)),
+        ("tombstones", np.dtype(np.uint8), (capacity,)),
+        ("pool", np.dtype(np.int32), (pool, 1 + m)),
+    ]
+    out = []
+    offset = 0
+    for name, dtype, shape in spec:
+        offset = (offset + ALIGN - 1) // ALIGN * ALIGN
+        out.append((name, dtype, shape, offset))
+        offset += dtype.itemsize * int(np.prod(shape))
+    return out, offset
+
+
+ARRAY_NAMES = ("header", "vectors", "links0", "levels", "upper_offset", "labels", "tenants", "tombstones", "pool")
+
+
+@dataclass(eq=False)
+class HnswArrays:
+    """The arrays of one index (views into one buffer, or private numpy memory)."""
+
+    header: np.ndarray
+    vectors: np.ndarray
+    links0: np.ndarray
+    levels: np.ndarray
+    upper_offset: np.ndarray
+    labels: np.ndarray
+    tenants: np.ndarray
+    tombstones: np.ndarray
+    pool: np.ndarray
+    buffer: object = None  # what the views point into (kept alive with them)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def allocate(cls, capacity: int, dim: int, *, m: int = 16, ef_construction: int = 200, metric: str = "l2",
+                 upper_pool_capacity: int | None = None, ef_search: int = DEFAULT_EF_SEARCH,
+                 seed: int = 100) -> HnswArrays:
+        """A new empty index in private memory."""
+        _, total = layout(capacity, dim, m, upper_pool_capacity)
+        buf = np.zeros(total, dtype=np.uint8)
+        return cls.create_in(buf, capacity, dim, m=m, ef_construction=ef_construction, metric=metric,
+                             upper_pool_capacity=upper_pool_capacity, ef_search=ef_search, seed=seed)
+
+    @classmethod
+    def create_in(cls, buf, capacity: int, dim: int, *, m: int = 16, ef_construction: int = 200,
+                  metric: str = "l2", upper_pool_capacity: int | None = None,
+                  ef_search: int = DEFAULT_EF_SEARCH, seed: int = 100) -> HnswArrays:
+        """Initialise a new empty index in `buf` (any writable buffer of at least layout()[1] bytes,
+        e.g. a fresh shared memory segment) and return views on it."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, not {metric!r}")
+        if ef_construction < 1 or ef_search < 1:
+            raise ValueError("ef_construction and ef_search must be positive")
+        spec, _ = layout(capacity, dim, m, upper_pool_capacity)
+        a = cls._views(buf, spec)
+        h = a.header
+        h[:] = 0
+        a.links0[:, 0] = 0
+        a.levels[:] = 0
+        a.upper_offset[:] = -1
+        a.labels[:] = -1
+        a.tenants[:] = -1
+        a.tombstones[:] = 0
+        a.pool[:, 0] = 0
+        h[H_ENTRY] = -1
+        h[H_MAX_LEVEL] = -1
+        h[H_EF_SEARCH] = ef_search
+        h[H_M] = m
+        h[H_EF_CONSTRUCTION] = ef_construction
+        h[H_DIM] = dim
+        h[H_METRIC] = METRICS[metric]
+        h[H_CAPACITY] = capacity
+        h[H_POOL_CAPACITY] = a.pool.shape[0]
+        h[H_SEED] = seed
+        h[H_RNG] = np.uint64(seed & (2**64 - 1)).view(np.int64)
+        h[H_VERSION] = LAYOUT_VERSION
+        h[H_MAGIC] = MAGIC  # last: a buffer with a magic is fully initialised
+        return a
+
+    @classmethod
+    def from_buffer(cls, buf) -> HnswArrays:
+        """Views on an index already initialised in `buf` (by `create_in`, possibly in another process).
+        A read-only buffer gives read-only arrays (searching works; writing does not)."""
+        head = np.frombuffer(buf, dtype=np.int64, count=HEADER_LEN)
+        if int(head[H_MAGIC]) != MAGIC:
+            raise ValueError("buffer does not hold an HNSW index (bad magic)")
+        if int(head[H_VERSION]) != LAYOUT_VERSION:
+            raise ValueError(f"HNSW layout version {int(head[H_VERSION])} is not supported ({LAYOUT_VERSION} is)")
+        capacity, dim, m, pool = (int(head[i]) for i in (H_CAPACITY, H_DIM, H_M, H_POOL_CAPACITY))
+        spec, total = layout(capacity, dim, m, pool)
+        if memoryview(buf).nbytes < total:
+            raise ValueError(f"buffer of {memoryview(buf).nbytes} bytes is smaller than the index ({total})")
+        return cls._views(buf, spec)
+
+    @classmethod
+    def _views(cls, buf, spec) -> HnswArrays:
+        mv = memoryview(buf)
+        if mv.nbytes < spec[-1][3]:
+            raise ValueError("buffer too small for this layout")
+        arrays = {}
+        for name, dtype, shape, offset in spec:
+            count = int(np.prod(shape))
+            arrays[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return cls(buffer=buf, **arrays)
+
+    # -- properties ----------------------------------------------------------------------------------
+
+    @property
+    def kernel_args(self) -> tuple[np.ndarray, ...]:
+        return (self.header, self.vectors, self.links0, self.levels, self.upper_offset, self.labels,
+                self.tenants, self.tombstones, self.pool)
+
+    @property
+    def count(self) -> int:
+        return int(self.header[H_COUNT])
+
+    @property
+    def capacity(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.pool.shape[1] - 1
+
+    @property
+    def metric(self) -> str:
+        return METRIC_NAMES[int(self.header[H_METRIC])]
+
+    @property
+    def ef_construction(self) -> int:
+        return int(self.header[H_EF_CONSTRUCTION])
+
+    @property
+    def ef_search(self) -> int:
+        return int(self.header[H_EF_SEARCH])
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"ef_search must be positive, not {value}")
+        self.header[H_EF_SEARCH] = int(value)
+
+    @property
+    def deleted_count(self) -> int:
+        return int(self.header[H_DELETED])
+
+    @property
+    def generation(self) -> int:
+        return int(self.header[H_GENERATION])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole index (all arrays at full capacity, as laid out in one buffer)."""
+        return layout(self.capacity, self.dim, self.m, self.pool.shape[0])[1]
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.header.flags.writeable)
+
+    def layout(self):
+        return layout(self.capacity, self.dim, self.m, self.pool.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low-level intrinsics: ordered loads/stores for publication, and prefetch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _item_pointer(context, builder, aryty, aryval, idx, idxty):
+    ary = context.make_array(aryty)(context, builder, aryval)
+    i = context.cast(builder, idx, idxty, types.intp)
+    return cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, idx):
+    """arr[idx] as an atomic load with acquire ordering (arr: 1-d int64)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return builder.load_atomic(ptr, "acquire", 8, typ=ir.IntType(64))
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, idx, val):
+    """arr[idx] = val as an atomic store with release ordering (arr: 1-d int64), after a full fence."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.fence("seq_cst")
+        builder.store_atomic(v, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, val), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, row, byte_offset):
+    """Prefetch (for reading, into all cache levels) the line holding byte `byte_offset` of row `row`."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        strides = cgutils.unpack_tuple(builder, ary.strides, aryty.ndim)
+        r = context.cast(builder, args[1], sig.args[1], types.intp)
+        off = builder.add(builder.mul(r, strides[0]), context.cast(builder, args[2], sig.args[2], types.intp))
+        i8p = ir.IntType(8).as_pointer()
+        base = builder.bitcast(ary.data, i8p)
+        p = builder.gep(base, [off])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [p, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, row, byte_offset), codegen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+# Reassociation (for SIMD sums) and FMA contraction; no nnan/ninf: garbage read from a list being
+# rewritten must never turn into undefined behaviour.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, boundscheck=False, error_model="numpy")
+_INF = np.float32(np.inf)
+
+
+@njit(**_JIT)
+def _dist(vectors, i, q, metric):
+    """Distance between stored row i and query q (metric 0: squared l2, else 1 - dot)."""
+    dim = q.shape[0]
+    s = np.float32(0.0)
+    if metric == 0:
+        for j in range(dim):
+            t = vectors[i, j] - q[j]
+            s += t * t
+        return s
+    for j in range(dim):
+        s += vectors[i, j] * q[j]
+    return np.float32(1.0) - s
+
+
+@njit(**_JIT)
+def _dist2(vectors, a, b, metric):
+    """Distance between stored rows a and b."""
+    dim = vectors.shape[1]
+    s = np.float32(0.0)
+    if metric == 0:
+        for j in range(dim):
+            t = vectors[a, j] - vectors[b, j]
+            s += t * t
+        return s
+    for j in range(dim):
+        s += vectors[a, j] * vectors[b, j]
+    return np.float32(1.0) - s
+
+
+@njit(**_JIT)
+def _prefetch_vector(vectors, i):
+    nbytes = vectors.shape[1] * 4
+    for off in range(0, nbytes, 64):
+        _prefetch(vectors, i, off)
+
+
+@njit(**_JIT)
+def _heap_push(hd, hi, n, d, i):
+    """Push (d, i) on the max-heap (hd, hi) of size n; returns the new size."""
+    j = n
+    while j > 0:
+        p = (j - 1) >> 1
+        if hd[p] >= d:
+            break
+        hd[j] = hd[p]
+        hi[j] = hi[p]
+        j = p
+    hd[j] = d
+    hi[j] = i
+    return n + 1
+
+
+@njit(**_JIT)
+def _heap_sift_down(hd, hi, n, d, i):
+    """Place (d, i) at the root of the max-heap of size n and sift it down."""
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= n:
+            break
+        if c + 1 < n and hd[c + 1] > hd[c]:
+            c += 1
+        if hd[c] <= d:
+            break
+        hd[j] = hd[c]
+        hi[j] = hi[c]
+        j = c
+    hd[j] = d
+    hi[j] = i
+
+
+@njit(**_JIT)
+def _heap_pop(hd, hi, n):
+    """Remove the top of the max-heap of size n; returns the new size."""
+    n -= 1
+    if n > 0:
+        _heap_sift_down(hd, hi, n, hd[n], hi[n])
+    return n
+
+
+@njit(**_JIT)
+def _next_tag(visited):
+    """Start a new search on a generation-stamped visited array (the stamp lives in its last slot)."""
+    last = visited.shape[0] - 1
+    t = np.int64(visited[last]) + 1
+    if t > 65535:
+        visited[:] = 0
+        t = 1
+    visited[last] = t
+    return t
+
+
+@njit(**_JIT)
+def _list_of(level, node, links0, upper_offset, levels, pool):
+    """The neighbour list (count, ids...) of `node` on `level`, or an empty view if it has none."""
+    if level == 0:
+        return links0[node]
+    if levels[node] < level:
+        return pool[0, 0:0]
+    off = upper_offset[node]
+    row = np.int64(off) + level - 1
+    if off < 0 or row >= pool.shape[0]:
+        return pool[0, 0:0]
+    return pool[row]
+
+
+@njit(**_JIT)
+def _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, cur, cur_d, top_level, stop_level):
+    """hnswlib's greedy descent from `top_level` down to `stop_level` + 1; returns (node, distance)."""
+    maxm = pool.shape[1] - 1
+    for level in range(top_level, stop_level, -1):
+        changed = True
+        while changed:
+            changed = False
+            if levels[cur] < level:
+                break
+            off = upper_offset[cur]
+            row = np.int64(off) + level - 1
+            if off < 0 or row >= pool.shape[0]:
+                break
+            cnt = np.int64(pool[row, 0])
+            if cnt > maxm:
+                cnt = maxm
+            for j in range(1, cnt + 1):
+                nb = np.int64(pool[row, j])
+                if nb < 0 or nb >= n_pub:
+                    continue
+                d = _dist(vectors, nb, q, metric)
+                if d < cur_d:
+                    cur_d = d
+                    cur = nb
+                    changed = True
+    return cur, cur_d
+
+
+@njit(**_JIT)
+def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, n_pub,
+                  ep, ep_d, level, ef, tenant, filtering, visited, cand_d, cand_i, top_d, top_i, nbuf):
+    """hnswlib's searchBaseLayer(ST): best-first search on `level` from `ep` with `ef` results.
+
+    Candidates: a max-heap on -distance (cand_d, cand_i); results: a max-heap on distance (top_d, top_i)
+    holding only allowed nodes (not tombstoned, and of `tenant` when tenant >= 0). Neighbour ids are
+    checked against n_pub. Returns the number of results in the top heap."""
+    tag = _next_tag(visited)
+    ncand = np.int64(0)  # np.int64(): a literal 0 would make numba compile extra specialisations
+    ntop = np.int64(0)
+    lower = _INF
+    visited[ep] = tag
+    if tombstones[ep] == 0 and (tenant < 0 or tenants[ep] == tenant):
+        ntop = _heap_push(top_d, top_i, ntop, ep_d, ep)
+        lower = ep_d
+    ncand = _heap_push(cand_d, cand_i, ncand, -ep_d, ep)
+    while ncand > 0:
+        cd = -cand_d[0]
+        c = np.int64(cand_i[0])
+        if cd > lower and (ntop >= ef or not filtering):
+            break
+        ncand = _heap_pop(cand_d, cand_i, ncand)
+        lst = _list_of(level, c, links0, upper_offset, levels, pool)
+        if lst.shape[0] == 0:
+            continue
+        cnt = np.int64(lst[0])
+        if cnt > lst.shape[0] - 1:
+            cnt = lst.shape[0] - 1
+        # gather the unvisited neighbours, prefetching their vectors, then compute distances
+        nn = 0
+        for j in range(1, cnt + 1):
+            nb = np.int64(lst[j])
+            if nb < 0 or nb >= n_pub:
+                continue
+            if visited[nb] == tag:
+                continue
+            visited[nb] = tag
+            _prefetch_vector(vectors, nb)
+            nbuf[nn] = nb
+            nn += 1
+        for t in range(nn):
+            nb = np.int64(nbuf[t])
+            d = _dist(vectors, nb, q, metric)
+            if ntop < ef or d < lower:
+                ncand = _heap_push(cand_d, cand_i, ncand, -d, nb)
+                if tombstones[nb] == 0 and (tenant < 0 or tenants[nb] == tenant):
+                    if ntop < ef:
+                        ntop = _heap_push(top_d, top_i, ntop, d, nb)
+                    else:
+                        _heap_sift_down(top_d, top_i, ntop, d, nb)
+                    lower = top_d[0]
+        if ncand > 0:
+            _prefetch(links0, cand_i[0], 0)
+    return ntop
+
+
+@njit(**_JIT)
+def _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, q, k, ef,
+                tenant, visited, cand_d, cand_i, top_d, top_i, nbuf, out_labels, out_dist, out_ids):
+    """One query; writes up to k results best first and returns how many."""
+    ep = _load_acquire(header, H_ENTRY)
+    n_pub = _load_acquire(header, H_COUNT)
+    if n_pub > vectors.shape[0]:
+        n_pub = vectors.shape[0]
+    if n_pub <= 0 or ep < 0 or ep >= n_pub:
+        return 0
+    metric = header[H_METRIC]
+    filtering = tenant >= 0 or header[H_DELETED] > 0
+    if ef < k:
+        ef = k
+    ep_d = _dist(vectors, ep, q, metric)
+    level0 = np.int64(0)
+    cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, ep, ep_d, np.int64(levels[ep]),
+                         level0)
+    ntop = _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, n_pub,
+                         cur, cur_d, level0, ef, tenant, filtering, visited, cand_d, cand_i, top_d, top_i, nbuf)
+    while ntop > k:
+        ntop = _heap_pop(top_d, top_i, ntop)
+    n = ntop
+    while ntop > 0:
+        i = top_i[0]
+        out_labels[ntop - 1] = labels[i]
+        out_dist[ntop - 1] = top_d[0]
+        out_ids[ntop - 1] = i
+        ntop = _heap_pop(top_d, top_i, ntop)
+    return n
+
+
+@njit(**_JIT)
+def _search_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, q, k, ef,
+                   tenant, visited, cand_d, cand_i, out_labels, out_dist, out_ids):
+    ef2 = max(ef, k)
+    top_d = np.empty(ef2 + 1, np.float32)
+    top_i = np.empty(ef2 + 1, np.int32)
+    nbuf = np.empty(links0.shape[1] + pool.shape[1], np.int32)
+    return _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, q, k,
+                       ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf, out_labels, out_dist, out_ids)
+
+
+@njit(**_JIT)
+def _search_many_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, queries,
+                        k, ef, tenant, visited, cand_d, cand_i, out_labels, out_dist, out_ids, out_n):
+    ef2 = max(ef, k)
+    top_d = np.empty(ef2 + 1, np.float32)
+    top_i = np.empty(ef2 + 1, np.int32)
+    nbuf = np.empty(links0.shape[1] + pool.shape[1], np.int32)
+    for qi in range(queries.shape[0]):
+        out_n[qi] = _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
+                                queries[qi], k, ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf,
+                                out_labels[qi], out_dist[qi], out_ids[qi])
+
+
+@njit(**_JIT)
+def _splitmix64(header):
+    s = np.uint64(header[H_RNG]) + np.uint64(0x9E3779B97F4A7C15)
+    header[H_RNG] = np.int64(s)
+    z = s
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(**_JIT)
+def _random_level(header, mult):
+    u = (np.float64(_splitmix64(header) >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)  # (0, 1)
+    lv = np.int64(-math.log(u) * mult)
+    return min(lv, MAX_LEVEL)
+
+
+@njit(**_JIT)
+def _sort_pairs(d, i, n):
+    """Insertion sort of (d, i)[:n] by d ascending (n is small: a neighbour list)."""
+    for a in range(1, n):
+        kd = d[a]
+        ki = i[a]
+        b = a - 1
+        while b >= 0 and d[b] > kd:
+            d[b + 1] = d[b]
+            i[b + 1] = i[b]
+            b -= 1
+        d[b + 1] = kd
+        i[b + 1] = ki
+
+
+@njit(**_JIT)
+def _heuristic(vectors, metric, cd, ci, n, m, out_d, out_i):
+    """hnswlib's getNeighborsByHeuristic2 over candidates (cd, ci)[:n] sorted by distance ascending:
+    keep a candidate only if it is closer to the base than to every candidate already kept."""
+    if n <= m:
+        for t in range(n):
+            out_d[t] = cd[t]
+            out_i[t] = ci[t]
+        return n
+    nret = 0
+    for t in range(n):
+        if nret >= m:
+            break
+        cur = ci[t]
+        dcur = cd[t]
+        good = True
+        for r in range(nret):
+            if _dist2(vectors, out_i[r], cur, metric) < dcur:
+                good = False
+                break
+        if good:
+            out_d[nret] = dcur
+            out_i[nret] = cur
+            nret += 1
+    return nret
+
+
+@njit(**_JIT)
+def _connect(vectors, metric, lst, width, c, s, d_cs, tmp_d, tmp_i, sel_d, sel_i):
+    """Add c to the list `lst` of node s (hnswlib's mutuallyConnectNewElement, other side): append if
+    there is room, else re-select the list with the heuristic over its members plus c."""
+    sz = np.int64(lst[0])
+    if sz < 0:
+        sz = 0
+    if sz > width:
+        sz = width
+    for j in range(1, sz + 1):
+        if lst[j] == c:
+            return
+    if sz < width:
+        lst[1 + sz] = c  # the id first, then the count: readers see either the old or the new list
+        lst[0] = sz + 1
+        return
+    tmp_d[0] = d_cs
+    tmp_i[0] = c
+    for j in range(sz):
+        o = lst[1 + j]
+        tmp_d[1 + j] = _dist2(vectors, o, s, metric)
+        tmp_i[1 + j] = o
+    _sort_pairs(tmp_d, tmp_i, sz + 1)
+    nret = _heuristic(vectors, metric, tmp_d, tmp_i, sz + 1, width, sel_d, sel_i)
+    for r in range(nret):
+        lst[1 + r] = sel_i[r]
+    lst[0] = nret
+
+
+@njit(**_JIT)
+def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
+                new_vecs, new_labels, new_tenants, replace_ids, visited, cand_d, cand_i, out_ids):
+    """Insert new_vecs[t] (already normalised for cosine) one by one; returns how many were inserted."""
+    n = new_vecs.shape[0]
+    cap = vectors.shape[0]
+    dim = vectors.shape[1]
+    metric = header[H_METRIC]
+    m = pool.shape[1] - 1
+    maxm0 = links0.shape[1] - 1
+    efc = max(header[H_EF_CONSTRUCTION], 1)
+    mult = 1.0 / math.log(max(m, 2))
+    pool_cap = pool.shape[0]
+    top_d = np.empty(efc + 1, np.float32)
+    top_i = np.empty(efc + 1, np.int32)
+    sd = np.empty(efc + 1, np.float32)
+    si = np.empty(efc + 1, np.int32)
+    sel_d = np.empty(maxm0 + 1, np.float32)
+    sel_i = np.empty(maxm0 + 1, np.int32)
+    tmp_d = np.empty(maxm0 + 2, np.float32)
+    tmp_i = np.empty(maxm0 + 2, np.int32)
+    sel2_d = np.empty(maxm0 + 2, np.float32)
+    sel2_i = np.empty(maxm0 + 2, np.int32)
+    nbuf = np.empty(maxm0 + m + 2, np.int32)
+    no_tenant = np.int64(-1)
+    for t in range(n):
+        c = header[H_COUNT]
+        if c >= cap:
+            return t
+        header[H_WRITER] = c + 1
+        level = _random_level(header, mult)
+        pool_used = header[H_POOL_USED]
+        if level > pool_cap - pool_used:
+            level = pool_cap - pool_used
+            header[H_LEVEL_CLAMPED] += 1
+        # write the node (unpublished: readers ignore ids >= count)
+        for j in range(dim):
+            vectors[c, j] = new_vecs[t, j]
+        labels[c] = new_labels[t]
+        tenants[c] = new_tenants[t]
+        tombstones[c] = 0
+        links0[c, 0] = 0
+        if level > 0:
+            upper_offset[c] = pool_used
+            for lv in range(level):
+                pool[pool_used + lv, 0] = 0
+            header[H_POOL_USED] = pool_used + level
+        else:
+            upper_offset[c] = -1
+        levels[c] = level
+        ep = header[H_ENTRY]
+        maxl = header[H_MAX_LEVEL]
+        q = vectors[c]
+        if ep >= 0:
+            filtering = header[H_DELETED] > 0
+            cur = ep
+            cur_d = _dist(vectors, ep, q, metric)
+            if level < maxl:
+                cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, c, cur, cur_d, maxl, level)
+            for lv in range(min(level, maxl), -1, -1):
+                ntop = _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, c,
+                                     cur, cur_d, lv, efc, no_tenant, filtering, visited, cand_d, cand_i, top_d,
+                                     top_i, nbuf)
+                if ntop == 0:  # everything reachable is deleted: link to where we are
+                    top_d[0] = cur_d
+                    top_i[0] = cur
+                    ntop = 1
+                # sorted ascending
+                nsorted = ntop
+                while ntop > 0:
+                    sd[ntop - 1] = top_d[0]
+                    si[ntop - 1] = top_i[0]
+                    ntop = _heap_pop(top_d, top_i, ntop)
+                nsel = _heuristic(vectors, metric, sd, si, nsorted, m, sel_d, sel_i)
+                width = maxm0 if lv == 0 else m
+                own = _list_of(lv, c, links0, upper_offset, levels, pool)
+                for r in range(nsel):
+                    own[1 + r] = sel_i[r]
+                own[0] = nsel
+                for r in range(nsel):
+                    s = np.int64(sel_i[r])
+                    other = _list_of(lv, s, links0, upper_offset, levels, pool)
+                    if other.shape[0] == 0:
+                        continue
+                    _connect(vectors, metric, other, width, c, s, sel_d[r], tmp_d, tmp_i, sel2_d, sel2_i)
+                cur = np.int64(sel_i[0])
+                cur_d = sel_d[0]
+        r = replace_ids[t]
+        if r >= 0 and r < c and tombstones[r] == 0:
+            tombstones[r] = 1
+            header[H_DELETED] += 1
+        out_ids[t] = c
+        _store_release(header, H_COUNT, c + 1)  # publish
+        if ep < 0 or level > maxl:
+            _store_release(header, H_MAX_LEVEL, level)
+            _store_release(header, H_ENTRY, c)
+        header[H_MUTATIONS] += 1
+        header[H_WRITER] = 0
+    return n
+
+
+@njit(**_JIT)
+def _repair_kernel(header, links0, levels, upper_offset, pool, tombstones):
+    """Remove links to unpublished or invalid ids, fix the entry point and the deleted count."""
+    n_pub = header[H_COUNT]
+    removed = 0
+    maxm0 = links0.shape[1] - 1
+    maxm = pool.shape[1] - 1
+    for i in range(n_pub):
+        lvl = np.int64(levels[i])
+        for lv in range(lvl + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] == 0:
+                continue
+            width = maxm0 if lv == 0 else maxm
+            cnt = min(max(np.int64(lst[0]), 0), width)
+            w = 0
+            for j in range(1, cnt + 1):
+                nb = lst[j]
+                if nb < 0 or nb >= n_pub or nb == i:
+                    removed += 1
+                    continue
+                lst[1 + w] = nb
+                w += 1
+            lst[0] = w
+    ep = header[H_ENTRY]
+    if n_pub > 0 and (ep < 0 or ep >= n_pub or np.int64(levels[ep]) != header[H_MAX_LEVEL]):
+        best = 0
+        for i in range(n_pub):
+            if levels[i] > levels[best]:
+                best = i
+        _store_release(header, H_MAX_LEVEL, np.int64(levels[best]))
+        _store_release(header, H_ENTRY, best)
+    deleted = 0
+    for i in range(n_pub):
+        if tombstones[i] != 0:
+            deleted += 1
+    header[H_DELETED] = deleted
+    header[H_WRITER] = 0
+    return removed
+
+
+@njit(**_JIT)
+def _edge_counts(header, links0, levels, upper_offset, pool):
+    n_pub = min(header[H_COUNT], links0.shape[0])
+    maxm0 = links0.shape[1] - 1
+    maxm = pool.shape[1] - 1
+    e0 = 0
+    eu = 0
+    for i in range(n_pub):
+        e0 += min(max(np.int64(links0[i, 0]), 0), maxm0)
+        for lv in range(1, np.int64(levels[i]) + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] > 0:
+                eu += min(max(np.int64(lst[0]), 0), maxm)
+    return e0, eu
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python API
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """Per-thread search buffers: the visited array (uint16 generation stamps, the current stamp in
+    its last slot) and the candidate heap. Sized by capacity, but np.empty/np.zeros memory is only
+    backed by RAM where touched: the heap uses a small prefix."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.visited = np.zeros(capacity + 1, np.uint16)
+        self.cand_d = np.empty(capacity + 1, np.float32)
+        self.cand_i = np.empty(capacity + 1, np.int32)
+
+
+_tls = threading.local()
+
+
+def _scratch(capacity: int) -> _Scratch:
+    s = getattr(_tls, "scratch", None)
+    if s is None or s.capacity < capacity:
+        s = _Scratch(capacity)
+        _tls.scratch = s
+    return s
+
+
+def _prepare(arrays: HnswArrays, x: np.ndarray, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != arrays.dim:
+        raise ValueError(f"{what} must have dimension {arrays.dim}, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    if int(arrays.header[H_METRIC]) == METRICS["cosine"]:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32, copy=False)
+    return x
+
+
+def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, _replace=None) -> np.ndarray:
+    """Insert vectors (n, dim) with the caller's labels (n,) and optional tenants (n,) (-1 = none);
+    returns their internal ids. Single-threaded; the caller must be the only writer. Raises if the
+    index is full (grow it first) or if a vector is not finite."""
+    vecs = _prepare(arrays, vectors, "vectors")
+    n = vecs.shape[0]
+    labels = np.ascontiguousarray(np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,)))
+    tenants = np.full(n, -1, np.int32) if tenants is None else np.ascontiguousarray(
+        np.broadcast_to(np.asarray(tenants, dtype=np.int32), (n,)))
+    replace = np.full(n, -1, np.int64) if _replace is None else np.ascontiguousarray(_replace, dtype=np.int64)
+    if arrays.count + n > arrays.capacity:
+        raise OverflowError(f"index full: {arrays.count} + {n} > capacity {arrays.capacity}; grow it first")
+    if int(arrays.header[H_WRITER]) != 0:
+        raise RuntimeError("a previous insert did not finish (writer died?); call repair() first")
+    out = np.full(n, -1, np.int64)
+    s = _scratch(arrays.capacity)
+    done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, s.visited, s.cand_d, s.cand_i, out)
+    if done != n:
+        raise OverflowError(f"index full after {done} of {n} inserts")
+    return out
+
+
+def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = None, tenant: int = -1,
+           return_ids: bool = False):
+    """The k nearest published, live nodes (of `tenant` if >= 0) to `query`: (labels, distances) best
+    first, fewer than k if fewer qualify; with return_ids also their internal ids. Lock-free: may run
+    in any process while a writer inserts."""
+    q = _prepare(arrays, query, "query")[0]
+    ef = arrays.ef_search if ef is None else int(ef)
+    s = _scratch(arrays.capacity)
+    out_labels = np.empty(k, np.int64)
+    out_dist = np.empty(k, np.float32)
+    out_ids = np.empty(k, np.int64)
+    n = _search_kernel(*arrays.kernel_args, q, k, ef, tenant, s.visited, s.cand_d, s.cand_i,
+                       out_labels, out_dist, out_ids)
+    if return_ids:
+        return out_labels[:n], out_dist[:n], out_ids[:n]
+    return out_labels[:n], out_dist[:n]
+
+
+def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | None = None, tenant: int = -1,
+                return_ids: bool = False):
+    """Batched `search`, one numba call for all queries: (labels (nq, k), distances (nq, k)); missing
+    results are label -1 and distance inf."""
+    qs = _prepare(arrays, queries, "queries")
+    ef = arrays.ef_search if ef is None else int(ef)
+    s = _scratch(arrays.capacity)
+    nq = qs.shape[0]
+    out_labels = np.full((nq, k), -1, np.int64)
+    out_dist = np.full((nq, k), np.inf, np.float32)
+    out_ids = np.full((nq, k), -1, np.int64)
+    out_n = np.zeros(nq, np.int64)
+    _search_many_kernel(*arrays.kernel_args, qs, k, ef, tenant, s.visited, s.cand_d, s.cand_i,
+                        out_labels, out_dist, out_ids, out_n)
+    if return_ids:
+        return out_labels, out_dist, out_ids
+    return out_labels, out_dist
+
+
+def mark_deleted(arrays: HnswArrays, internal_id: int) -> bool:
+    """Tombstone a node (writer only). Returns False if it was already deleted."""
+    i = int(internal_id)
+    if not 0 <= i < arrays.count:
+        raise IndexError(f"internal id {i} is not a published node (count {arrays.count})")
+    if arrays.tombstones[i]:
+        return False
+    arrays.tombstones[i] = 1
+    arrays.header[H_DELETED] += 1
+    arrays.header[H_MUTATIONS] += 1
+    return True
+
+
+def update(arrays: HnswArrays, internal_id: int, vector: np.ndarray) -> int:
+    """Change a node's vector: delete + insert into a new row (hnswlib's updatePoint rewrites the vector
+    in place, which a lock-free reader in another process could see half-written). The new row gets the
+    same label and tenant; the old row is tombstoned in the same step that publishes the new one, so a
+    reader sees exactly one of them. Returns the new internal id. Rows are reclaimed by `rebuild`."""
+    i = int(internal_id)
+    if not 0 <= i < arrays.count:
+        raise IndexError(f"internal id {i} is not a published node (count {arrays.count})")
+    if arrays.tombstones[i]:
+        raise KeyError(f"internal id {i} is deleted")
+    return int(add_items(arrays, vector, arrays.labels[i], arrays.tenants[i], _replace=[i])[0])
+
+
+def find_labels(arrays: HnswArrays, labels) -> np.ndarray:
+    """Internal ids of the live nodes with these labels (-1 where there is none)."""
+    labels = np.atleast_1d(np.asarray(labels, dtype=np.int64))
+    n = arrays.count
+    live = np.flatnonzero(arrays.tombstones[:n] == 0)
+    live_labels = arrays.labels[live]
+    order = np.argsort(live_labels, kind="stable")
+    sorted_labels = live_labels[order]
+    pos = np.searchsorted(sorted_labels, labels)
+    pos_c = np.minimum(pos, max(len(sorted_labels) - 1, 0))
+    found = (pos < len(sorted_labels)) & (sorted_labels[pos_c] == labels) if len(sorted_labels) else \
+        np.zeros(len(labels), bool)
+    out = np.full(len(labels), -1, np.int64)
+    out[found] = live[order[pos_c[found]]]
+    return out
+
+
+def needs_repair(arrays: HnswArrays) -> bool:
+    """True when a writer died mid-insert (the writer flag is still set)."""
+    return int(arrays.header[H_WRITER]) != 0
+
+
+def repair(arrays: HnswArrays) -> int:
+    """After a writer died mid-insert: drop links to unpublished rows, fix the entry point and the
+    deleted count, clear the writer flag. Safe while readers search. Returns the links removed."""
+    a = arrays
+    return int(_repair_kernel(a.header, a.links0, a.levels, a.upper_offset, a.pool, a.tombstones))
+
+
+def stats(arrays: HnswArrays) -> dict:
+    """Counts for status screens and the maintenance worker."""
+    a = arrays
+    n = a.count
+    e0, eu = _edge_counts(a.header, a.links0, a.levels, a.upper_offset, a.pool)
+    hist = np.bincount(a.levels[:n].astype(np.int64), minlength=1) if n else np.zeros(1, np.int64)
+    deleted = int(np.count_nonzero(a.tombstones[:n]))
+    return {
+        "count": n,
+        "live": n - deleted,
+        "deleted": deleted,
+        "capacity": a.capacity,
+        "dim": a.dim,
+        "m": a.m,
+        "metric": a.metric,
+        "ef_construction": a.ef_construction,
+        "ef_search": a.ef_search,
+        "entry_point": int(a.header[H_ENTRY]),
+        "max_level": int(a.header[H_MAX_LEVEL]),
+        "level_histogram": [int(x) for x in hist],
+        "edges_level0": int(e0),
+        "edges_upper": int(eu),
+        "pool_used": int(a.header[H_POOL_USED]),
+        "pool_capacity": a.pool.shape[0],
+        "levels_clamped": int(a.header[H_LEVEL_CLAMPED]),
+        "generation": a.generation,
+        "mutations": int(a.header[H_MUTATIONS]),
+        "writer_busy": needs_repair(a),
+        "memory_bytes": a.nbytes,
+    }
+
+
+def edge_count(arrays: HnswArrays) -> int:
+    e0, eu = _edge_counts(arrays.header, arrays.links0, arrays.levels, arrays.upper_offset, arrays.pool)
+    return int(e0 + eu)
+
+
+def level_histogram(arrays: HnswArrays) -> np.ndarray:
+    n = arrays.count
+    return np.bincount(arrays.levels[:n].astype(np.int64), minlength=1)
+
+
+def tombstone_count(arrays: HnswArrays) -> int:
+    return int(np.count_nonzero(arrays.tombstones[: arrays.count]))
+
+
+def _new_like(arrays: HnswArrays, capacity: int, upper_pool_capacity: int | None, buffer, **over) -> HnswArrays:
+    kw = dict(m=arrays.m, ef_construction=arrays.ef_construction, metric=arrays.metric,
+              upper_pool_capacity=upper_pool_capacity, ef_search=arrays.ef_search,
+              seed=int(arrays.header[H_SEED]))
+    kw.update({k: v for k, v in over.items() if v is not None})
+    if buffer is None:
+        return HnswArrays.allocate(capacity, arrays.dim, **kw)
+    return HnswArrays.create_in(buffer, capacity, arrays.dim, **kw)
+
+
+def grow(arrays: HnswArrays, new_capacity: int, upper_pool_capacity: int | None = None, buffer=None) -> HnswArrays:
+    """A copy of the index with room for new_capacity nodes (in private memory, or in `buffer`, e.g. a
+    new shared memory segment of layout(...)[1] bytes). Internal ids, links and results are unchanged.
+    The caller publishes it (generation + 1) and retires the old one; the source must not be written
+    meanwhile."""
+    a = arrays
+    n = a.count
+    if new_capacity < n:
+        raise ValueError(f"new capacity {new_capacity} is below the node count {n}")
+    used = int(a.header[H_POOL_USED])
+    if upper_pool_capacity is None:
+        upper_pool_capacity = max(default_pool_capacity(new_capacity, a.m), a.pool.shape[0])
+    if upper_pool_capacity < used:
+        raise ValueError(f"upper pool capacity {upper_pool_capacity} is below the rows in use {used}")
+    b = _new_like(a, new_capacity, upper_pool_capacity, buffer)
+    b.vectors[:n] = a.vectors[:n]
+    b.links0[:n] = a.links0[:n]
+    b.levels[:n] = a.levels[:n]
+    b.upper_offset[:n] = a.upper_offset[:n]
+    b.labels[:n] = a.labels[:n]
+    b.tenants[:n] = a.tenants[:n]
+    b.tombstones[:n] = a.tombstones[:n]
+    b.pool[:used] = a.pool[:used]
+    for h in (H_ENTRY, H_MAX_LEVEL, H_POOL_USED, H_DELETED, H_RNG, H_LEVEL_CLAMPED, H_MUTATIONS):
+        b.header[h] = a.header[h]
+    b.header[H_GENERATION] = a.header[H_GENERATION] + 1
+    b.header[H_COUNT] = n
+    return b
+
+
+def rebuild(arrays: HnswArrays, capacity: int | None = None, upper_pool_capacity: int | None = None, buffer=None,
+            *, m: int | None = None, ef_construction: int | None = None) -> HnswArrays:
+    """Compaction: a new index holding only the live nodes (re-inserted in internal-id order, so they get
+    new, dense internal ids), tombstones and stale rows gone. Labels and tenants are kept."""
+    a = arrays
+    n = a.count
+    live = np.flatnonzero(a.tombstones[:n] == 0)
+    cap = max(len(live), 1) if capacity is None else capacity
+    if cap < len(live):
+        raise ValueError(f"capacity {cap} is below the live node count {len(live)}")
+    b = _new_like(a, cap, upper_pool_capacity, buffer, m=m, ef_construction=ef_construction)
+    b.header[H_GENERATION] = a.header[H_GENERATION] + 1
+    if len(live):
+        add_items(b, a.vectors[live], a.labels[live], a.tenants[live])
+    return b
+
+
+__all__ = [
+    "DEFAULT_EF_SEARCH",
+    "METRICS",
+    "HnswArrays",
+    "add_items",
+    "default_pool_capacity",
+    "edge_count",
+    "find_labels",
+    "grow",
+    "layout",
+    "level_histogram",
+    "mark_deleted",
+    "needs_repair",
+    "rebuild",
+    "repair",
+    "search",
+    "search_many",
+    "stats",
+    "tombstone_count",
+    "update",
+]
+
+_ = numba  # the package is imported above for its config (cache dir); keep the name used

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Benchmark of neurondb's HNSW (numpy arrays in shared memory + numba kernels) against hnswlib.
+
+Issue 5's spec: a seeded generator of realistic data (default 100,000 x 128 float32: a mixture of
+clusters, each on its own low-dimensional subspace, plus isotropic noise; 1,000 queries drawn from the
+same mixture but not from the base set), exact ground truth by chunked brute force in numpy, and
+hnswlib (M=16, ef_construction=200, one thread) on the same data in the same run. Printed:
+- single-thread build time of each;
+- QPS and recall@10 of each at ef 16, 32, 64, 128, 256. Both libraries get the whole query batch in
+  one call, single-threaded: hnswlib's knn_query(num_threads=1), ours search_many (one numba call).
+  Each point is the median of --repeats timed runs, the two libraries alternating;
+- QPS ratio at equal recall: each QPS-vs-recall curve is interpolated (log QPS, linear in recall)
+  at recall 0.95 and 0.99;
+- search throughput from 2 processes at once: after the build, forked processes search the same index
+  (ours: each process attaches the POSIX shared memory segment the index was built in, by name);
+  total QPS of 2 processes vs 1, median of --repeats;
+- index memory: ours = total bytes of the arrays (the segment size); hnswlib = its save_index file.
+
+Targets (issue 5): build <= 1.25x hnswlib's; QPS >= 0.9x hnswlib's at recall 0.95 and 0.99; 2 processes
+>= 1.7x one; memory <= 1.15x hnswlib's.
+
+Quick smoke run: `python scripts/bench_index.py --n 5000 --dim 32 --queries 200 --repeats 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools
+
+from neurondb.index import hnsw
+
+TARGETS = {"build": 1.25, "qps": 0.9, "mp": 1.7, "memory": 1.15}
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+class Mixture:
+    """Clusters of different sizes, each spread over a random low-dimensional subspace (8..32 dims,
+    decaying spread along its axes), plus isotropic noise: roughly what sentence embeddings look like
+    (topics, each with a few directions of variation), and hard enough that recall depends on ef."""
+
+    def __init__(self, dim: int, n_clusters: int, seed: int) -> None:
+        rng = np.random.default_rng([seed, 0])
+        self.dim = dim
+        self.centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+        self.bases = []
+        self.scales = []
+        for _ in range(n_clusters):
+            d = int(rng.integers(8, 33))
+            d = min(d, dim)
+            q, _ = np.linalg.qr(rng.standard_normal((dim, d)))
+            self.bases.append(q.astype(np.float32))
+            self.scales.append((rng.uniform(0.5, 1.0) / np.sqrt(1.0 + np.arange(d))).astype(np.float32))
+        self.weights = rng.dirichlet(np.full(n_clusters, 1.0))
+        self.noise = 0.1
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, 1])
+        cl = rng.choice(len(self.weights), size=n, p=self.weights)
+        out = np.empty((n, self.dim), np.float32)
+        for c in np.unique(cl):
+            idx = np.flatnonzero(cl == c)
+            z = rng.standard_normal((len(idx), len(self.scales[c]))).astype(np.float32) * self.scales[c]
+            out[idx] = self.centers[c] + z @ self.bases[c].T
+        out += rng.standard_normal(out.shape).astype(np.float32) * np.float32(self.noise)
+        return out
+
+
+def make_data(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    mix = Mixture(dim, n_clusters=max(8, round(np.sqrt(n) / 3)), seed=seed)
+    return mix.sample(n, seed + 1), mix.sample(n_queries, seed + 2)
+
+
+def ground_truth(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 100) -> np.ndarray:
+    """Exact k nearest (squared l2) by brute force, chunked over the queries."""
+    norms = np.einsum("ij,ij->i", base, base)
+    out = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), chunk):
+        q = queries[s : s + chunk]
+        d = norms[None, :] - 2.0 * (q @ base.T)
+        part = np.argpartition(d, k, axis=1)[:, :k]
+        pd = np.take_along_axis(d, part, axis=1)
+        out[s : s + chunk] = np.take_along_axis(part, np.argsort(pd, axis=1), axis=1)
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(f[:k], t)) for f, t in zip(found, truth, strict=True))
+    return hits / truth.size
+
+
+def interp_qps(points: list[tuple[float, float]], target: float) -> float | None:
+    """QPS at `target` recall on a curve of (recall, qps), log-linear between the bracketing points."""
+    pts = sorted(points)
+    for (r0, q0), (r1, q1) in itertools.pairwise(pts):
+        if r0 <= target <= r1:
+            if r1 == r0:
+                return max(q0, q1)
+            f = (target - r0) / (r1 - r0)
+            return float(np.exp(np.log(q0) + f * (np.log(q1) - np.log(q0))))
+    if pts and pts[0][0] >= target:  # every point is above the target: the fastest one qualifies
+        return max(q for r, q in pts)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the two indexes behind one small interface
+# --------------------------------------------------------------------------------------------------
+
+
+class Ours:
+    name = "neurondb"
+
+    def __init__(self, n: int, dim: int, m: int, efc: int) -> None:
+        import posix_ipc
+
+        self.spec, self.nbytes = hnsw.layout(n, dim, m)
+        self.shm_name = f"/neurondb-bench-{os.getpid()}"
+        shm = posix_ipc.SharedMemory(self.shm_name, posix_ipc.O_CREX, mode=0o600, size=self.nbytes)
+        self.mm = mmap.mmap(shm.fd, self.nbytes)
+        shm.close_fd()
+        self.arrays = hnsw.HnswArrays.create_in(self.mm, n, dim, m=m, ef_construction=efc, metric="l2")
+
+    def build(self, data: np.ndarray) -> None:
+        hnsw.add_items(self.arrays, data, np.arange(len(data)))
+
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        return hnsw.search_many(self.arrays, queries, k, ef)[0]
+
+    def attach(self) -> None:
+        """In a forked child: drop the inherited mapping, attach the segment by name like a client."""
+        import posix_ipc
+
+        shm = posix_ipc.SharedMemory(self.shm_name)
+        mm = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        self.arrays = hnsw.HnswArrays.from_buffer(mm)
+
+    def memory(self) -> int:
+        return self.arrays.nbytes
+
+    def close(self) -> None:
+        import posix_ipc
+
+        try:
+            posix_ipc.unlink_shared_memory(self.shm_name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+class Hnswlib:
+    name = "hnswlib"
+
+    def __init__(self, n: int, dim: int, m: int, efc: int) -> None:
+        import hnswlib
+
+        self.index = hnswlib.Index(space="l2", dim=dim)
+        self.index.init_index(max_elements=n, M=m, ef_construction=efc, random_seed=100)
+        self.index.set_num_threads(1)
+
+    def build(self, data: np.ndarray) -> None:
+        self.index.add_items(data, np.arange(len(data)), num_threads=1)
+
+    def search(self, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        self.index.set_ef(max(ef, k))
+        return self.index.knn_query(queries, k=k, num_threads=1)[0]
+
+    def attach(self) -> None:
+        pass  # the forked child shares the parent's pages copy-on-write
+
+    def memory(self) -> int:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "index.bin")
+            self.index.save_index(path)
+            return os.path.getsize(path)
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def multi_process_qps(lib, queries: np.ndarray, k: int, ef: int, procs: int, seconds: float) -> float:
+    """Total QPS of `procs` forked processes searching the same index at once for ~`seconds`."""
+    go_r, go_w = os.pipe()
+    pipes = []
+    pids = []
+    for _ in range(procs):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(r)
+                os.close(go_w)
+                lib.attach()
+                lib.search(queries[:10], k, ef)  # warm (page in)
+                os.read(go_r, 1)
+                t0 = time.perf_counter()
+                done = 0
+                while time.perf_counter() - t0 < seconds:
+                    lib.search(queries, k, ef)
+                    done += len(queries)
+                el = time.perf_counter() - t0
+                os.write(w, f"{done} {t0} {t0 + el}".encode())
+                os._exit(0)
+            except BaseException as exc:
+                os.write(w, f"error {exc!r}".encode())
+                os._exit(1)
+        os.close(w)
+        pipes.append(r)
+        pids.append(pid)
+    os.close(go_r)
+    time.sleep(0.3)
+    os.write(go_w, b"x" * procs)
+    os.close(go_w)
+    results = []
+    for r in pipes:
+        chunks = []
+        while True:
+            b = os.read(r, 4096)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        results.append(b"".join(chunks).decode())
+    for pid in pids:
+        os.waitpid(pid, 0)
+    total = 0
+    start, end = float("inf"), 0.0
+    for res in results:
+        if res.startswith("error"):
+            raise RuntimeError(res)
+        done, t0, t1 = res.split()
+        total += int(done)
+        start, end = min(start, float(t0)), max(end, float(t1))
+    return total / (end - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=200)
+    ap.add_argument("--efs", default="16,32,64,128,256")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per search point (median)")
+    ap.add_argument("--build-repeats", type=int, default=1, help="builds per library (median)")
+    ap.add_argument("--mp-ef", type=int, default=64, help="ef of the multi-process throughput test")
+    ap.add_argument("--mp-seconds", type=float, default=3.0)
+    ap.add_argument("--mp-repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["neurondb", "hnswlib"], help="benchmark one library only")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    efs = [int(x) for x in args.efs.split(",")]
+    k = args.k
+
+    print(f"# data: {args.n} x {args.dim} float32, {args.queries} queries, seed {args.seed}; "
+          f"M={args.m}, ef_construction={args.ef_construction}, k={k}; pid {os.getpid()}")
+    t, (base, queries) = timed(make_data, args.n, args.dim, args.queries, args.seed)
+    print(f"generated in {t:.1f} s")
+    t, truth = timed(ground_truth, base, queries, k)
+    print(f"exact ground truth in {t:.1f} s")
+
+    # compile (or load from the numba cache) before timing anything
+    warm = hnsw.HnswArrays.allocate(64, args.dim, m=args.m, ef_construction=args.ef_construction)
+    hnsw.add_items(warm, base[:64], np.arange(64))
+    hnsw.search_many(warm, queries[:2], k, 16)
+    hnsw.search(warm, queries[0], k, 16)
+
+    classes = [c for c in (Hnswlib, Ours) if args.only in (None, c.name)]
+    libs = {}
+    build = {}
+    report: dict = {"args": vars(args)}
+    try:
+        for rep in range(args.build_repeats):
+            for cls in classes:
+                if cls.name in libs:
+                    libs[cls.name].close()
+                lib = cls(args.n, args.dim, args.m, args.ef_construction)
+                t, _ = timed(lib.build, base)
+                build.setdefault(cls.name, []).append(t)
+                libs[cls.name] = lib
+                print(f"build {cls.name:9s} run {rep + 1}: {t:7.2f} s")
+        print("\n## build (single thread, median)")
+        for name, ts in build.items():
+            print(f"{name:9s} {np.median(ts):8.2f} s")
+        report["build_s"] = {name: float(np.median(ts)) for name, ts in build.items()}
+        if len(build) == 2:
+            ratio = np.median(build["neurondb"]) / np.median(build["hnswlib"])
+            print(f"ratio neurondb/hnswlib: {ratio:.3f}  (target <= {TARGETS['build']})")
+            report["build_ratio"] = float(ratio)
+        if "neurondb" in libs:
+            print(f"neurondb graph: {hnsw.stats(libs['neurondb'].arrays)}")
+
+        print("\n## search, batched, single thread (whole query batch per call; median of "
+              f"{args.repeats} runs)")
+        curves: dict[str, list] = {name: [] for name in libs}
+        print(f"{'ef':>5} " + " ".join(f"{name + ' QPS':>14} {'recall@' + str(k):>9}" for name in libs))
+        for ef in efs:
+            times: dict[str, list] = {name: [] for name in libs}
+            recall = {}
+            for lib in libs.values():  # warm-up run, also the recall measurement
+                recall[lib.name] = recall_at_k(lib.search(queries, k, ef), truth)
+            for _ in range(args.repeats):
+                for lib in libs.values():
+                    t, _ = timed(lib.search, queries, k, ef)
+                    times[lib.name].append(t)
+            row = f"{ef:5d} "
+            for name in libs:
+                qps = len(queries) / float(np.median(times[name]))
+                curves[name].append((recall[name], qps))
+                row += f"{qps:14.0f} {recall[name]:9.4f} "
+            print(row)
+        report["curves"] = curves
+        if len(libs) == 2:
+            print("\n## QPS at equal recall (interpolated on each curve)")
+            report["qps_ratio"] = {}
+            for target in (0.95, 0.99):
+                ours = interp_qps(curves["neurondb"], target)
+                theirs = interp_qps(curves["hnswlib"], target)
+                if ours is None or theirs is None:
+                    print(f"recall {target}: not reached by {'neurondb' if ours is None else 'hnswlib'}")
+                    continue
+                print(f"recall {target}: neurondb {ours:8.0f} QPS, hnswlib {theirs:8.0f} QPS, "
+                      f"ratio {ours / theirs:.3f}  (target >= {TARGETS['qps']})")
+                report["qps_ratio"][str(target)] = {"neurondb": ours, "hnswlib": theirs, "ratio": ours / theirs}
+
+        print(f"\n## throughput of 2 processes searching the same index at once (ef {args.mp_ef}, "
+              f"~{args.mp_seconds:g} s each, median of {args.mp_repeats})")
+        report["mp"] = {}
+        for lib in libs.values():
+            one, two = [], []
+            for _ in range(args.mp_repeats):
+                one.append(multi_process_qps(lib, queries, k, args.mp_ef, 1, args.mp_seconds))
+                two.append(multi_process_qps(lib, queries, k, args.mp_ef, 2, args.mp_seconds))
+            o, w = float(np.median(one)), float(np.median(two))
+            print(f"{lib.name:9s} 1 process {o:8.0f} QPS, 2 processes {w:8.0f} QPS, ratio {w / o:.2f}  "
+                  f"(target >= {TARGETS['mp']})")
+            report["mp"][lib.name] = {"one": o, "two": w, "ratio": w / o}
+
+        print("\n## index memory")
+        mem = {name: lib.memory() for name, lib in libs.items()}
+        for name, b in mem.items():
+            print(f"{name:9s} {b / 2**20:8.1f} MiB ({b / args.n:.0f} bytes/vector)")
+        if len(mem) == 2:
+            print(f"ratio neurondb/hnswlib: {mem['neurondb'] / mem['hnswlib']:.3f}  (target <= {TARGETS['memory']})")
+        report["memory_bytes"] = mem
+    finally:
+        for lib in libs.values():
+            lib.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
