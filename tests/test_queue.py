@@ -283,3 +283,45 @@ def test_document_queue_queries_and_status_counts(service: Service, conn: psycop
     assert status["queue"] == {"completed": 50, "failed": 5}
     tenants = {t["tenant"]: t for t in status["tenants"]}
     assert (tenants["t1"]["processed"], tenants["t2"]["processed"], tenants["t2"]["failed"]) == (30, 20, 5)
+
+
+def test_builtin_job_types(service: Service, conn: psycopg.Connection) -> None:
+    """embed, rerank, cache_refresh and http_call end to end through the real worker."""
+    from tests.fakeprovider import FakeProvider
+
+    conn.execute("SELECT neurondb.create_index('docs', 384)")
+    texts = {"a": "the cat sat on the mat", "b": "stock markets fell sharply", "c": "a kitten on a rug"}
+    embed = queue.enqueue(conn, "embed", {"index": "docs", "documents": [
+        {"doc_id": k, "text": v, "metadata": {"n": i}} for i, (k, v) in enumerate(texts.items())]},
+        tenant_id="acme")
+    bad_index = queue.enqueue(conn, "embedding", {"index": "nope", "doc_id": "x", "text": "t"})
+    rerank = queue.enqueue(conn, "rerank", {"query": "cat on a mat",
+                                            "documents": [{"id": "b", "text": texts["b"]}, texts["a"]]})
+    conn.execute("INSERT INTO neurondb.neurondb_llm_cache (cache_key, operation, provider, model_name, result_text,"
+                 " created_at) VALUES ('old', 'completion', 'local', 'm', 'x', now() - interval '2 days'),"
+                 " ('new', 'completion', 'local', 'm', 'y', now())")
+    refresh = queue.enqueue(conn, "cache_refresh", {"cache": "llm", "older_than": 86400})
+    with FakeProvider(dim=8) as server:
+        refused = queue.enqueue(conn, "http_call", {"url": f"{server.url}/v1/models"})
+        wait_finished(conn, [embed, bad_index, rerank, refresh, refused], 20.0)
+        service.write_settings({**JOBS, "neurondb.http_allowlist": "127.0.0.1"})
+        service.cli("reload")
+        allowed = queue.enqueue(conn, "http_call", {"url": f"{server.url}/redirect?to=/v1/models"})
+        wait_finished(conn, [allowed], 10.0)
+
+    assert job(conn, embed)["status"] == "completed", job(conn, embed)["error_message"]
+    rows = conn.execute("SELECT doc_id, tenant_id, cardinality(embedding), metadata->>'n' FROM "
+                        "neurondb.neurondb_vectors ORDER BY doc_id").fetchall()
+    assert rows == [("a", "acme", 384, "0"), ("b", "acme", 384, "1"), ("c", "acme", 384, "2")]
+    j = job(conn, bad_index)
+    assert (j["status"], j["retry_count"]) == ("failed", 0) and "index 'nope' does not exist" in j["error_message"]
+    ranking = job(conn, rerank)["result"]["ranking"]
+    assert [r["id"] for r in ranking] == [1, "b"]
+    assert job(conn, refresh)["status"] == "completed"
+    assert [r[0] for r in conn.execute("SELECT cache_key FROM neurondb.neurondb_llm_cache")] == ["new"]
+    j = job(conn, refused)
+    assert (j["status"], j["retry_count"]) == ("failed", 0)
+    assert "refused: 127.0.0.1" in j["error_message"] and "neurondb.http_allowlist" in j["error_message"]
+    j = job(conn, allowed)
+    assert j["status"] == "completed", j["error_message"]
+    assert j["result"]["status"] == 200

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from neurondb.jobs import JobContext, PermanentJobError, job_type, require, resolve
+from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve
 
 MAX_DOCUMENTS = 10_000
 
@@ -173,3 +173,50 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
         ctx.defer(STORE_RESULT, {"value": Jsonb(value), "name": params["name"], "key": key})
         refreshed += 1
     return {"cache": cache, "name": params["name"], "action": action, "refreshed": refreshed}
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+@job_type("http_call")
+def http_call(ctx: JobContext, payload: dict) -> dict:
+    import httpx
+
+    from neurondb.netguard import NetguardError, guarded_client, read_bounded
+
+    url = require(payload, "url", str)
+    method = require(payload, "method", str, default="GET").upper()
+    if method not in METHODS:
+        raise PermanentJobError(f"payload field 'method' must be one of {', '.join(METHODS)}, got {method!r}")
+    headers = require(payload, "headers", dict, default={})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise PermanentJobError("payload field 'headers' must map strings to strings")
+    if "json" in payload and "body" in payload:
+        raise PermanentJobError("payload may have 'json' or 'body', not both")
+    body = require(payload, "body", str, default=None)
+    timeout = require(payload, "timeout", float, default=10.0)
+    if not 0 < timeout <= 300:
+        raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {timeout}")
+    expected = require(payload, "expected_status", list, default=None)
+    limit = int(ctx.config.get("neurondb.http_max_response_size")) * 1024
+    try:
+        with guarded_client(str(ctx.config.get("neurondb.http_allowlist") or ""), timeout) as client, \
+                client.stream(method, url, headers=headers, content=body, json=payload.get("json")) as response:
+            content, truncated = read_bounded(response, limit)
+    except NetguardError as exc:
+        if getattr(exc, "retryable", False):
+            raise
+        raise PermanentJobError(str(exc)) from None
+    except httpx.InvalidURL as exc:
+        raise PermanentJobError(f"invalid url {url!r}: {exc}") from None
+    except (httpx.TimeoutException, httpx.TransportError) as exc:
+        raise JobError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+    status = response.status_code
+    ok = status in expected if expected else 200 <= status < 300
+    if not ok:
+        message = f"{method} {url} answered {status}" + (f", expected one of {expected}" if expected else "")
+        if 400 <= status < 500 and status not in (408, 429):
+            raise PermanentJobError(message)
+        raise JobError(message)
+    text = content.decode(response.encoding or "utf-8", errors="replace")
+    return {"status": status, "headers": dict(response.headers), "body": text, "truncated": truncated}
