@@ -17,6 +17,7 @@ from neurondb.index import hnsw
 from neurondb.index.hnsw import H_COUNT, H_WRITER, HnswArrays
 
 N, DIM, K = 5000, 32, 10
+EFC = 100  # ef_construction where the test is not about default-settings recall: halves build time
 
 
 def clustered(n: int, dim: int, seed: int, n_clusters: int = 24) -> np.ndarray:
@@ -57,7 +58,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def l2_index(data) -> HnswArrays:
     base, _ = data
-    a = HnswArrays.allocate(N, DIM, metric="l2")
+    a = HnswArrays.allocate(N, DIM, metric="l2", ef_construction=EFC)
     hnsw.add_items(a, base, np.arange(N) + 10_000, tenants=np.arange(N) % 5)
     return a
 
@@ -106,7 +107,7 @@ def test_tenant_filter(data, l2_index):
 
 def test_deleted_never_returned(data):
     base, queries = data
-    a = HnswArrays.allocate(N, DIM)
+    a = HnswArrays.allocate(N, DIM, ef_construction=EFC)
     hnsw.add_items(a, base, np.arange(N))
     dead = np.random.default_rng(5).choice(N, N // 4, replace=False)
     for i in dead:
@@ -129,7 +130,7 @@ def test_deleted_never_returned(data):
 
 def test_update_moves_the_vector(data):
     base, _ = data
-    a = HnswArrays.allocate(N + 10, DIM)
+    a = HnswArrays.allocate(N + 10, DIM, ef_construction=EFC)
     hnsw.add_items(a, base, np.arange(N) + 1, tenants=7)
     target = base[1234] + 0.001  # move node 0 (label 1) right next to vector 1234
     new_id = hnsw.update(a, 0, target)
@@ -177,7 +178,7 @@ def test_from_buffer_bytearray_mmap_and_readonly(data, l2_index):
     base, queries = data
     spec, total = hnsw.layout(N, DIM, 16)
     ba = bytearray(total)
-    a = HnswArrays.create_in(ba, N, DIM, metric="l2")
+    a = HnswArrays.create_in(ba, N, DIM, metric="l2", ef_construction=EFC)
     hnsw.add_items(a, base, np.arange(N) + 10_000, tenants=np.arange(N) % 5)
     ref_labels, _ref_dists = hnsw.search_many(l2_index, queries, K)
     labels, _dists = hnsw.search_many(a, queries, K)
@@ -222,7 +223,7 @@ def test_grow_gives_equal_results(data, l2_index):
 
 def test_rebuild_compacts(data):
     base, queries = data
-    a = HnswArrays.allocate(N, DIM, metric="cosine")
+    a = HnswArrays.allocate(N, DIM, metric="cosine", ef_construction=EFC)
     hnsw.add_items(a, base, np.arange(N), tenants=np.arange(N) % 3)
     dead = np.arange(0, N, 2)
     for i in dead:
@@ -360,3 +361,41 @@ def test_ef_search_lives_in_the_header(l2_index, data):
     finally:
         l2_index.ef_search = old
     assert HnswArrays.from_buffer(l2_index.buffer).header[H_COUNT] == N
+
+
+def test_writer_sigkilled_mid_batch():
+    """A real writer process killed inside add_items: what it published stays searchable, and after
+    repair() the next writer continues."""
+    import signal
+    import time
+
+    n = 6000
+    base = clustered(n, DIM, seed=21)
+    queries = clustered(50, DIM, seed=22)
+    _, total = hnsw.layout(n, DIM, 16)
+    mm = mmap.mmap(-1, total)
+    a = HnswArrays.create_in(mm, n, DIM, ef_construction=EFC)
+    hnsw.add_items(a, base[:500], np.arange(500))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hnsw.add_items(a, base[500:], np.arange(500, n))  # one long batch, killed midway
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while a.count < 1500 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "the writer finished before it could be killed"
+    count = a.count
+    assert 1500 <= count < n
+    labels, _, ids = hnsw.search_many(a, queries, K, return_ids=True)
+    assert np.all((ids >= 0) & (ids < count)) and np.array_equal(labels, ids)
+    if hnsw.needs_repair(a):  # killed inside an insert (almost always)
+        hnsw.repair(a)
+    assert not hnsw.needs_repair(a)
+    assert not ((a.links0[:count, 1:] >= count) & (np.arange(32)[None, :] < a.links0[:count, :1])).any()
+    hnsw.add_items(a, base[count:], np.arange(count, n))
+    assert a.count == n
+    assert recall(hnsw.search_many(a, queries, K)[0], exact(base, queries, K, "l2")) > 0.95

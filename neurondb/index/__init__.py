@@ -5,6 +5,7 @@ from neurondb.index.hnsw import (
     METRICS,
     HnswArrays,
     add_items,
+    compact,
     default_pool_capacity,
     edge_count,
     find_labels,
@@ -20,6 +21,7 @@ from neurondb.index.hnsw import (
     stats,
     tombstone_count,
     update,
+    warmup,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "METRICS",
     "HnswArrays",
     "add_items",
+    "compact",
     "default_pool_capacity",
     "edge_count",
     "find_labels",
@@ -42,4 +45,5 @@ __all__ = [
     "stats",
     "tombstone_count",
     "update",
+    "warmup",
 ]

@@ -628,17 +628,6 @@ def _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, 
 
 
 @njit(**_JIT)
-def _search_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, q, k, ef,
-                   tenant, visited, cand_d, cand_i, out_labels, out_dist, out_ids):
-    ef2 = max(ef, k)
-    top_d = np.empty(ef2 + 1, np.float32)
-    top_i = np.empty(ef2 + 1, np.int32)
-    nbuf = np.empty(links0.shape[1] + pool.shape[1], np.int32)
-    return _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, q, k,
-                       ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf, out_labels, out_dist, out_ids)
-
-
-@njit(**_JIT)
 def _search_many_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool, queries,
                         k, ef, tenant, visited, cand_d, cand_i, out_labels, out_dist, out_ids, out_n):
     ef2 = max(ef, k)
@@ -965,24 +954,20 @@ def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = 
            return_ids: bool = False):
     """The k nearest published, live nodes (of `tenant` if >= 0) to `query`: (labels, distances) best
     first, fewer than k if fewer qualify; with return_ids also their internal ids. Lock-free: may run
-    in any process while a writer inserts."""
-    q = _prepare(arrays, query, "query")[0]
-    ef = arrays.ef_search if ef is None else int(ef)
-    s = _scratch(arrays.capacity)
-    out_labels = np.empty(k, np.int64)
-    out_dist = np.empty(k, np.float32)
-    out_ids = np.empty(k, np.int64)
-    n = _search_kernel(*arrays.kernel_args, q, k, ef, tenant, s.visited, s.cand_d, s.cand_i,
-                       out_labels, out_dist, out_ids)
+    in any process while a writer inserts. ef=None: the index's current ef_search (header)."""
+    out = search_many(arrays, query, k, ef, tenant, return_ids=True, _counts=True)
+    n = int(out[3][0])
     if return_ids:
-        return out_labels[:n], out_dist[:n], out_ids[:n]
-    return out_labels[:n], out_dist[:n]
+        return out[0][0, :n], out[1][0, :n], out[2][0, :n]
+    return out[0][0, :n], out[1][0, :n]
 
 
 def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | None = None, tenant: int = -1,
-                return_ids: bool = False):
+                return_ids: bool = False, _counts: bool = False):
     """Batched `search`, one numba call for all queries: (labels (nq, k), distances (nq, k)); missing
     results are label -1 and distance inf."""
+    if k < 1:
+        raise ValueError(f"k must be positive, not {k}")
     qs = _prepare(arrays, queries, "queries")
     ef = arrays.ef_search if ef is None else int(ef)
     s = _scratch(arrays.capacity)
@@ -991,8 +976,10 @@ def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | 
     out_dist = np.full((nq, k), np.inf, np.float32)
     out_ids = np.full((nq, k), -1, np.int64)
     out_n = np.zeros(nq, np.int64)
-    _search_many_kernel(*arrays.kernel_args, qs, k, ef, tenant, s.visited, s.cand_d, s.cand_i,
-                        out_labels, out_dist, out_ids, out_n)
+    _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), int(tenant), s.visited, s.cand_d,
+                        s.cand_i, out_labels, out_dist, out_ids, out_n)
+    if _counts:
+        return out_labels, out_dist, out_ids, out_n
     if return_ids:
         return out_labels, out_dist, out_ids
     return out_labels, out_dist
@@ -1156,11 +1143,32 @@ def rebuild(arrays: HnswArrays, capacity: int | None = None, upper_pool_capacity
     return b
 
 
+def compact(arrays: HnswArrays, capacity: int | None = None, buffer=None) -> HnswArrays:
+    """The maintenance worker's compaction: `rebuild` with the same parameters."""
+    return rebuild(arrays, capacity, buffer=buffer)
+
+
+def warmup(dim: int = 8, readonly: bool = False) -> None:
+    """Load (or compile, the first time) every kernel, e.g. in the supervisor before it forks workers:
+    the children then inherit the machine code and never compile. `readonly` also prepares searches
+    over read-only mappings (a separate numba specialisation)."""
+    rng = np.random.default_rng(0)
+    a = HnswArrays.allocate(64, dim, ef_construction=16)
+    add_items(a, rng.standard_normal((40, dim)).astype(np.float32), np.arange(40))
+    update(a, 0, rng.standard_normal(dim).astype(np.float32))
+    search(a, rng.standard_normal(dim).astype(np.float32), 5)
+    stats(a)
+    repair(a)
+    if readonly:
+        search(HnswArrays.from_buffer(bytes(a.buffer)), rng.standard_normal(dim).astype(np.float32), 5)
+
+
 __all__ = [
     "DEFAULT_EF_SEARCH",
     "METRICS",
     "HnswArrays",
     "add_items",
+    "compact",
     "default_pool_capacity",
     "edge_count",
     "find_labels",
@@ -1176,6 +1184,7 @@ __all__ = [
     "stats",
     "tombstone_count",
     "update",
+    "warmup",
 ]
 
 _ = numba  # the package is imported above for its config (cache dir); keep the name used
