@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
@@ -545,3 +546,147 @@ def dlq_replay(inst: Instance, job_type: str | None, tenant: str | None, dlq_ids
         pairs = queue.dlq_replay(conn, job_type=job_type, tenant_id=tenant, dlq_ids=list(dlq_ids) or None,
                                  limit=limit)
     click.echo(f"replayed {len(pairs)} dead letters" + "".join(f"\n  {d} -> job {j}" for d, j in pairs))
+
+
+# -- indexes and search -----------------------------------------------------------------------------------
+
+@main.group()
+def index() -> None:
+    """Vector indexes: create, list, stats, drop, rebuild."""
+
+
+@index.command("create")
+@click.argument("name")
+@click.option("--dim", type=click.IntRange(1, 16000), required=True, help="Vector dimensions.")
+@click.option("--metric", type=click.Choice(["l2", "cosine", "ip"]), default="cosine", show_default=True)
+@click.option("--m", "m", type=click.IntRange(2, 128), default=16, show_default=True, help="HNSW links per node.")
+@click.option("--ef-construction", type=click.IntRange(4, 4096), default=200, show_default=True)
+@click.option("--provider", help="Embedding provider for embed jobs and text search (default neurondb.llm_provider).")
+@click.option("--model", help="Embedding model (default: the provider's).")
+@instance_options
+def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_construction: int,
+                 provider: str | None, model: str | None) -> None:
+    """Register index NAME; its graph is built in shared memory by the running service."""
+    with inst.connect("cli") as conn:
+        try:
+            conn.execute("SELECT neurondb.create_index(%s, %s, %s, %s, %s, %s, %s)",
+                         (name, dim, metric, m, ef_construction, provider, model))
+        except (psycopg.errors.DuplicateObject, psycopg.errors.CheckViolation) as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+    click.echo(f"index {name} created ({dim} dimensions, {metric}, m {m}, ef_construction {ef_construction})")
+
+
+@index.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def index_list(inst: Instance, as_json: bool) -> None:
+    """Indexes with their sizes (neurondb.vector_stats)."""
+    with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        rows = cur.execute("SELECT index_name, dim, metric, vectors, graph_nodes, tombstones, memory, ef_search,"
+                           " pending_changes, task FROM neurondb.vector_stats ORDER BY index_name").fetchall()
+    _print_rows(rows, as_json)
+
+
+@index.command("stats")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def index_stats(inst: Instance, name: str, as_json: bool) -> None:
+    """Vectors, tombstones, memory, levels, edges, entry point, snapshot age of index NAME."""
+    with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute("SELECT * FROM neurondb.vector_stats WHERE index_name = %s", (name,)).fetchone()
+    if row is None:
+        raise click.ClickException(f"no index {name!r}")
+    if as_json:
+        click.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    table = Table("statistic", "value")
+    for key, value in row.items():
+        table.add_row(key, "" if value is None else str(value))
+    console.print(table)
+
+
+@index.command("drop")
+@click.argument("name")
+@instance_options
+def index_drop(inst: Instance, name: str) -> None:
+    """Drop index NAME with its vectors."""
+    with inst.connect("cli") as conn:
+        if not conn.execute("SELECT neurondb.drop_index(%s)", (name,)).fetchone()[0]:
+            raise click.ClickException(f"no index {name!r}")
+    for path in (inst.datadir.root / "indexes").glob(f"{name}.snap"):
+        path.unlink()
+    click.echo(f"index {name} dropped")
+
+
+@index.command("rebuild")
+@click.argument("name")
+@instance_options
+def index_rebuild(inst: Instance, name: str) -> None:
+    """Rebuild the graph of NAME from its rows, with a progress bar (the service keeps serving the old one)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from neurondb.index.sync import IndexSync, specs
+    from neurondb.shm import names
+    from neurondb.shm.control import SharedState
+
+    with inst.connect("cli") as conn:
+        catalog = specs(conn)
+        if name not in catalog:
+            raise click.ClickException(f"no index {name!r}")
+        try:
+            shared = SharedState.attach(names.instance_prefix(inst.datadir.root))
+        except FileNotFoundError:
+            raise click.ClickException("neurondb is not running: the service builds its indexes at start") from None
+        sync = IndexSync(shared, inst.datadir.root / "indexes", catalog[name][0])
+        try:
+            with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=console) as bar:
+                task = bar.add_task(f"rebuilding {name}", total=None)
+                done = sync.rebuild(conn, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        finally:
+            sync.close()
+            shared.close()
+    click.echo(f"index {name} rebuilt from {done} vectors")
+
+
+@main.command()
+@click.argument("index_name")
+@click.option("--text", help="Query text (embedded with the index's provider; hybrid with full-text search).")
+@click.option("--vector", "vector_json", help="Query vector as a JSON array.")
+@click.option("--vector-file", type=click.File("rb"), help="Query vector: a JSON array, or a .npy file.")
+@click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--ef", type=click.IntRange(1, 10000), help="Default: the index's current (tuned) ef_search.")
+@click.option("--tenant")
+@click.option("--hybrid-weight", type=click.FloatRange(0, 1), help="Weight of vector similarity (default: index's).")
+@click.option("--content", is_flag=True, help="Show content and metadata.")
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def search(inst: Instance, index_name: str, text: str | None, vector_json: str | None, vector_file, k: int,
+           ef: int | None, tenant: str | None, hybrid_weight: float | None, content: bool, as_json: bool) -> None:
+    """Search INDEX_NAME by --text and/or a vector."""
+    import io
+
+    import numpy as np
+
+    from neurondb.client import Client, SearchError
+
+    vector = None
+    try:
+        if vector_json:
+            vector = np.asarray(orjson.loads(vector_json), dtype=np.float32)
+        elif vector_file is not None:
+            data = vector_file.read()
+            vector = np.load(io.BytesIO(data)) if data[:6] == b"\x93NUMPY" else \
+                np.asarray(orjson.loads(data), dtype=np.float32)
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        raise click.BadParameter(f"the query vector must be a JSON array of numbers (or a .npy file): {exc}") from None
+    with Client(inst) as client:
+        try:
+            hits = client.search(index_name, vector=vector, text=text, k=k, ef=ef, tenant=tenant,
+                                 hybrid_weight=hybrid_weight, with_content=content)
+        except SearchError as exc:
+            raise click.ClickException(str(exc)) from None
+    rows = [{"rank": i + 1, "doc_id": h.doc_id, "score": round(h.score, 6), "tenant": h.tenant_id,
+             **({"content": h.content, "metadata": h.metadata} if content else {})} for i, h in enumerate(hits)]
+    _print_rows(rows, as_json)

@@ -42,6 +42,7 @@ from neurondb.paths import write_private_file
 from neurondb.settings import Config, SettingError, lookup, reset_auto, set_auto
 from neurondb.shm import names
 from neurondb.shm.control import SHUTDOWN_MODES, SharedState
+from neurondb.shm.ring import QueryRing
 from neurondb.workers import WORKER_KINDS
 from neurondb.workers.base import WorkerContext
 from neurondb.workers.leases import JOB_TABLES, hand_back_owner
@@ -163,6 +164,7 @@ class Supervisor:
             migrate(conn)
         layout = worker_layout(self.config)
         self.shared = SharedState.create(self.prefix, n_slots=len(layout))
+        self.ring = QueryRing.create(self.shared)
         self.shared.control["supervisor_pid"] = os.getpid()
         self.shared.control["supervisor_started_at"] = time.time()
         self.shared.control["config_generation"] = 1
@@ -545,6 +547,8 @@ class Supervisor:
                 child.pid = 0
         if hasattr(self, "shared"):
             self._publish_status()
+            if hasattr(self, "ring"):
+                self.ring.close()
             self.shared.close()
         self._drop_connection()
         names.unlink_all(self.prefix)

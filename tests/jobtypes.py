@@ -15,7 +15,9 @@ def noop(ctx: JobContext, payload: dict) -> dict:
 
 @job_type("test.record")
 def record(ctx: JobContext, payload: dict) -> dict:
-    """An outside side effect (not transactional): one line per run, to count re-runs after crashes."""
+    """An outside side effect (not transactional): one line per run, to count re-runs after crashes;
+    `seconds` of work first, so a test can make a backlog last."""
+    time.sleep(require(payload, "seconds", float, default=0.0))
     fd = os.open(require(payload, "file", str), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, f"{ctx.job_id}\n".encode())

@@ -1,14 +1,93 @@
-"""neurandefrag: index maintenance (document section 3). This module holds its lifecycle; compaction,
-tombstone pruning, VACUUM/ANALYZE and maintenance windows are built on it."""
+"""neurandefrag: index maintenance (the document's section 3).
+
+It owns the vector indexes' graphs in shared memory: it is their one writer. On every wake-up (a NOTIFY
+from a write to neurondb_vectors, or at most every second) it applies pending changes to each graph; it
+snapshots changed graphs to the data directory periodically and at a clean stop, so a restart loads
+instead of rebuilding; it publishes each index's statistics to neurondb_index_stats. The naptime
+(`neurandefrag_naptime`) paces the heavier maintenance cycle built on this.
+"""
 
 from __future__ import annotations
 
+import time
+
+from neurondb.index.sync import APPLY_BATCH, IndexSync, specs
 from neurondb.workers.base import BatchResult, Worker
+
+SYNC_EVERY = 1.0          # poll for changes even without a NOTIFY (a missed one costs at most this)
+CATALOG_EVERY = 2.0
+SNAPSHOT_EVERY = 60.0
+STATS_EVERY = 2.0
 
 
 class DefragWorker(Worker):
     kind = "neurandefrag"
+    listen_channels = ("neurondb_vectors",)
+
+    def on_start(self) -> None:
+        self.syncs: dict[str, IndexSync] = {}
+        self.snapshot_dir = self.ctx.datadir.root / "indexes"
+        self._next_catalog = self._next_stats = 0.0
+        self._next_snapshot = time.monotonic() + SNAPSHOT_EVERY
+
+    def idle_nap(self) -> float:
+        return min(self.naptime, SYNC_EVERY)
 
     def run_batch(self) -> BatchResult:
-        self.conn.execute("SELECT 1")   # keeps the connection checked each cycle until maintenance lands
-        return BatchResult()
+        now = time.monotonic()
+        if now >= self._next_catalog:
+            self._next_catalog = now + CATALOG_EVERY
+            self._refresh_catalog()
+        applied = 0
+        more = False
+        for sync in self.syncs.values():
+            n = sync.apply_pending(self.conn)
+            applied += n
+            more = more or n >= APPLY_BATCH
+        if now >= self._next_snapshot:
+            self._next_snapshot = now + SNAPSHOT_EVERY
+            self._snapshot_all()
+        if applied or now >= self._next_stats:
+            self._next_stats = now + STATS_EVERY
+            for sync in self.syncs.values():
+                sync.publish_stats(self.conn)
+        return BatchResult(processed=applied, more=more)
+
+    def _refresh_catalog(self) -> None:
+        catalog = specs(self.conn)
+        for name in list(self.syncs):
+            if name not in catalog or catalog[name][0] != self.syncs[name].spec:
+                self.log.info("index %s dropped or redefined; releasing its graph", name)
+                self.syncs.pop(name).close()
+        for name, (spec, _) in catalog.items():
+            if name in self.syncs:
+                continue
+            sync = IndexSync(self.ctx.shared, self.snapshot_dir, spec)
+            how = sync.start(self.conn, progress=self._progress(sync))
+            self.log.info("index %s ready (%s)", name, how)
+            self.syncs[name] = sync
+
+    def _progress(self, sync: IndexSync):
+        """Progress of a long rebuild: heartbeat (so the supervisor does not take us for hung) and stats."""
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            self._beat()
+            if time.monotonic() - last[0] > 1.0:
+                last[0] = time.monotonic()
+                sync.publish_stats(self.conn)
+                self.log.info("index %s: rebuilding, %d of %d vectors", sync.spec.name, done, total)
+
+        return report
+
+    def _snapshot_all(self) -> None:
+        for sync in self.syncs.values():
+            if sync.snapshot_if_changed(self.conn):
+                self.log.info("index %s: snapshot written", sync.spec.name)
+
+    def on_stop(self) -> None:
+        """A clean stop leaves fresh snapshots: the next start loads them instead of replaying."""
+        if self.shutdown == "smart" or self.shutdown == "fast":
+            self._snapshot_all()
+        for sync in self.syncs.values():
+            sync.close()
