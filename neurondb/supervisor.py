@@ -36,6 +36,7 @@ import psycopg
 import setproctitle
 
 from neurondb import db
+from neurondb.index import hnsw
 from neurondb.instance import Instance, publish_settings
 from neurondb.migrate import migrate
 from neurondb.paths import write_private_file
@@ -180,6 +181,9 @@ class Supervisor:
         write_private_file(self.datadir.pid_file, f"{os.getpid()}\n{self.datadir.root}\n{time.time():.0f}\n")
         self._connect()
         self._publish_settings()
+        # Load (or, the first time, compile) the index kernels before forking: every worker, and every
+        # restart of one, inherits the machine code instead of loading it again.
+        hnsw.warmup()
         for child in self.children:
             self._spawn(child)
         log.info("supervisor started (pid %d), %d workers, database %s", os.getpid(), len(self.children),
