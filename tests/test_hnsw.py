@@ -273,16 +273,23 @@ def test_repair_after_writer_death(data):
     a.header[H_WRITER] = n + 1
     for i in (3, 10, 500):
         c = a.links0[i, 0]
-        a.links0[i, c if c < 32 else 32] = n
+        a.links0[i, min(c + 1, 32)] = n
         a.links0[i, 0] = min(c + 1, 32)
+    a.links0[7, 2] = a.links0[7, 1]  # a list caught half-rewritten: one id twice
+    entry, top = int(a.header[hnsw.H_ENTRY]), int(a.header[hnsw.H_MAX_LEVEL])
+    a.header[hnsw.H_ENTRY] = int(np.flatnonzero(a.levels[:n] == 0)[0])  # died before moving the entry point
     # readers are unaffected meanwhile
     _labels, _, ids = hnsw.search_many(a, queries, K, return_ids=True)
     assert np.all((ids >= 0) & (ids < n))
     assert hnsw.needs_repair(a)
     with pytest.raises(RuntimeError, match="repair"):
         hnsw.add_items(a, base[1000:1001], [1000])
-    assert hnsw.repair(a) == 3
-    assert not hnsw.needs_repair(a) and not (a.links0[:n, 1:] == n).any()
+    assert hnsw.repair(a) == 4
+    active = np.arange(32)[None, :] < a.links0[:n, :1]  # entries past a list's count are ignored
+    assert not hnsw.needs_repair(a) and not ((a.links0[:n, 1:] == n) & active).any()
+    assert len(set(a.links0[7, 1 : 1 + a.links0[7, 0]])) == a.links0[7, 0]
+    assert a.header[hnsw.H_MAX_LEVEL] == top and a.levels[a.header[hnsw.H_ENTRY]] == top
+    assert a.header[hnsw.H_ENTRY] == entry or a.levels[entry] == top
     hnsw.add_items(a, base[1000:2000], np.arange(1000, 2000))
     assert recall(hnsw.search_many(a, queries, K)[0], exact(base[:2000], queries, K, "l2")) > 0.95
 

@@ -831,8 +831,10 @@ def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, 
 
 @njit(**_JIT)
 def _repair_kernel(header, links0, levels, upper_offset, pool, tombstones):
-    """Remove links to unpublished or invalid ids, fix the entry point and the deleted count."""
-    n_pub = header[H_COUNT]
+    """After a writer died mid-insert: drop links to unpublished or invalid ids and duplicates (a list
+    the heuristic was rewriting can hold one id twice), make the entry point the highest published
+    node, recount tombstones. Lists are compacted in place, which readers tolerate."""
+    n_pub = min(header[H_COUNT], links0.shape[0])
     removed = 0
     maxm0 = links0.shape[1] - 1
     maxm = pool.shape[1] - 1
@@ -847,20 +849,26 @@ def _repair_kernel(header, links0, levels, upper_offset, pool, tombstones):
             w = 0
             for j in range(1, cnt + 1):
                 nb = lst[j]
-                if nb < 0 or nb >= n_pub or nb == i:
+                keep = 0 <= nb < n_pub and nb != i
+                for x in range(1, w + 1):
+                    if lst[x] == nb:
+                        keep = False
+                        break
+                if not keep:
                     removed += 1
                     continue
                 lst[1 + w] = nb
                 w += 1
             lst[0] = w
-    ep = header[H_ENTRY]
-    if n_pub > 0 and (ep < 0 or ep >= n_pub or np.int64(levels[ep]) != header[H_MAX_LEVEL]):
-        best = 0
+    if n_pub > 0:
+        ep = header[H_ENTRY]
+        best = ep if 0 <= ep < n_pub else 0
         for i in range(n_pub):
             if levels[i] > levels[best]:
                 best = i
-        _store_release(header, H_MAX_LEVEL, np.int64(levels[best]))
-        _store_release(header, H_ENTRY, best)
+        if best != ep or header[H_MAX_LEVEL] != np.int64(levels[best]):
+            _store_release(header, H_MAX_LEVEL, np.int64(levels[best]))
+            _store_release(header, H_ENTRY, best)
     deleted = 0
     for i in range(n_pub):
         if tombstones[i] != 0:
