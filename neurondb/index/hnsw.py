@@ -958,11 +958,12 @@ def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, 
     return out
 
 
-def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = None, tenant: int = -1,
+def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = None, tenant: int | None = -1,
            return_ids: bool = False):
     """The k nearest published, live nodes (of `tenant` if >= 0) to `query`: (labels, distances) best
     first, fewer than k if fewer qualify; with return_ids also their internal ids. Lock-free: may run
-    in any process while a writer inserts. ef=None: the index's current ef_search (header)."""
+    in any process while a writer inserts. ef=None: the index's current ef_search (header); tenant
+    -1 or None: no tenant filter."""
     out = search_many(arrays, query, k, ef, tenant, return_ids=True, _counts=True)
     n = int(out[3][0])
     if return_ids:
@@ -970,8 +971,8 @@ def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = 
     return out[0][0, :n], out[1][0, :n]
 
 
-def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | None = None, tenant: int = -1,
-                return_ids: bool = False, _counts: bool = False):
+def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | None = None,
+                tenant: int | None = -1, return_ids: bool = False, _counts: bool = False):
     """Batched `search`, one numba call for all queries: (labels (nq, k), distances (nq, k)); missing
     results are label -1 and distance inf."""
     if k < 1:
@@ -984,7 +985,8 @@ def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | 
     out_dist = np.full((nq, k), np.inf, np.float32)
     out_ids = np.full((nq, k), -1, np.int64)
     out_n = np.zeros(nq, np.int64)
-    _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), int(tenant), s.visited, s.cand_d,
+    tenant = -1 if tenant is None else int(tenant)
+    _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), tenant, s.visited, s.cand_d,
                         s.cand_i, out_labels, out_dist, out_ids, out_n)
     if _counts:
         return out_labels, out_dist, out_ids, out_n
