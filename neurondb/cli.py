@@ -638,12 +638,21 @@ def index_rebuild(inst: Instance, name: str) -> None:
             shared = SharedState.attach(names.instance_prefix(inst.datadir.root))
         except FileNotFoundError:
             raise click.ClickException("neurondb is not running: the service builds its indexes at start") from None
-        sync = IndexSync(shared, inst.datadir.root / "indexes", catalog[name][0])
+        sync = IndexSync(shared, inst.datadir.root / "indexes", catalog[name][0],
+                         db.resolve_dsn(inst.datadir, inst.explicit_dsn))
         try:
             with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                           TimeRemainingColumn(), console=console) as bar:
                 task = bar.add_task(f"rebuilding {name}", total=None)
-                done = sync.rebuild(conn, progress=lambda d, t: bar.update(task, completed=d, total=t))
+                last = [0.0]
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+                    if time.monotonic() - last[0] > 1.0:    # and for `neurondb status` elsewhere
+                        last[0] = time.monotonic()
+                        sync.publish_task(conn)
+
+                done = sync.rebuild(conn, progress=progress)
         finally:
             sync.close()
             shared.close()

@@ -47,6 +47,17 @@ class TenantStatus:
 
 
 @dataclass
+class IndexStatus:
+    name: str
+    vectors: int
+    graph_nodes: int | None
+    pending_changes: int | None
+    ef_search: int | None
+    task: str | None
+    task_progress: float | None
+
+
+@dataclass
 class Status:
     data_dir: str
     running: bool
@@ -57,6 +68,7 @@ class Status:
     tenants: list[TenantStatus] = field(default_factory=list)
     queue: dict[str, int] = field(default_factory=dict)
     llm_jobs: dict[str, int] = field(default_factory=dict)
+    indexes: list[IndexStatus] = field(default_factory=list)
     database_error: str | None = None
 
     @property
@@ -127,6 +139,9 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                     "SELECT status, count(*) FROM neurondb.neurondb_job_queue GROUP BY status").fetchall())
                 status.llm_jobs = dict(conn.execute(
                     "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs GROUP BY status").fetchall())
+                status.indexes = [IndexStatus(*row) for row in conn.execute(
+                    "SELECT index_name, vectors, graph_nodes, pending_changes, ef_search, task, task_progress"
+                    " FROM neurondb.vector_stats ORDER BY index_name")]
         except (psycopg.Error, db.NotInitialized) as exc:
             status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return status

@@ -70,6 +70,14 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
                 row.append(sparkline(history))
             tenants.add_row(*row)
         parts.append(tenants)
+    if status.indexes:
+        indexes = Table("index", "vectors", "in graph", "pending", "ef_search", "task")
+        for ix in status.indexes:
+            task = f"{ix.task} {ix.task_progress:.0%}" if ix.task and ix.task_progress is not None else (ix.task or "")
+            indexes.add_row(ix.name, str(ix.vectors), "-" if ix.graph_nodes is None else str(ix.graph_nodes),
+                            "-" if ix.pending_changes is None else str(ix.pending_changes),
+                            "-" if ix.ef_search is None else str(ix.ef_search), Text(task, style="yellow"))
+        parts.append(indexes)
     if status.database_error:
         parts.append(Text(f"database: {status.database_error}", style="red"))
     else:

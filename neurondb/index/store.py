@@ -174,10 +174,14 @@ class IndexWriter:
         a = self.arrays
         assert a is not None
         new = [i for i, label in enumerate(labels.tolist()) if label not in self.ids]
+        stored = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30) \
+            if a.metric == "cosine" else vectors
         for i, label in enumerate(labels.tolist()):
             if label in self.ids:
-                a.tenants[self.ids[label]] = tenants[i]   # a tenant change needs no new node
-                self.ids[label] = hnsw.update(a, self.ids[label], vectors[i])
+                node = self.ids[label]
+                a.tenants[node] = tenants[i]   # a tenant change needs no new node
+                if not np.allclose(a.vectors[node], stored[i], rtol=0, atol=1e-6):
+                    self.ids[label] = hnsw.update(a, node, vectors[i])   # content/metadata-only updates skip
         if new:
             ids = hnsw.add_items(a, vectors[new], labels[new], tenants[new])
             self.ids.update(zip(labels[new].tolist(), np.asarray(ids).tolist(), strict=True))

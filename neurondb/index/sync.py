@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from neurondb import db
 from neurondb.index import hnsw, snapshot
 from neurondb.index.store import IndexSpec, IndexWriter, tenant_code
 from neurondb.queries import query
@@ -47,8 +48,9 @@ def to_matrix(rows: list[tuple], dim: int) -> np.ndarray:
 class IndexSync:
     """The writer side of one index; one instance per index in the process that owns the graph."""
 
-    def __init__(self, shared: SharedState, snapshot_dir: Path, spec: IndexSpec) -> None:
+    def __init__(self, shared: SharedState, snapshot_dir: Path, spec: IndexSpec, dsn: str) -> None:
         self.spec = spec
+        self.dsn = dsn                     # a rebuild reads through a connection of its own
         self.writer = IndexWriter(shared, spec)
         self.snapshot_path = snapshot_dir / f"{spec.name}.snap"
         self.snapshot_number = 1           # applied changes are marked with this; snapshot N contains them
@@ -101,23 +103,31 @@ class IndexSync:
         if not locked:
             with self.writer.lock:
                 return self.rebuild(conn, progress, locked=True)
-        total = conn.execute(query("index", "count_vectors"), {"index": self.spec.name}).fetchone()[0]
         s = self.spec
-        arrays = hnsw.HnswArrays.allocate(max(1024, int(total * 1.25) + 1), s.dim, m=s.m,
-                                          ef_construction=s.ef_construction, metric=s.metric, ef_search=s.ef_search)
         done = 0
         self.task = ("rebuilding", 0.0)
-        with conn.cursor(name=f"rebuild_{s.name}") if not conn.autocommit else conn.cursor() as cur:
-            cur.execute(query("index", "all_vectors"), {"index": s.name})
-            while rows := cur.fetchmany(REBUILD_CHUNK):
-                hnsw.add_items(arrays, to_matrix(rows, s.dim), np.array([r[0] for r in rows], np.int64),
-                               np.array([tenant_code(r[1]) for r in rows], np.int32))
-                done += len(rows)
-                self.task = ("rebuilding", done / max(total, 1))
-                if progress:
-                    progress(done, total)
+        # One REPEATABLE READ snapshot for the rows and for the changes they already reflect: exactly those
+        # changes are marked applied afterwards; later ones (committed during the build) are replayed.
+        with db.connect(self.dsn, "index rebuild", autocommit=False) as snap:
+            snap.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            total = snap.execute(query("index", "count_vectors"), {"index": s.name}).fetchone()[0]
+            contained = [r[0] for r in snap.execute(query("index", "unapplied_ids"), {"index": s.name})]
+            arrays = hnsw.HnswArrays.allocate(max(1024, int(total * 1.25) + 1), s.dim, m=s.m,
+                                              ef_construction=s.ef_construction, metric=s.metric,
+                                              ef_search=s.ef_search)
+            with snap.cursor(name=f"rebuild_{s.name}") as cur:
+                cur.execute(query("index", "all_vectors"), {"index": s.name})
+                while rows := cur.fetchmany(REBUILD_CHUNK):
+                    hnsw.add_items(arrays, to_matrix(rows, s.dim), np.array([r[0] for r in rows], np.int64),
+                                   np.array([tenant_code(r[1]) for r in rows], np.int32))
+                    done += len(rows)
+                    self.task = ("rebuilding", done / max(total, 1))
+                    if progress:
+                        progress(done, total)
         self.writer.install(arrays)
+        conn.execute(query("index", "mark_applied"), {"snapshot": self.snapshot_number, "ids": contained})
         self.task = None
+        self.publish_task(conn)
         log.info("index %s: rebuilt from %d rows", s.name, done)
         return done
 
@@ -180,6 +190,11 @@ class IndexSync:
         conn.execute(query("index", "forget_applied"), {"index": self.spec.name, "snapshot": number})
         self.snapshot_at, self.snapshot_mutations = created, mutations
         return True
+
+    def publish_task(self, conn: psycopg.Connection) -> None:
+        """What the index is busy with, for `neurondb status` (from any process, e.g. a CLI rebuild)."""
+        conn.execute(query("index", "publish_task"), {"index": self.spec.name, "task": self.task[0] if self.task
+                                                      else None, "progress": self.task[1] if self.task else None})
 
     def publish_stats(self, conn: psycopg.Connection) -> None:
         a = self.writer.arrays

@@ -62,7 +62,7 @@ class DefragWorker(Worker):
         for name, (spec, _) in catalog.items():
             if name in self.syncs:
                 continue
-            sync = IndexSync(self.ctx.shared, self.snapshot_dir, spec)
+            sync = IndexSync(self.ctx.shared, self.snapshot_dir, spec, self.ctx.dsn)
             how = sync.start(self.conn, progress=self._progress(sync))
             self.log.info("index %s ready (%s)", name, how)
             self.syncs[name] = sync
@@ -75,7 +75,7 @@ class DefragWorker(Worker):
             self._beat()
             if time.monotonic() - last[0] > 1.0:
                 last[0] = time.monotonic()
-                sync.publish_stats(self.conn)
+                sync.publish_task(self.conn)
                 self.log.info("index %s: rebuilding, %d of %d vectors", sync.spec.name, done, total)
 
         return report

@@ -59,3 +59,13 @@ SELECT id, ts_rank_cd(content_tsv, q) AS rank
 
 -- name: vectors_by_id
 SELECT id, embedding FROM neurondb.neurondb_vectors WHERE id = ANY(%(ids)s) AND index_name = %(index)s;
+
+-- name: publish_task
+-- Only what the index is busy with (a rebuild's progress), leaving the graph's figures as they are.
+INSERT INTO neurondb.neurondb_index_stats AS s (index_name, task, task_progress, updated_at)
+VALUES (%(index)s, %(task)s, %(progress)s, now())
+ON CONFLICT (index_name) DO UPDATE SET task = EXCLUDED.task, task_progress = EXCLUDED.task_progress,
+       updated_at = now();
+
+-- name: unapplied_ids
+SELECT change_id FROM neurondb.neurondb_vector_changes WHERE index_name = %(index)s AND applied_snapshot IS NULL;
