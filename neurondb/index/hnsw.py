@@ -634,10 +634,25 @@ def _search_many_kernel(header, vectors, links0, levels, upper_offset, labels, t
     top_d = np.empty(ef2 + 1, np.float32)
     top_i = np.empty(ef2 + 1, np.int32)
     nbuf = np.empty(links0.shape[1] + pool.shape[1], np.int32)
+    bad = 0
     for qi in range(queries.shape[0]):
-        out_n[qi] = _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
-                                queries[qi], k, ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf,
-                                out_labels[qi], out_dist[qi], out_ids[qi])
+        finite = True
+        for j in range(queries.shape[1]):
+            if not math.isfinite(queries[qi, j]):
+                finite = False
+        if not finite:
+            out_n[qi] = -1
+            bad += 1
+            continue
+        n = _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
+                        queries[qi], k, ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf,
+                        out_labels[qi], out_dist[qi], out_ids[qi])
+        out_n[qi] = n
+        for j in range(n, k):  # padding: no result
+            out_labels[qi, j] = -1
+            out_dist[qi, j] = _INF
+            out_ids[qi, j] = -1
+    return bad  # queries with NaN or inf (the caller raises)
 
 
 @njit(**_JIT)
@@ -922,15 +937,15 @@ def _scratch(capacity: int) -> _Scratch:
     return s
 
 
-def _prepare(arrays: HnswArrays, x: np.ndarray, what: str) -> np.ndarray:
+def _prepare(arrays: HnswArrays, x: np.ndarray, what: str, check_finite: bool = True) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2 or x.shape[1] != arrays.dim:
+        x = x.reshape(1, -1)
+    if x.ndim != 2 or x.shape[1] != arrays.vectors.shape[1]:
         raise ValueError(f"{what} must have dimension {arrays.dim}, got shape {x.shape}")
-    if not np.isfinite(x).all():
+    if check_finite and not np.isfinite(x).all():
         raise ValueError(f"{what} contain NaN or infinite values")
-    if int(arrays.header[H_METRIC]) == METRICS["cosine"]:
+    if arrays.header[H_METRIC] == 1:  # cosine
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32, copy=False)
     return x
@@ -977,17 +992,19 @@ def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | 
     results are label -1 and distance inf."""
     if k < 1:
         raise ValueError(f"k must be positive, not {k}")
-    qs = _prepare(arrays, queries, "queries")
+    qs = _prepare(arrays, queries, "queries", check_finite=False)  # checked in the kernel, cheaper
     ef = arrays.ef_search if ef is None else int(ef)
     s = _scratch(arrays.capacity)
     nq = qs.shape[0]
-    out_labels = np.full((nq, k), -1, np.int64)
-    out_dist = np.full((nq, k), np.inf, np.float32)
-    out_ids = np.full((nq, k), -1, np.int64)
-    out_n = np.zeros(nq, np.int64)
+    out_labels = np.empty((nq, k), np.int64)  # the kernel pads missing results with -1 / inf
+    out_dist = np.empty((nq, k), np.float32)
+    out_ids = np.empty((nq, k), np.int64)
+    out_n = np.empty(nq, np.int64)
     tenant = -1 if tenant is None else int(tenant)
-    _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), tenant, s.visited, s.cand_d,
-                        s.cand_i, out_labels, out_dist, out_ids, out_n)
+    bad = _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), tenant, s.visited, s.cand_d,
+                              s.cand_i, out_labels, out_dist, out_ids, out_n)
+    if bad:
+        raise ValueError(f"{bad} of the queries contain NaN or infinite values")
     if _counts:
         return out_labels, out_dist, out_ids, out_n
     if return_ids:
