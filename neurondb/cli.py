@@ -90,10 +90,15 @@ def dsn(inst: Instance) -> None:
 
 
 @main.command()
+@click.option("--demo/--no-demo", default=True, show_default=True,
+              help="Create a demo index and keep a light workload of embed, rerank and search going.")
 @instance_options
-def run(inst: Instance) -> None:
+def run(inst: Instance, demo: bool) -> None:
     """The main job on the embedded default: initialise, start the service, show its live status;
     Ctrl-C stops it (fast shutdown) and the embedded PostgreSQL."""
+    import threading
+
+    from neurondb import demo as demo_workload
     from neurondb.status import read_status
     from neurondb.tui import watch as live
 
@@ -108,10 +113,18 @@ def run(inst: Instance) -> None:
         if "already running" not in exc.message:
             raise
         console.print("the service was already running: showing it (Ctrl-C stops it)")
+    stop = threading.Event()
+    if demo:
+        with inst.connect("demo") as conn:
+            if demo_workload.seed(conn):
+                console.print("demo: index `demo` created, 300 documents queued for embedding")
+        threading.Thread(target=demo_workload.trickle, args=(inst, stop), daemon=True).start()
+        console.print(f"demo: try  neurondb search demo --text 'restarts failed jobs' -D {inst.datadir.root}")
     console.print("[bold]neurondb is running[/bold]: Ctrl-C stops it")
     try:
         live(lambda: read_status(inst.datadir, inst.explicit_dsn))
     finally:
+        stop.set()
         _stop_service(inst, "fast", timeout=90.0)
 
 
