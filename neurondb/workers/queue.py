@@ -241,8 +241,7 @@ class QueueWorker(Worker):
         """Tenants the claim must cap, with how many jobs each may start now (whole tokens in its bucket).
         Tenants seen for the first time start with a full bucket: the claim's default share covers them."""
         capped, caps = [], []
-        known = {t.decode() for t in self.ctx.shared.tenants["tenant"][self.ctx.shared.tenants["ready"] == 1]}
-        for tenant in known | set(self.tenant_limits):
+        for tenant in self._known_tenants():
             rate, burst = self.rate_of(tenant)
             if rate > 0:
                 capped.append(tenant)
@@ -274,7 +273,7 @@ class QueueWorker(Worker):
         """Nothing runnable now: wake up for the next token of a throttled tenant with work, or the next
         retry, if either comes before the naptime does."""
         waits = []
-        throttled = [t for t in self.tenant_limits | dict.fromkeys(self._seen_tenants())
+        throttled = [t for t in self._known_tenants()
                      if self.rate_of(t)[0] > 0 and self._tokens(t, *self.rate_of(t)) < 1]
         if throttled:
             waiting = [r[0] for r in self.conn.execute(query("queue", "pending_tenants"), {"tenants": throttled})]
@@ -284,9 +283,10 @@ class QueueWorker(Worker):
             waits.append(max(next_run.timestamp() - time.time(), 0.0))
         self._wake_at = time.monotonic() + min(waits) if waits else None
 
-    def _seen_tenants(self) -> list[str]:
+    def _known_tenants(self) -> set[str]:
+        """Tenants seen by any process on this machine (shared memory) or with limits of their own."""
         t = self.ctx.shared.tenants
-        return [name.decode() for name in t["tenant"][t["ready"] == 1]]
+        return {name.decode() for name in t["tenant"][t["ready"] == 1]} | set(self.tenant_limits)
 
     def idle_nap(self) -> float:
         nap = self.naptime
