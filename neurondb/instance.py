@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -17,6 +18,9 @@ from neurondb import db
 from neurondb.migrate import migrate
 from neurondb.paths import DataDir, write_private_file
 from neurondb.settings import Config
+
+if TYPE_CHECKING:
+    from neurondb.pgserver import EmbeddedPostgres
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,8 @@ class Instance:
             return True
         return False
 
-    def server(self):  # -> EmbeddedPostgres; imported lazily so DSN mode never touches the server build
+    def server(self) -> EmbeddedPostgres:
+        """The embedded server; imported lazily so DSN mode never touches the server build."""
         from neurondb.pgserver import EmbeddedPostgres
 
         return EmbeddedPostgres(self.datadir)
