@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import os
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_dumps, set_json_loads
 
 from neurondb.paths import DataDir
 
 ENV_DSN = "NEURONDB_DSN"
+
+# jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the
+# queue worker's CPU time at full drain (scripts/bench_queue.py).
+set_json_dumps(orjson.dumps)
+set_json_loads(orjson.loads)
 
 
 class NotInitialized(RuntimeError):

@@ -98,10 +98,15 @@ class QueueWorker(Worker):
         self._maintenance()
         batch_size = int(self.config.get("neurondb.neuranq_batch_size"))
         capped, caps = self._allowances(batch_size)
-        rows = self.conn.execute(query("queue", "claim"), {
-            "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
-            "salt": str(random.random()), "capped": list(capped), "caps": caps,
-        }).fetchall()
+        # The claim alone commits asynchronously: if the server crashes before it reaches disk, the job is
+        # simply pending again (at-least-once holds). Completions stay synchronous, and their WAL flush
+        # covers the claim before it anyway.
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL synchronous_commit = off")
+            rows = self.conn.execute(query("queue", "claim"), {
+                "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
+                "salt": str(random.random()), "capped": list(capped), "caps": caps,
+            }).fetchall()
         if not rows:
             self._plan_wakeup()
             return BatchResult()
@@ -181,6 +186,13 @@ class QueueWorker(Worker):
         if not outcomes:
             return
         conn = self.conn
+        if all(o.status == "completed" and not o.effects for o in outcomes):
+            # The common case in one statement, no explicit transaction: the lease check is in its WHERE.
+            ours = {r[0] for r in conn.execute(query("queue", "complete"), {
+                "owner": self.owner, "ids": [o.job_id for o in outcomes],
+                "results": [Jsonb(o.result) for o in outcomes]})}
+            self._account([o for o in outcomes if o.job_id in ours], len(outcomes), result)
+            return
         with conn.transaction():
             owned = {r[0] for r in conn.execute(query("queue", "lock_owned"),
                                                 {"ids": [o.job_id for o in outcomes], "owner": self.owner})}
@@ -208,12 +220,17 @@ class QueueWorker(Worker):
             if failed:
                 conn.execute(query("queue", "fail"), {"owner": self.owner, "ids": [o.job_id for o in failed],
                                                       "errors": [o.error for o in failed]})
-        lost = len(outcomes) - len(mine)
-        if lost:
-            self.log.warning("%d jobs were cancelled or taken over while they ran; their outcome is dropped", lost)
-        result.processed += len(done)
-        result.failed += len(failed)
-        result.retried += len(retry)
+        self._account(mine, len(outcomes), result)
+
+    def _account(self, mine: list[Outcome], total: int, result: BatchResult) -> None:
+        """Counters for the outcomes recorded (`mine`); the rest were cancelled or taken over meanwhile."""
+        if total > len(mine):
+            self.log.warning("%d jobs were cancelled or taken over while they ran; their outcome is dropped",
+                             total - len(mine))
+        statuses = Counter(o.status for o in mine)
+        result.processed += statuses["completed"]
+        result.failed += statuses["failed"]
+        result.retried += statuses["retry"]
         result.latency_ms += sum(o.ms for o in mine)
         self._count_tenants(mine)
 
@@ -277,11 +294,19 @@ class QueueWorker(Worker):
                      if self.rate_of(t)[0] > 0 and self._tokens(t, *self.rate_of(t)) < 1]
         if throttled:
             waiting = [r[0] for r in self.conn.execute(query("queue", "pending_tenants"), {"tenants": throttled})]
-            waits += [(1 - self._tokens(t, *self.rate_of(t))) / self.rate_of(t)[0] for t in waiting]
+            waits += [self._refill_wait(t) for t in waiting]
         next_run = self.conn.execute(query("queue", "next_run_at")).fetchone()[0]
         if next_run is not None:
             waits.append(max(next_run.timestamp() - time.time(), 0.0))
         self._wake_at = time.monotonic() + min(waits) if waits else None
+
+    def _refill_wait(self, tenant: str) -> float:
+        """Seconds until `tenant` can start a worthwhile batch: about 0.1 s of its rate (within its burst),
+        at least one job. Waking for every single token would cost a claim per job and, on a busy machine,
+        lose tokens to scheduling delays once the bucket is full."""
+        rate, burst = self.rate_of(tenant)
+        want = min(burst, max(1.0, rate * 0.1))
+        return max(want - self._tokens(tenant, rate, burst), 0.0) / rate
 
     def _known_tenants(self) -> set[str]:
         """Tenants seen by any process on this machine (shared memory) or with limits of their own."""

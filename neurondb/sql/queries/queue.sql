@@ -36,11 +36,12 @@ claimed AS (
            FOR UPDATE SKIP LOCKED
      ) h
 )
+-- `= ANY(ARRAY(...))`, not a join with `claimed`: the planner cannot know the CTE yields at most a batch
+-- and would hash-join it against a scan of the whole table (finished jobs included).
 UPDATE neurondb.neurondb_job_queue q
    SET status = 'processing', lease_owner = %(owner)s, started_at = now(),
        lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
-  FROM claimed
- WHERE q.job_id = claimed.job_id
+ WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM claimed))
 RETURNING q.job_id, q.job_type, q.payload, q.tenant_id, q.retry_count, q.max_retries;
 
 -- name: lock_owned
@@ -51,11 +52,14 @@ SELECT job_id FROM neurondb.neurondb_job_queue
    FOR UPDATE;
 
 -- name: complete
+-- Also the whole recording step of a batch whose outcomes are all plain completions: the WHERE clause checks
+-- the lease, and RETURNING says which jobs were still ours.
 UPDATE neurondb.neurondb_job_queue q
    SET status = 'completed', result = v.result, completed_at = now(), lease_expires_at = NULL,
        error_message = NULL
   FROM unnest(%(ids)s::bigint[], %(results)s::jsonb[]) AS v(job_id, result)
- WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s;
+ WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s
+RETURNING q.job_id;
 
 -- name: retry
 -- A failed attempt with retries left: back to pending after its backoff, the attempt kept in history.
