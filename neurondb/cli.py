@@ -574,16 +574,17 @@ def index() -> None:
 @click.option("--metric", type=click.Choice(["l2", "cosine", "ip"]), default="cosine", show_default=True)
 @click.option("--m", "m", type=click.IntRange(2, 128), default=16, show_default=True, help="HNSW links per node.")
 @click.option("--ef-construction", type=click.IntRange(4, 4096), default=200, show_default=True)
+@click.option("--ef-search", type=click.IntRange(1, 4096), help="Default: neurondb.hnsw_default_ef_search.")
 @click.option("--provider", help="Embedding provider for embed jobs and text search (default neurondb.llm_provider).")
 @click.option("--model", help="Embedding model (default: the provider's).")
 @instance_options
 def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_construction: int,
-                 provider: str | None, model: str | None) -> None:
+                 ef_search: int | None, provider: str | None, model: str | None) -> None:
     """Register index NAME; its graph is built in shared memory by the running service."""
     with inst.connect("cli") as conn:
         try:
-            conn.execute("SELECT neurondb.create_index(%s, %s, %s, %s, %s, %s, %s)",
-                         (name, dim, metric, m, ef_construction, provider, model))
+            conn.execute("SELECT neurondb.create_index(%s, %s, %s, %s, %s, %s, %s, %s)",
+                         (name, dim, metric, m, ef_construction, provider, model, ef_search))
         except (psycopg.errors.DuplicateObject, psycopg.errors.CheckViolation) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from None
     click.echo(f"index {name} created ({dim} dimensions, {metric}, m {m}, ef_construction {ef_construction})")
@@ -712,3 +713,90 @@ def search(inst: Instance, index_name: str, text: str | None, vector_json: str |
     rows = [{"rank": i + 1, "doc_id": h.doc_id, "score": round(h.score, 6), "tenant": h.tenant_id,
              **({"content": h.content, "metadata": h.metadata} if content else {})} for i, h in enumerate(hits)]
     _print_rows(rows, as_json)
+
+
+# -- LLM jobs (neuranllm) ---------------------------------------------------------------------------------
+
+_LLM_OPERATIONS = ("completion", "embedding", "reranking", "complete", "embed", "rerank")
+
+
+@main.group("llm")
+def llm_group() -> None:
+    """LLM jobs (neuranllm): submit completions, embeddings and rerankings; inspect them."""
+
+
+@llm_group.command("submit")
+@click.argument("operation", type=click.Choice(_LLM_OPERATIONS, case_sensitive=False))
+@click.argument("input_text", required=False)
+@click.option("--model", help="Model (default neurondb.llm_model, else the provider's).")
+@click.option("--provider", help="Provider (default: neurondb.llm_routes, else neurondb.llm_provider).")
+@click.option("--system", "system_prompt", help="System prompt of a completion.")
+@click.option("--text", "input_texts", multiple=True, help="A text to embed (repeatable): one job, several vectors.")
+@click.option("--document", "documents", multiple=True, help="A reranking candidate (repeatable).")
+@click.option("--params", help='JSON object: temperature, max_tokens, top_p, stop, seed, ... or {"top_n": N}.')
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--priority", default=0, show_default=True, type=click.IntRange(-32768, 32767),
+              help="Higher runs first.")
+@click.option("--max-retries", type=click.IntRange(0, 100), help="Default: neurondb.neuranllm_max_retries.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=None, is_flag=False, flag_value=60.0,
+              help="Wait (up to N seconds, default 60) and print the finished job as JSON.")
+@instance_options
+def llm_submit(inst: Instance, operation: str, input_text: str | None, model: str | None, provider: str | None,
+               system_prompt: str | None, input_texts: tuple[str, ...], documents: tuple[str, ...],
+               params: str | None, tenant: str, priority: int, max_retries: int | None,
+               wait_s: float | None) -> None:
+    """Submit an LLM job; prints its id. INPUT_TEXT is the prompt, the text to embed or the rerank query
+    ('-' reads it from standard input)."""
+    from neurondb import llm
+
+    if input_text == "-":
+        input_text = click.get_text_stream("stdin").read()
+    with inst.connect("cli") as conn:
+        try:
+            job_id = llm.submit(conn, operation, model, input_text, system_prompt=system_prompt,
+                                input_texts=list(input_texts) or None, documents=list(documents) or None,
+                                parameters=_json_arg(params, "--params"), tenant_id=tenant, priority=priority,
+                                max_retries=max_retries, provider=provider)
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+        if wait_s is None:
+            click.echo(job_id)
+            return
+        try:
+            job = llm.wait(conn, job_id, timeout=wait_s)
+        except TimeoutError:
+            raise click.ClickException(f"job {job_id} not finished after {wait_s:g} s "
+                                       f"(`neurondb llm show {job_id}` later)") from None
+    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+    if job["status"] == "failed":
+        raise SystemExit(1)
+
+
+@llm_group.command("show")
+@click.argument("job_id", type=int)
+@instance_options
+def llm_show(inst: Instance, job_id: int) -> None:
+    """One LLM job with its inputs, results, tokens, latency and attempt history, as JSON."""
+    from neurondb import llm
+
+    with inst.connect("cli") as conn:
+        job = llm.get(conn, job_id)
+    if job is None:
+        raise click.ClickException(f"no LLM job {job_id}")
+    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+@llm_group.command("list")
+@click.option("--status", type=click.Choice(["pending", "processing", "completed", "failed"]))
+@click.option("--operation", type=click.Choice(_LLM_OPERATIONS, case_sensitive=False))
+@click.option("--tenant")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def llm_list(inst: Instance, status: str | None, operation: str | None, tenant: str | None, limit: int,
+             as_json: bool) -> None:
+    """Recent LLM jobs, newest first (without inputs and results: `neurondb llm show` has them)."""
+    from neurondb import llm
+
+    with inst.connect("cli") as conn:
+        _print_rows(llm.list_jobs(conn, status=status, operation=operation, tenant_id=tenant, limit=limit), as_json)

@@ -153,7 +153,7 @@ def test_metrics_reach_the_document_queries(client, conn: psycopg.Connection, do
     def flushed() -> int:
         return conn.execute("SELECT count(*) FROM neurondb.neurondb_query_metrics").fetchone()[0]
 
-    wait_for(lambda: flushed() >= 401, 10.0, "the tuner to flush the samples")
+    wait_for(lambda: flushed() >= 401, 30.0, "the tuner to flush the samples")
     current = next(q for q in document_statements(document_text) if "GROUP BY ef_search" in q)
     rows = {ef: (lat, rec) for ef, lat, rec in conn.execute(current)}
     assert 32 in rows and rows[32][0] > 0
