@@ -47,7 +47,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
     else:
         for name, r in result.items():
-            print(f"{name:11} median {r['median_s']:.3f} s   min {r['min_s']:.3f} s   (n={r['n']}, CLI process included)")
+            print(f"{name:11} median {r['median_s']:.3f} s   min {r['min_s']:.3f} s   (n={r['n']})")
     return 0
 
 
