@@ -325,3 +325,20 @@ def test_builtin_job_types(service: Service, conn: psycopg.Connection) -> None:
     j = job(conn, allowed)
     assert j["status"] == "completed", j["error_message"]
     assert j["result"]["status"] == 200
+
+
+@pytest.mark.parametrize("service", [{**JOBS, "neurondb.neuranq_workers": "2", "neurondb.neuranq_batch_size": "20"}],
+                         indirect=True)
+def test_two_queue_processes_never_run_a_job_twice(service: Service, conn: psycopg.Connection,
+                                                   tmp_path: Path) -> None:
+    """Two neuranq processes claim from one queue: with no crash, every job runs exactly once, and both
+    processes take part."""
+    assert [w.name for w in service.status().workers if w.kind == "neuranq"] == ["neuranq", "neuranq-2"]
+    effects = tmp_path / "runs.log"
+    ids = queue.enqueue_many(conn, "test.record", [{"file": str(effects), "seconds": 0.001}] * 2000)
+    wait_finished(conn, ids, 60.0)
+    runs = effects.read_text().split()
+    assert len(runs) == len(set(runs)) == 2000
+    owners = dict(conn.execute("SELECT split_part(lease_owner, ':', 2), count(*) FROM neurondb.neurondb_job_queue "
+                               "GROUP BY 1").fetchall())
+    assert len(owners) == 2 and min(owners.values()) > 100, owners
