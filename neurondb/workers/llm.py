@@ -54,6 +54,7 @@ from psycopg.types.json import Jsonb
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
 from neurondb.providers.base import invalid_input
+from neurondb.providers.http import check_params
 from neurondb.providers.registry import completer_for, embedder_for, reranker_for
 from neurondb.queries import query
 from neurondb.settings import ReloadResult
@@ -100,11 +101,15 @@ def backoff_ms(attempt: int, base_ms: float, max_ms: float, retry_after_s: float
     return delay
 
 
+class InvalidJob(Exception):
+    """A job whose inputs can never run (a plain INSERT without a prompt ...): it fails at once."""
+
+
 def describe(exc: BaseException) -> str:
     """The error_message of a failed attempt: a ProviderError's own text (provider, status, provider's
     message; redacted), anything else with its type. Never includes request headers."""
     text = str(exc).strip() or type(exc).__name__
-    if not isinstance(exc, ProviderError):
+    if not isinstance(exc, (ProviderError, InvalidJob)):
         text = f"{type(exc).__name__}: {text}"
     return text[:MAX_ERROR]
 
@@ -219,14 +224,22 @@ class LLMWorker(Worker):
         self._cache_estimate = 0          # entries, as last counted plus what we added since
 
     def on_reload(self, result: ReloadResult) -> None:
-        """Providers hold the endpoint, model, key and timeout they were built with: rebuild them."""
+        """Providers hold the endpoint, model, key and timeout they were built with: rebuild them. When the
+        worker was just disabled, its loop stops running: calls in flight finish now (each bounded by
+        neuranllm_timeout) and claimed jobs that did not start go back to the table."""
         self._providers.clear()
+        if not self.enabled and (self._held or self._tasks):
+            try:
+                self.loop.run_until_complete(self._drain(fast=False))
+            except psycopg.Error as exc:
+                self.log.warning("could not record the LLM jobs in hand while disabling: %s (their leases "
+                                 "bring them back)", exc)
 
     def on_stop(self) -> None:
         """Smart stop: calls in flight finish (each is bounded by neuranllm_timeout) and are recorded.
         Fast stop: they are abandoned. Either way jobs not started go back to pending, no attempt counted."""
         try:
-            self.loop.run_until_complete(self._stop(fast=self.shutdown == "fast"))
+            self.loop.run_until_complete(self._drain(fast=self.shutdown == "fast"))
         finally:
             with contextlib.suppress(Exception):
                 self.loop.run_until_complete(self.client.aclose())
@@ -236,7 +249,8 @@ class LLMWorker(Worker):
             self.loop.close()
             self.buckets.close()
 
-    async def _stop(self, fast: bool) -> None:
+    async def _drain(self, fast: bool) -> None:
+        """Leave no job in hand: finish (or, fast, abandon) calls in flight, hand back what did not start."""
         self._exhausted = True
         for job in self._ready:
             if not job.done and job.calls == 0:
@@ -381,8 +395,9 @@ class LLMWorker(Worker):
         if self._held and now >= self._next_lease:
             await self._extend_leases()
         while self._want_claim():
-            claimed = await self._claim()
-            if not claimed:
+            if len(self._outcomes) >= FLUSH_MAX:      # cache hits pile up while claims go on
+                await self._flush()
+            if not await self._claim():
                 break
 
     def _want_claim(self) -> bool:
@@ -428,7 +443,7 @@ class LLMWorker(Worker):
                 continue
             try:
                 self._prepare(job)
-            except ProviderError as exc:
+            except (ProviderError, InvalidJob) as exc:
                 self._fail(job, describe(exc))
                 continue
             jobs.append(job)
@@ -440,15 +455,16 @@ class LLMWorker(Worker):
         return not self._exhausted
 
     def _prepare(self, job: Job) -> None:
-        """Route the job, check its inputs, compute its cache keys. Inputs are checked again here because a
+        """Check the job's inputs, route it, compute its cache keys. Inputs are checked here too because a
         plain INSERT skips neurondb.llm_check_inputs; the messages are the same."""
+        problem = input_problem(job)
+        if problem:
+            raise InvalidJob(problem)
         route, _ = self._provider(job.operation, job.model, job.provider)
         job.route = route
         params = job.parameters
-        problem = input_problem(job)
-        if problem:
-            raise invalid_input(route.provider, problem)
         if job.operation == "completion":
+            check_params(route.provider, params)      # a bad parameter fails now, before any request
             job.keys = [cache_key("completion", route.provider, route.model, [job.system_prompt or "", job.input_text],
                                   params)]
         elif job.operation == "embedding":
@@ -659,8 +675,6 @@ class LLMWorker(Worker):
             return False
         job.done = True
         self._hand_back[job.job_id] = wait_s * 1000.0
-        due = time.monotonic() + wait_s
-        self._due_at = due if self._due_at is None else min(self._due_at, due)
         return True
 
     # -- calls ----------------------------------------------------------------------------------------
@@ -774,8 +788,6 @@ class LLMWorker(Worker):
                                    float(self._setting("neuranllm_retry_max_delay")), retry_after)
                 self.log.info("LLM job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job.job_id,
                               job.operation, attempt, delay, message)
-                due = now + delay / 1000.0
-                self._due_at = due if self._due_at is None else min(self._due_at, due)
                 self._finish(Outcome(job, "retry", now, error=message, delay_ms=delay))
             else:
                 why = "not retryable" if not retryable else f"after {attempt} attempts"
@@ -841,7 +853,9 @@ class LLMWorker(Worker):
             async with conn.transaction():
                 await self._write(conn, outcomes, hand_back, puts, now)
         except psycopg.OperationalError:
-            self._outcomes[:0], self._cache_puts = outcomes, {p[0]: p for p in puts} | self._cache_puts
+            # Nothing was written: keep everything for the flush after the reconnection.
+            self._outcomes = outcomes + self._outcomes
+            self._cache_puts = {p[0]: p for p in puts} | self._cache_puts
             self._hand_back.update(hand_back)
             raise
         except psycopg.Error as exc:
@@ -862,6 +876,13 @@ class LLMWorker(Worker):
                 async with conn.transaction():
                     await self._write(conn, [], hand_back, [], now)
         self._count(outcomes)
+        # Retries and hand-backs are runnable again once their delay has passed, and visible only now:
+        # wake up for the first of them (not for the naptime).
+        dues = [o.at + o.delay_ms / 1000.0 for o in outcomes if o.status == "retry"]
+        dues += [now + delay / 1000.0 for delay in hand_back.values()]
+        if dues:
+            due = min(dues)
+            self._due_at = due if self._due_at is None else min(self._due_at, due)
         for o in outcomes:
             self._held.pop(o.job.job_id, None)
         for job_id in hand_back:
