@@ -134,10 +134,12 @@ class Bench:
             errors = conn.execute(f"SELECT error_message, count(*) FROM {TABLE} WHERE status = 'failed' "
                                   "GROUP BY 1 ORDER BY 2 DESC LIMIT 3").fetchall()
             raise BenchError(f"{what}: ended with {counts}, errors {errors}\n{self.service.log_tail()}")
-        hits, span = conn.execute(f"SELECT count(*) FILTER (WHERE cache_hit), "
-                                  f"extract(epoch FROM max(completed_at) - min(started_at)) FROM {TABLE}").fetchone()
+        hits, span, latency = conn.execute(
+            f"SELECT count(*) FILTER (WHERE cache_hit), extract(epoch FROM max(completed_at) - min(started_at)), "
+            f"avg(latency_ms) FROM {TABLE}").fetchone()
         out = {"jobs": len(ids), "seconds": round(elapsed, 3), "jobs_per_s": round(len(ids) / elapsed, 1),
-               "server_jobs_per_s": round(len(ids) / float(span), 1) if span else None, "cache_hits": hits}
+               "server_jobs_per_s": round(len(ids) / float(span), 1) if span else None, "cache_hits": hits,
+               "mean_call_ms": round(latency, 1) if latency is not None else None}
         if fake is not None:
             out["requests"] = fake.count() - requests_before
         log(f"{what}: {out}")

@@ -382,10 +382,11 @@ def test_document_llm_queries_and_status_view(service: Service, conn: psycopg.Co
     assert next(w for w in status["workers"] if w["name"] == "neuranllm")["processed"] >= 13
 
 
-def test_notify_wakes_the_worker_and_concurrency_is_used(service: Service, conn: psycopg.Connection,
-                                                         fake: FakeProvider) -> None:
+def test_notify_wakes_the_worker_concurrency_and_disabling(service: Service, conn: psycopg.Connection,
+                                                           fake: FakeProvider) -> None:
     """With a 60 s naptime a submitted job still starts at once; 32 calls of 300 ms at concurrency 16
-    take about 2 x 300 ms, not 32 x 300 ms."""
+    take about 2 x 300 ms, not 32 x 300 ms. Disabling the worker lets its calls in flight finish and
+    hands back the jobs it had not started; enabling it again runs them."""
     reload(service, neuranllm_naptime="60s")
     time.sleep(0.6)
     fake.set_delay(300)
@@ -393,3 +394,16 @@ def test_notify_wakes_the_worker_and_concurrency_is_used(service: Service, conn:
     ids = llm.submit_many(conn, "completion", [f"p {i}" for i in range(32)])
     wait_done(conn, ids, 10)
     assert time.monotonic() - started < 2.5
+
+    fake.set_delay(1000)
+    ids = llm.submit_many(conn, "completion", [f"q {i}" for i in range(40)])
+    wait_for(lambda: fake.count() >= 32 + 16, 5, "16 calls in flight")
+    reload(service, neuranllm_enabled="off")
+    statuses = "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs WHERE job_id = ANY(%s) GROUP BY status"
+    wait_for(lambda: dict(conn.execute(statuses, (ids,)).fetchall()).get("processing") is None, 5,
+             "no job left processing")
+    counts = dict(conn.execute(statuses, (ids,)).fetchall())
+    assert counts["completed"] >= 16 and counts["completed"] + counts["pending"] == 40, counts
+    fake.set_delay(0)
+    reload(service, neuranllm_enabled="on")
+    assert [r["status"] for r in wait_done(conn, ids, 10)] == ["completed"] * 40

@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
 import orjson
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import set_json_loads
 
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
@@ -86,10 +85,9 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-def pg_vector(vector: np.ndarray) -> str:
-    """A vector as a PostgreSQL array literal ('{0.1,0.2}'), float32 digits, as the complete query takes it."""
-    raw = orjson.dumps(np.asarray(vector, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
-    return "{" + raw[1:-1].decode() + "}"
+def json_rows(rows: list[dict[str, Any]]) -> str:
+    """A batch of rows as one JSON array for jsonb_to_recordset; numpy vectors as arrays of float32 digits."""
+    return orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def backoff_ms(attempt: int, base_ms: float, max_ms: float, retry_after_s: float | None = None) -> float:
@@ -166,7 +164,7 @@ class Outcome:
     status: str                   # "completed", "retry" or "failed"
     at: float                     # time.monotonic() when it was decided
     text: str | None = None
-    vector: str | None = None
+    vector: Any = None            # np.ndarray from a provider, list from the cache
     json: Any = None
     cache_hit: bool = False
     error: str = ""
@@ -213,6 +211,7 @@ class LLMWorker(Worker):
         self._in_flight = 0
         self._in_flight_by: dict[str, int] = {}
         self._exhausted = False          # the last claim came back short: wait for a NOTIFY or a due time
+        self._stopping = False           # draining: no new calls
         self._due_at: float | None = None          # earliest known retry or delayed job
         self._blocked_until: float | None = None   # earliest time a rate-limited call may go
         self._hand_back: dict[int, float] = {}     # job_id -> delay_ms (tenant over its share)
@@ -252,6 +251,13 @@ class LLMWorker(Worker):
     async def _drain(self, fast: bool) -> None:
         """Leave no job in hand: finish (or, fast, abandon) calls in flight, hand back what did not start."""
         self._exhausted = True
+        self._stopping = True
+        try:
+            await self._drain_now(fast)
+        finally:
+            self._stopping = False    # a reload that disabled the worker may enable it again
+
+    async def _drain_now(self, fast: bool) -> None:
         for job in self._ready:
             if not job.done and job.calls == 0:
                 self._hand_back[job.job_id] = 0.0
@@ -321,6 +327,7 @@ class LLMWorker(Worker):
             if self._due_at is not None and now >= self._due_at:
                 self._due_at = None
                 self._exhausted = False
+            self._dispatch()           # slots freed since the last round are served from claimed jobs at once
             await self._database_round()
             self._dispatch()
             self._publish_gauges()
@@ -378,6 +385,7 @@ class LLMWorker(Worker):
             # generic plan for the batch updates (a join with unnest() of any length) was a nested loop
             # that took 7 s for 2,000 outcomes where the custom plan takes 0.5 s.
             self._aconn.prepare_threshold = None
+            set_json_loads(orjson.loads, self._aconn)    # cached vectors come back as JSON
         return self._aconn
 
     def _drop_async_connection(self) -> None:
@@ -407,7 +415,9 @@ class LLMWorker(Worker):
         if free <= 0:
             return False
         waiting = sum(1 for j in self._ready if not j.done)
-        if waiting < free:
+        # Half a batch ahead of the free slots: a call that ends finds its successor already claimed and
+        # starts it at once (see _run_call), instead of idling for a claim's round trip.
+        if waiting < free + int(self._setting("neuranllm_batch_size")) // 2:
             return True
         if waiting >= 2 * max(self.concurrency, int(self._setting("llm_embedding_batch_size"))):
             return False
@@ -510,7 +520,7 @@ class LLMWorker(Worker):
             if job.operation == "embedding":
                 for i, hit in enumerate(hits):
                     if hit is not None and hit[4] is not None:
-                        job.vectors[i] = np.asarray(hit[4], dtype=np.float32)
+                        job.vectors[i] = hit[4]
                         job.unsent -= 1
                         job.prompt_tokens = _add(job.prompt_tokens, hit[6])
                 if job.unsent == 0:
@@ -550,7 +560,7 @@ class LLMWorker(Worker):
     def _dispatch(self) -> None:
         """Start calls for waiting jobs, in claim order, while slots are free and the limits allow."""
         self._blocked_until = None
-        if not self._ready or self.shutdown:
+        if not self._ready or self.shutdown or self._stopping:
             return
         keep: list[Job] = []
         blocked: set[tuple[str, str]] = set()
@@ -702,6 +712,10 @@ class LLMWorker(Worker):
             self._call_failed(call, error, ms)
         else:
             self._call_succeeded(call, value, ms)
+        if self._ready and not self._stopping:
+            # The freed slot takes the next claimed job now, not when the session loop comes round
+            # (it may be waiting on the database for a few ms).
+            self._dispatch()
 
     async def _invoke(self, call: Call) -> Any:
         client = self.client
@@ -746,7 +760,7 @@ class LLMWorker(Worker):
             item_job.vectors[index] = vector
             item_job.prompt_tokens = _add(item_job.prompt_tokens, None if tokens is None else tokens * estimate / total)
             item_job.latency_ms = max(item_job.latency_ms, ms)
-            self._put_cache(item_job, item_job.keys[index], vector=pg_vector(vector),
+            self._put_cache(item_job, item_job.keys[index], vector=vector,
                             tokens=None if tokens is None else round(tokens * estimate / total))
         for item_job in call.jobs:
             if not item_job.done and all(v is not None for v in item_job.vectors):
@@ -754,10 +768,9 @@ class LLMWorker(Worker):
 
     def _complete_embedding(self, job: Job, now: float, cache_hit: bool) -> None:
         if job.input_texts is not None:
-            out = Outcome(job, "completed", now, json=[np.asarray(v, dtype=np.float32) for v in job.vectors],
-                          cache_hit=cache_hit)
+            out = Outcome(job, "completed", now, json=list(job.vectors), cache_hit=cache_hit)
         else:
-            out = Outcome(job, "completed", now, vector=pg_vector(job.vectors[0]), cache_hit=cache_hit)
+            out = Outcome(job, "completed", now, vector=job.vectors[0], cache_hit=cache_hit)
         if job.prompt_tokens is not None:
             job.prompt_tokens = round(job.prompt_tokens)
         self._finish(out)
@@ -831,14 +844,15 @@ class LLMWorker(Worker):
     def _fail(self, job: Job, message: str) -> None:
         self._finish(Outcome(job, "failed", time.monotonic(), error=message[:MAX_ERROR]))
 
-    def _put_cache(self, job: Job, key: str, *, text: str | None = None, vector: str | None = None,
+    def _put_cache(self, job: Job, key: str, *, text: str | None = None, vector: Any = None,
                    json: Any = None, tokens: int | None = None) -> None:
         if not self.cache_on or job.route is None:
             return
-        prompt = tokens if job.operation == "embedding" else job.prompt_tokens
-        self._cache_puts[key] = (key, job.operation, job.route.provider, job.route.model, text, vector,
-                                 None if json is None else _jsonb(json), prompt,
-                                 job.completion_tokens if job.operation == "completion" else None)
+        self._cache_puts[key] = {
+            "cache_key": key, "operation": job.operation, "provider": job.route.provider,
+            "model_name": job.route.model, "result_text": text, "result_vector": vector, "result_json": json,
+            "prompt_tokens": _int(tokens if job.operation == "embedding" else job.prompt_tokens),
+            "completion_tokens": _int(job.completion_tokens) if job.operation == "completion" else None}
 
     async def _flush(self) -> None:
         """Every waiting outcome, hand-back and cache entry in one transaction."""
@@ -855,7 +869,7 @@ class LLMWorker(Worker):
         except psycopg.OperationalError:
             # Nothing was written: keep everything for the flush after the reconnection.
             self._outcomes = outcomes + self._outcomes
-            self._cache_puts = {p[0]: p for p in puts} | self._cache_puts
+            self._cache_puts = {p["cache_key"]: p for p in puts} | self._cache_puts
             self._hand_back.update(hand_back)
             raise
         except psycopg.Error as exc:
@@ -890,40 +904,32 @@ class LLMWorker(Worker):
         self._cache_estimate += len(puts)
 
     async def _write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome], hand_back: dict[int, float],
-                     puts: list[tuple], now: float) -> None:
+                     puts: list[dict[str, Any]], now: float) -> None:
         done = [o for o in outcomes if o.status == "completed"]
         retry = [o for o in outcomes if o.status == "retry"]
         failed = [o for o in outcomes if o.status == "failed"]
         if done:
-            await conn.execute(query("llm", "complete"), {
-                "owner": self.owner, "ids": [o.job.job_id for o in done],
-                "providers": [o.job.route.provider if o.job.route else None for o in done],
-                "models": [o.job.route.model if o.job.route else None for o in done],
-                "texts": [o.text for o in done], "vectors": [o.vector for o in done],
-                "jsons": [None if o.json is None else _jsonb(o.json) for o in done],
-                "cache_hits": [o.cache_hit for o in done], "latencies": [o.job.latency_ms for o in done],
-                "prompt_tokens": [_int(o.job.prompt_tokens) for o in done],
-                "completion_tokens": [_int(o.job.completion_tokens) for o in done]})
+            await conn.execute(query("llm", "complete"), {"owner": self.owner, "rows": json_rows([{
+                "job_id": o.job.job_id, "provider": o.job.route.provider if o.job.route else None,
+                "model": o.job.route.model if o.job.route else None, "result_text": o.text,
+                "result_vector": o.vector, "result_json": o.json, "cache_hit": o.cache_hit,
+                "latency_ms": o.job.latency_ms, "prompt_tokens": _int(o.job.prompt_tokens),
+                "completion_tokens": _int(o.job.completion_tokens)} for o in done])})
         if retry:
-            await conn.execute(query("llm", "retry"), {
-                "owner": self.owner, "ids": [o.job.job_id for o in retry], "errors": [o.error for o in retry],
-                "delays_ms": [o.delay_ms for o in retry], "ago_ms": [(now - o.at) * 1000 for o in retry]})
+            await conn.execute(query("llm", "retry"), {"owner": self.owner, "rows": json_rows([{
+                "job_id": o.job.job_id, "error": o.error, "delay_ms": o.delay_ms, "ago_ms": (now - o.at) * 1000}
+                for o in retry])})
         if failed:
-            await conn.execute(query("llm", "fail"), {
-                "owner": self.owner, "ids": [o.job.job_id for o in failed], "errors": [o.error for o in failed],
-                "providers": [o.job.route.provider if o.job.route else None for o in failed],
-                "latencies": [o.job.latency_ms if o.job.calls else None for o in failed],
-                "ago_ms": [(now - o.at) * 1000 for o in failed]})
+            await conn.execute(query("llm", "fail"), {"owner": self.owner, "rows": json_rows([{
+                "job_id": o.job.job_id, "error": o.error, "provider": o.job.route.provider if o.job.route else None,
+                "latency_ms": o.job.latency_ms if o.job.calls else None, "ago_ms": (now - o.at) * 1000}
+                for o in failed])})
         for delay in sorted(set(hand_back.values())):
             await conn.execute(query("llm", "hand_back"), {
                 "owner": self.owner, "delay_ms": delay, "ids": [j for j, d in hand_back.items() if d == delay]})
         if puts:
-            columns = list(zip(*puts, strict=True))
-            await conn.execute(query("llm", "cache_put"), {
-                "ttl_s": float(self._setting("llm_cache_ttl")), "keys": list(columns[0]),
-                "operations": list(columns[1]), "providers": list(columns[2]), "models": list(columns[3]),
-                "texts": list(columns[4]), "vectors": list(columns[5]), "jsons": list(columns[6]),
-                "prompt_tokens": [_int(t) for t in columns[7]], "completion_tokens": [_int(t) for t in columns[8]]})
+            await conn.execute(query("llm", "cache_put"), {"ttl_s": float(self._setting("llm_cache_ttl")),
+                                                           "rows": json_rows(puts)})
 
     def _count(self, outcomes: list[Outcome]) -> None:
         result = self._result
@@ -974,15 +980,6 @@ class LLMWorker(Worker):
         if seconds is not None:
             due = time.monotonic() + max(0.0, float(seconds))
             self._due_at = due if self._due_at is None else min(self._due_at, due)
-
-
-def _jsonb(value: Any) -> Jsonb:
-    """jsonb parameter serialised by orjson, which also writes numpy vectors (float32 digits)."""
-    return Jsonb(value, dumps=_dumps)
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def _resolve(future: asyncio.Future) -> None:
