@@ -572,6 +572,9 @@ class LLMWorker(Worker):
             if self._in_flight >= self.concurrency or (provider, job.tenant) in blocked or (provider, "") in blocked:
                 keep.append(job)
                 continue
+            if job.operation == "embedding" and self._filling(job):
+                keep.append(job)
+                continue
             call = self._build_call(job)
             wait, whole_provider = self._admit(call, now)
             if wait > 0:
@@ -588,6 +591,15 @@ class LLMWorker(Worker):
             if job.operation == "embedding" and job.unsent > 0:
                 keep.append(job)
         self._ready = keep
+
+    def _filling(self, job: Job) -> bool:
+        """Whether the job's embedding group is below a full request while claims are about to add to it:
+        it then waits for them (one claim's round trip) instead of going as a small request."""
+        if job.solo or self._exhausted:
+            return False
+        group = self._groups.get(self._group_key(job))
+        return group is not None and len(group) < int(self._setting("llm_embedding_batch_size")) and \
+            self._want_claim()
 
     def _build_call(self, job: Job) -> Call:
         call = Call(job.route, job.tenant, [job])
