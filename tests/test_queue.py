@@ -342,3 +342,13 @@ def test_two_queue_processes_never_run_a_job_twice(service: Service, conn: psyco
     owners = dict(conn.execute("SELECT split_part(lease_owner, ':', 2), count(*) FROM neurondb.neurondb_job_queue "
                                "GROUP BY 1").fetchall())
     assert len(owners) == 2 and min(owners.values()) > 100, owners
+
+
+@pytest.mark.parametrize("service", [{**JOBS, "neurondb.job_retention": "3s"}], indirect=True)
+def test_retention_removes_old_finished_jobs(service: Service, conn: psycopg.Connection) -> None:
+    done = queue.enqueue_many(conn, "test.noop", [{}] * 50)
+    later = queue.enqueue(conn, "test.noop", run_at=datetime.fromisoformat("2100-01-01T00:00:00+00:00"))
+    wait_finished(conn, done, 10.0)
+    wait_for(lambda: conn.execute("SELECT count(*) FROM neurondb.neurondb_job_queue WHERE job_id = ANY(%s)",
+                                  (done,)).fetchone()[0] == 0, 15.0, "retention to remove finished jobs")
+    assert job(conn, later)["status"] == "pending"       # unfinished jobs are never touched

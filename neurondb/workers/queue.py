@@ -40,7 +40,7 @@ from neurondb.workers.leases import recover_expired
 
 TABLE = "neurondb.neurondb_job_queue"
 MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-limit refreshes
-RETENTION_EVERY = 60.0
+RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_BATCH = 1000
 FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
 MAX_ERROR = 2000             # characters of an error message kept per attempt
@@ -74,7 +74,7 @@ class QueueWorker(Worker):
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.tenant_limits: dict[str, tuple[float | None, int | None]] = {}
         self._next_maintenance = 0.0
-        self._next_retention = time.monotonic() + random.uniform(0, RETENTION_EVERY)
+        self._next_retention = time.monotonic() + random.uniform(0, self._retention_every())
         self._wake_at: float | None = None
         signal.signal(signal.SIGALRM, self._on_alarm)
 
@@ -332,8 +332,11 @@ class QueueWorker(Worker):
             self.log.warning("recovered %d jobs whose lease expired", recovered)
         self.tenant_limits = {t: (r, b) for t, r, b in self.conn.execute(query("queue", "tenant_limits"))}
         if now >= self._next_retention:
-            self._next_retention = now + RETENTION_EVERY
+            self._next_retention = now + self._retention_every()
             self._retention()
+
+    def _retention_every(self) -> float:
+        return min(RETENTION_EVERY, max(1.0, float(self.config.get("neurondb.job_retention")) / 10))
 
     def _retention(self) -> None:
         """Delete finished jobs past neurondb.job_retention in small batches; one queue process at a time."""
