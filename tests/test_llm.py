@@ -154,14 +154,15 @@ OLLAMA = {"neurondb.llm_provider": "ollama", "neurondb.llm_model": "llama3.2",
                                      OLLAMA], indirect=True, ids=["openai", "ollama"])
 def test_every_operation_end_to_end(service: Service, conn: psycopg.Connection, fake: FakeProvider) -> None:
     shape = service.settings["neurondb.llm_provider"]   # type: ignore[attr-defined]
-    complete = llm.submit(conn, "completion", None, "say hello please", system_prompt="be brief",
-                          parameters={"max_tokens": 3, "temperature": 0})
-    embed = llm.submit(conn, "embedding", None, "the cat sat")
-    embed_many = llm.submit(conn, "embed", None, input_texts=["a dog", "a cat", "the cat sat"])
-    rerank = llm.submit(conn, "reranking", "rerank-english", "cat mat",
-                        documents=["a dog barks", "the cat on the mat", "a cat"], parameters={"top_n": 2})
-    local_embed = llm.submit(conn, "embedding", "hash-16", "offline text")
-    local_rerank = llm.submit(conn, "reranking", "bm25", "cat", documents=["dog", "cat cat"])
+    with conn.transaction():   # committed together: the worker sees (and batches) them together
+        complete = llm.submit(conn, "completion", None, "say hello please", system_prompt="be brief",
+                              parameters={"max_tokens": 3, "temperature": 0})
+        embed = llm.submit(conn, "embedding", None, "the cat sat")
+        embed_many = llm.submit(conn, "embed", None, input_texts=["a dog", "a cat", "the cat sat"])
+        rerank = llm.submit(conn, "reranking", "rerank-english", "cat mat",
+                            documents=["a dog barks", "the cat on the mat", "a cat"], parameters={"top_n": 2})
+        local_embed = llm.submit(conn, "embedding", "hash-16", "offline text")
+        local_rerank = llm.submit(conn, "reranking", "bm25", "cat", documents=["dog", "cat cat"])
     c, e, em, r, le, lr = wait_done(conn, [complete, embed, embed_many, rerank, local_embed, local_rerank], 15)
 
     assert all(j["status"] == "completed" for j in (c, e, em, r, le, lr)), [j["error_message"] for j in (c, e, em, r)]
@@ -184,7 +185,7 @@ def test_every_operation_end_to_end(service: Service, conn: psycopg.Connection, 
     chat = next(q.json for q in fake.requests if "chat" in q.path)
     assert chat["messages"] == [{"role": "system", "content": "be brief"},
                                 {"role": "user", "content": "say hello please"}]
-    # The two embedding jobs travelled in one request (the worker batches texts of one model).
+    # The two embedding jobs travelled in one request (the worker batches texts of one model and tenant).
     assert sum(1 for q in fake.requests if "embed" in q.path) == 1
 
     if shape == "openai":   # the command line, once
@@ -255,15 +256,32 @@ def test_timeout_and_dropped_connection(service: Service, conn: psycopg.Connecti
 
 # -- rate limits -----------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def small_tenant(fresh_dsn: str) -> str:
+    """A tenant allowed a quarter of the provider limits; the row exists before the service starts."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        c.execute("INSERT INTO neurondb.neurondb_tenants (tenant_id, llm_share) VALUES ('small', 0.25)")
+    return "small"
+
+
 @pytest.mark.parametrize("service", [{"neurondb.llm_requests_per_second": "20"}], indirect=True)
-def test_rate_limit_obeyed_and_a_429_slows_it(service: Service, conn: psycopg.Connection, fake: FakeProvider) -> None:
-    ids = llm.submit_many(conn, "completion", [f"prompt {i}" for i in range(400)])
+def test_rate_limit_tenant_share_and_429(small_tenant: str, service: Service, conn: psycopg.Connection,
+                                         fake: FakeProvider) -> None:
+    """20 requests/s is held within 10%; the tenant with a 0.25 share gets 5/s of it while the other takes
+    the rest (its jobs are not held up behind the throttled tenant's backlog); a 429 halves the rate."""
+    ids = llm.submit_many(conn, "completion", [f"small {i}" for i in range(150)], tenant_id=small_tenant)
+    ids += llm.submit_many(conn, "completion", [f"prompt {i}" for i in range(300)])
     wait_for(lambda: fake.count() > 0, 5, "the first request")
     time.sleep(1.0)
-    c0, t0 = fake.count(), time.monotonic()
+    r0, t0 = len(fake.requests), time.monotonic()
     time.sleep(5.0)
-    rate = (fake.count() - c0) / (time.monotonic() - t0)
+    window = fake.requests[r0:]
+    seconds = time.monotonic() - t0
+    rate = len(window) / seconds
+    small = sum(1 for q in window if q.json["messages"][-1]["content"].startswith("small")) / seconds
     assert 18 <= rate <= 22, f"{rate:.1f} requests/s, limit 20"
+    assert 4 <= small <= 6, f"tenant small made {small:.1f} requests/s, its share is 5"
+
     fake.fail(429)                     # one 429: the rate halves, then grows back (AIMD, shared memory)
     wait_for(lambda: conn.execute("SELECT count(*) FROM neurondb.neurondb_llm_jobs WHERE retry_count > 0"
                                   ).fetchone()[0] > 0, 5, "the 429")

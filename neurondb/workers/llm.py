@@ -215,6 +215,7 @@ class LLMWorker(Worker):
         self._due_at: float | None = None          # earliest known retry or delayed job
         self._blocked_until: float | None = None   # earliest time a rate-limited call may go
         self._hand_back: dict[int, float] = {}     # job_id -> delay_ms (tenant over its share)
+        self._throttled: set[str] = set()          # tenants over their share at the last dispatch
         self._waiter: asyncio.Future | None = None
         self._result = BatchResult()
         self._next_maintenance = 0.0
@@ -414,7 +415,9 @@ class LLMWorker(Worker):
         free = self.concurrency - self._in_flight
         if free <= 0:
             return False
-        waiting = sum(1 for j in self._ready if not j.done)
+        # Jobs of a tenant over its share cannot use a free slot: they do not count, or a throttled tenant's
+        # backlog would stop the claims that bring everyone else's jobs.
+        waiting = sum(1 for j in self._ready if not j.done and j.tenant not in self._throttled)
         # Half a batch ahead of the free slots: a call that ends finds its successor already claimed and
         # starts it at once (see _run_call), instead of idling for a claim's round trip.
         if waiting < free + int(self._setting("neuranllm_batch_size")) // 2:
@@ -431,7 +434,8 @@ class LLMWorker(Worker):
         batch = int(self._setting("neuranllm_batch_size"))
         conn = await self._db()
         cur = await conn.execute(query("llm", "claim"), {"batch": batch, "owner": self.owner,
-                                                         "lease_ms": self.lease_ms})
+                                                         "lease_ms": self.lease_ms,
+                                                         "throttled": sorted(self._throttled)})
         rows = await cur.fetchall()
         if len(rows) < batch:
             self._exhausted = True
@@ -561,6 +565,7 @@ class LLMWorker(Worker):
         """Start calls for waiting jobs, in claim order, while slots are free and the limits allow."""
         self._blocked_until = None
         if not self._ready or self.shutdown or self._stopping:
+            self._throttled = set()
             return
         keep: list[Job] = []
         blocked: set[tuple[str, str]] = set()
@@ -591,6 +596,7 @@ class LLMWorker(Worker):
             if job.operation == "embedding" and job.unsent > 0:
                 keep.append(job)
         self._ready = keep
+        self._throttled = {tenant for _, tenant in blocked if tenant}
 
     def _filling(self, job: Job) -> bool:
         """Whether the job's embedding group is below a full request while claims are about to add to it:

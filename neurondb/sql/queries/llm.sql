@@ -3,10 +3,11 @@
 
 -- name: claim
 -- Claim up to %(batch)s runnable jobs in one round trip: priority, then age. SKIP LOCKED lets another
--- claimer (a second machine) take the next jobs instead of waiting on these.
+-- claimer (a second machine) take the next jobs instead of waiting on these. Tenants in %(throttled)s are
+-- over their share of the rate limits with jobs already waiting in the worker: others' jobs go first.
 WITH claimed AS (
     SELECT job_id FROM neurondb.neurondb_llm_jobs
-     WHERE status = 'pending' AND run_at <= now()
+     WHERE status = 'pending' AND run_at <= now() AND tenant_id <> ALL(%(throttled)s::text[])
      ORDER BY priority DESC, run_at, job_id
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED
