@@ -581,6 +581,8 @@ class LLMWorker(Worker):
                 keep.append(job)
                 continue
             call = self._build_call(job)
+            if not call.jobs:
+                continue               # its texts went with another job's request meanwhile
             wait, whole_provider = self._admit(call, now)
             if wait > 0:
                 self._unbuild(call)
@@ -613,7 +615,8 @@ class LLMWorker(Worker):
             call.tokens = estimate_tokens((job.system_prompt or "") + (job.input_text or "") +
                                           "".join(job.documents or ())) + int(job.parameters.get("max_tokens") or 0)
             return call
-        group = self._groups[self._group_key(job)]
+        key = self._group_key(job)
+        group = self._groups[key]
         limit = int(self._setting("llm_embedding_batch_size"))
         max_tokens = EMBED_MAX_TOKENS
         tpm = float(self._setting("llm_tokens_per_minute"))
@@ -633,6 +636,8 @@ class LLMWorker(Worker):
             call.tokens += cost
             item_job.unsent -= 1
             jobs[item_job.job_id] = item_job
+        if not group:
+            del self._groups[key]      # groups come and go with tenants and isolated jobs
         call.jobs = list(jobs.values())
         return call
 
@@ -640,7 +645,7 @@ class LLMWorker(Worker):
         """Put a call's embedding texts back at the head of their group (the call did not go)."""
         if not call.items:
             return
-        group = self._groups[self._group_key(call.items[0][0])]
+        group = self._groups.setdefault(self._group_key(call.items[0][0]), deque())
         for item_job, index in reversed(call.items):
             group.appendleft((item_job, index))
             item_job.unsent += 1
