@@ -14,28 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import psycopg
+from benchlib import Scratch
 
 import neurondb
 from neurondb.index.store import SharedIndex
-from neurondb.paths import DataDir
-from neurondb.shm import names
 from neurondb.shm.control import SharedState
-
-
-def cli(*args: str, data_dir: Path, dsn: str | None) -> str:
-    cmd = [sys.executable, "-m", "neurondb", *args, "-D", str(data_dir)] + (["--dsn", dsn] if dsn else [])
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
 
 
 def searcher(data_dir: str, dsn: str, dim: int, stop: multiprocessing.Event, counter: multiprocessing.Value) -> None:
@@ -60,13 +50,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="neurondb-fresh-", dir="/tmp"))
-    data_dir = root   # the data dir itself: as root, the server user must traverse its parent (/tmp)
+    scratch = Scratch("neurondb-fresh-", args.dsn, owner="scripts/bench_freshness.py")
+    data_dir = scratch.root
     stop = multiprocessing.Event()
     load = None
     try:
-        cli("init", data_dir=data_dir, dsn=args.dsn)
-        dsn = cli("dsn", data_dir=data_dir, dsn=args.dsn).strip()
+        scratch.cli("init", timeout=300)
+        dsn = scratch.cli("dsn").strip()
         rng = np.random.default_rng(0)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT neurondb.create_index('fresh', %s, 'cosine')", (args.dim,))
@@ -75,8 +65,8 @@ def main() -> int:
                                 "VALUES ('fresh', %s, %s)",
                                 [(f"p{i}", v.tolist()) for i, v in
                                  enumerate(rng.standard_normal((args.preload, args.dim)).astype(np.float32))])
-        cli("start", data_dir=data_dir, dsn=args.dsn)
-        shared = SharedState.attach(names.instance_prefix(DataDir(data_dir).root))
+        scratch.cli("start", timeout=300)
+        shared = SharedState.attach(scratch.prefix)
         index = SharedIndex(shared, "fresh")
         deadline = time.monotonic() + 120
         while (a := index.arrays()) is None or a.count < args.preload:
@@ -128,8 +118,7 @@ def main() -> int:
         lat = sorted((seen[r] - t) * 1000 for r, t in committed.items() if r in seen)
         missing = len(committed) - len(lat)
         if not lat:
-            log = (data_dir / "log" / "neurondb.log").read_text().splitlines()[-15:]
-            raise RuntimeError("no inserted row reached the graph; last log lines:\n" + "\n".join(log))
+            raise RuntimeError(f"no inserted row reached the graph; {scratch.log_tail(15)}")
         result = {
             "rows": len(committed), "rate_per_s": args.rate, "dim": args.dim, "preloaded": args.preload,
             "background_searches_per_s": round(searches.value / args.seconds, 1),
@@ -149,11 +138,7 @@ def main() -> int:
         stop.set()
         if load is not None:
             load.join(5)
-        try:
-            cli("stop", data_dir=data_dir, dsn=args.dsn)
-        except Exception:
-            pass
-        shutil.rmtree(root, ignore_errors=True)
+        scratch.cleanup(keep=False)
 
 
 if __name__ == "__main__":

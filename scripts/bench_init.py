@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from benchlib import Scratch
 
 
-def timed(*args: str, data_dir: Path) -> float:
+def timed(scratch: Scratch, *args: str) -> float:
+    """Seconds for `neurondb ARGS -D DIR`, interpreter start-up included: what an operator waits."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "neurondb", *args, "-D", str(data_dir)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "neurondb", *scratch.command(*args)], check=True,
+                   capture_output=True, timeout=300, env=scratch.env)
     return time.perf_counter() - t0
 
 
@@ -33,14 +33,13 @@ def main() -> int:
     args = ap.parse_args()
     cold, warm, stop = [], [], []
     for _ in range(args.runs):
-        root = Path(tempfile.mkdtemp(prefix="neurondb-init-", dir="/tmp"))   # /tmp: the server user traverses it
+        scratch = Scratch("neurondb-init-", owner="scripts/bench_init.py")   # a new, empty data directory
         try:
-            cold.append(timed("init", data_dir=root))
-            stop.append(timed("db", "stop", data_dir=root))
-            warm.append(timed("db", "start", data_dir=root))
+            cold.append(timed(scratch, "init"))
+            stop.append(timed(scratch, "db", "stop"))
+            warm.append(timed(scratch, "db", "start"))
         finally:
-            subprocess.run([sys.executable, "-m", "neurondb", "db", "stop", "-D", str(root)], capture_output=True)
-            shutil.rmtree(root, ignore_errors=True)
+            scratch.cleanup(keep=False)
     result = {name: {"median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3), "n": len(v)}
               for name, v in (("cold_init", cold), ("warm_start", warm), ("stop", stop))}
     if args.json:

@@ -37,9 +37,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,8 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # tests.fakeprovider
+
+from benchlib import BenchError, clean_env, guarded, install_sigterm_handler, log, run_cli, scratch_dir  # noqa: E402
 
 from neurondb import db, llm  # noqa: E402
 from neurondb.paths import DataDir  # noqa: E402
@@ -59,30 +59,6 @@ from tests.service import FAST_SETTINGS, Service  # noqa: E402
 TABLE = "neurondb.neurondb_llm_jobs"
 POLL_S = 0.01
 DRAIN_TIMEOUT_S = 600.0
-
-
-class BenchError(RuntimeError):
-    """The service did not do what the benchmark needs; the message says what (with a log tail)."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs as it does for Ctrl-C."""
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so that `--json` output on stdout stays parseable."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run_cli(*args: str) -> None:
-    """`neurondb ARGS` for the embedded server. Output goes to a file, not a pipe: the PostgreSQL daemon it
-    starts would inherit a pipe and keep it open, and waiting for its end would hang."""
-    with tempfile.TemporaryFile() as out:
-        code = subprocess.run([sys.executable, "-m", "neurondb", *args], stdin=subprocess.DEVNULL, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=180).returncode
-        if code:
-            out.seek(0)
-            raise BenchError(f"`neurondb {' '.join(args)}` exited {code}:\n{out.read().decode(errors='replace')}")
 
 
 class Bench:
@@ -203,29 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
 
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted()
-
-    signal.signal(signal.SIGTERM, on_term)
+    install_sigterm_handler()
     target = 0.8 * args.concurrency / (args.delay_ms / 1000.0)
-    # Two directories directly under /tmp: as root, the embedded server runs as a system user that must be
-    # able to traverse the parent of its data directory.
-    pg_root = Path(tempfile.mkdtemp(prefix="neurondb-bench-llm-pg-", dir="/tmp"))
-    root = Path(tempfile.mkdtemp(prefix="neurondb-bench-llm-", dir="/tmp"))
+    env = clean_env()
+    pg_root = scratch_dir("neurondb-bench-llm-pg-")
+    root = scratch_dir("neurondb-bench-llm-")
     fake = FakeProvider(dim=384, record=False)
     results: dict[str, Any] = {"delay_ms": args.delay_ms, "concurrency": args.concurrency, "cpus": os.cpu_count(),
                                "load_before": os.getloadavg()[0]}
-    code = 0
-    bench: Bench | None = None
-    try:
+    benches: list[Bench] = []
+
+    def run() -> None:
         dsn = args.dsn
         if dsn is None:
             log(f"embedded PostgreSQL: neurondb init -D {pg_root}")
-            run_cli("init", "-D", str(pg_root))
+            run_cli(["init", "-D", str(pg_root)], env, timeout=180)
             dsn = db.resolve_dsn(DataDir(pg_root))
         fake.start()
         fake.set_delay(args.delay_ms)
         bench = Bench(Service(root / "service", dsn))
+        benches.append(bench)
         bench.start(neuranllm_concurrency=str(args.concurrency), llm_provider="openai", llm_endpoint=fake.url,
                     llm_model="bench-model")
         results["completion"] = bench.drain("completions", "completion", texts(args.jobs, "prompt"), fake)
@@ -245,25 +218,21 @@ def main(argv: list[str] | None = None) -> int:
         results["load_after"] = os.getloadavg()[0]
         results["target_jobs_per_s"] = target
         print(json.dumps(results, indent=2) if args.json else report(results, target))
-    except (BenchError, AssertionError) as exc:
-        log(f"benchmark failed: {exc}")
-        code = 1
-    except (KeyboardInterrupt, Interrupted):
-        log("interrupted; cleaning up")
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not abandon the cleanup
-        if bench is not None:
+
+    def cleanup() -> None:
+        for bench in benches:
             bench.close()
         if (pg_root / "pgdata" / "postmaster.pid").exists():
-            run_cli("db", "stop", "-D", str(pg_root))
+            run_cli(["db", "stop", "-D", str(pg_root)], env, check=False, timeout=180)
         fake.stop()
         if args.keep:
             log(f"kept {root} and {pg_root} (stopped)")
         else:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(pg_root, ignore_errors=True)
-    return code
+
+    # AssertionError: tests/service.py's harness reports a service that misbehaved that way.
+    return guarded(run, cleanup, errors=(BenchError, AssertionError))
 
 
 if __name__ == "__main__":

@@ -50,12 +50,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,12 +65,23 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+from benchlib import (
+    OUTCOMES,
+    BenchError,
+    Scratch,
+    clean_env,
+    code_version,
+    guarded,
+    install_sigterm_handler,
+    log,
+    median,
+    percentile,
+    run_cli,
+    scratch_dir,
+)
 
-import neurondb
 from neurondb import db, queue
-from neurondb.paths import DataDir, write_private_file
-from neurondb.shm import names
-from neurondb.status import Status, pid_alive, read_status
+from neurondb.paths import DataDir
 from neurondb.supervisor import read_pid
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -86,31 +95,6 @@ READY_TIMEOUT_S = 60.0
 TARGET_RATIO = 1.5
 TARGET_P50_MS = 10.0
 NQ_TABLE = "neurondb.neurondb_job_queue"
-
-
-class BenchError(RuntimeError):
-    """A system did not do what the benchmark needs; the message says what (and shows a log tail)."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs as it does for Ctrl-C."""
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr, so that `--json` output on stdout stays parseable."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest rank: a value that was actually observed."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
 
 
 def with_dbname(dsn: str, dbname: str) -> str:
@@ -205,8 +189,7 @@ class Server:
         if self.external_dsn:
             self.admin_dsn = self.external_dsn
         else:
-            # Under /tmp: as root, the embedded server runs as a system user that must traverse the parent.
-            self.pg_root = Path(tempfile.mkdtemp(prefix="neurondb-bench-queue-pg-", dir="/tmp"))
+            self.pg_root = scratch_dir("neurondb-bench-queue-pg-")
             log(f"embedded PostgreSQL: neurondb init -D {self.pg_root}")
             run_cli(["init", "-D", str(self.pg_root)], self.env, timeout=180)
             self.admin_dsn = db.resolve_dsn(DataDir(self.pg_root))
@@ -237,76 +220,32 @@ class Server:
             shutil.rmtree(self.pg_root, ignore_errors=True)
 
 
-def run_cli(args: list[str], env: dict[str, str], check: bool = True, timeout: float = 120) -> str:
-    """Run `neurondb ARGS`. Output goes to an unnamed file, not a pipe: a daemon it starts (the supervisor,
-    PostgreSQL) would inherit a pipe and keep it open, and reading it would hang."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([sys.executable, "-m", "neurondb", *args], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    if check and proc.returncode != 0:
-        raise BenchError(f"`neurondb {' '.join(args)}` exited {proc.returncode}:\n{text}")
-    return text
-
-
 # -- neurondb -----------------------------------------------------------------------------------------------
 
 
-class Neurondb:
-    """The real neurondb service (`neurondb start` in its own data directory, `--dsn` to its database),
-    with the benchmark's job module on its PYTHONPATH."""
+class Neurondb(Scratch):
+    """The real neurondb service (`neurondb start` in its own scratch data directory, `--dsn` to its
+    database), with the benchmark's job module on its PYTHONPATH."""
 
     system = "neurondb"
 
     def __init__(self, dsn: str, env: dict[str, str], batch: int, depth: int) -> None:
-        self.dsn = dsn
-        self.root = Path(tempfile.mkdtemp(prefix="neurondb-bench-queue-svc-", dir="/tmp"))
-        self.datadir = DataDir(self.root)
-        self.prefix = names.instance_prefix(self.root)
         path = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH", "")) if p)
-        self.env = {**env, "PYTHONPATH": path}
-        self.settings: dict[str, str] = {
-            "neurondb.neuranq_job_modules": "bench_jobs",
-            "neurondb.neuranq_batch_size": str(batch),
-            "neurondb.neuranq_queue_depth": str(depth),
-            "neurondb.neuranq_workers": "1",
-            "neurondb.neuranq_enabled": "off",
-        }
+        super().__init__("neurondb-bench-queue-svc-", dsn, env={**env, "PYTHONPATH": path},
+                         owner="scripts/bench_queue.py", settings={
+                             "neurondb.neuranq_job_modules": "bench_jobs",
+                             "neurondb.neuranq_batch_size": str(batch),
+                             "neurondb.neuranq_queue_depth": str(depth),
+                             "neurondb.neuranq_workers": "1",
+                             "neurondb.neuranq_enabled": "off",
+                         })
         self.conn: psycopg.Connection | None = None
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        try:
-            return run_cli([*args, "-D", str(self.root), "--dsn", self.dsn], self.env, check, timeout)
-        except BenchError as exc:
-            raise BenchError(f"{exc}\n{self.log_tail()}") from None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            tail = self.datadir.log_file.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return "(no log)"
-        return f"last lines of {self.datadir.log_file}:\n" + "\n".join(tail)
-
-    def write_conf(self, **changes: str) -> None:
-        """Rewrite neurondb.conf whole and atomically: a reload never sees half a file."""
-        self.settings.update({f"neurondb.{k}": v for k, v in changes.items()})
-        lines = ["# written by scripts/bench_queue.py"] + [f"{k} = '{v}'" for k, v in self.settings.items()]
-        write_private_file(self.datadir.conf, "\n".join(lines) + "\n")
 
     def setup(self) -> None:
         self.datadir.init()
         self.write_conf()
         self.cli("init")
         self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="bench neurondb client")
-
-    def status(self) -> Status:
-        return read_status(self.datadir, with_database=False)
 
     def start(self, processes: int) -> None:
         """Start the service with `processes` queue workers, their queue disabled (a postmaster setting:
@@ -374,26 +313,11 @@ class Neurondb:
         return [float(r[0]) for r in rows]
 
     def cleanup(self, keep: bool) -> None:
-        """Stop whatever still runs, unlink shared memory, remove the data directory."""
+        """Close the client connection (a `--dsn` server's database is dropped after this), then leave
+        nothing of the installation."""
         if self.conn is not None:
             db.close_quietly(self.conn)
-        sup = read_pid(self.datadir.pid_file)
-        if pid_alive(sup):
-            try:
-                self.cli("stop", "-m", "immediate", check=False, timeout=60)
-            except Exception as exc:  # keep cleaning whatever happened
-                log(f"cleanup: `neurondb stop` failed: {exc}")
-        if pid_alive(sup):
-            log(f"cleanup: supervisor {sup} still alive after stop; killing it and its workers")
-            for w in self.status().workers:
-                if w.pid:
-                    _kill(w.pid, signal.SIGKILL)
-            _kill(sup, signal.SIGKILL)
-        names.unlink_all(self.prefix)
-        if keep:
-            log(f"kept {self.root}")
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        super().cleanup(keep)
 
 
 # -- PGQueuer -----------------------------------------------------------------------------------------------
@@ -533,13 +457,6 @@ class PgQueuer:
             db.close_quietly(self.conn)
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
 # -- one configuration, one repetition ------------------------------------------------------------------------
 
 
@@ -626,25 +543,6 @@ def render(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def neurondb_source() -> str:
-    """Which neurondb was measured: the imported package's directory, with its commit and whether the
-    package has uncommitted changes (the service runs the same code: it inherits PYTHONPATH). Run the
-    script against an export (`PYTHONPATH=/tmp/export`) to measure a commit while the tree is being edited."""
-    root = Path(neurondb.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return f"{root} (not a git checkout)"
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "neurondb") else ""
-    return f"{root} at {commit}{dirty}"
-
-
 def _counts(text: str) -> list[int]:
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -682,20 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         parser.error("PGQueuer is not installed: pip install -e '.[bench]'")
 
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted()
-
-    signal.signal(signal.SIGTERM, on_term)
-    # The benchmark's own settings must win: never pick up the caller's installation or server.
-    env = {k: v for k, v in os.environ.items() if k not in ("NEURONDB_DSN", "NEURONDB_DATA")}
+    install_sigterm_handler()
+    env = clean_env()   # the benchmark's own settings must win, never the caller's installation or server
     server = Server(args.dsn, env)
     systems: dict[str, Neurondb | PgQueuer] = {}
     results = [Figures("neurondb", k) for k in args.processes] + [Figures("PGQueuer", k) for k in args.pgq_processes]
     light_s = args.latency_seconds / args.reps
     load_before = os.getloadavg()
     t_begin = time.monotonic()
-    code = 0
-    try:
+
+    def run() -> None:
         server.start()
         nq = systems["neurondb"] = Neurondb(server.dsn("neurondb"), env, args.batch, depth=args.n + 10_000)
         nq.setup()
@@ -706,33 +600,26 @@ def main(argv: list[str] | None = None) -> int:
             for fig in order:
                 log(f"run {rep + 1}/{args.reps}: {fig.system} with {fig.processes} process(es), n = {args.n:,}")
                 run_one(systems[fig.system], fig, args.n, args.batch, light_s)
-    except BenchError as exc:
-        log(f"benchmark failed: {exc}")
-        code = 1
-    except (KeyboardInterrupt, Interrupted):
-        log("interrupted; cleaning up")
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not abandon the cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def cleanup() -> None:
         for system in systems.values():
             try:
                 system.cleanup(args.keep)
             except Exception as exc:
                 log(f"cleanup of {system.system} failed: {exc}")
         server.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    code = guarded(run, cleanup)
     pg = getattr(server, "settings", {})
     settings = {
-        "outcome": {0: "complete", 1: "FAILED (figures so far)", 130: "INTERRUPTED (figures so far)"}[code],
+        "outcome": OUTCOMES[code],
         "database": (f"external {db.redact(args.dsn)}" if args.dsn else "embedded PostgreSQL (neurondb init)")
                     + f", PostgreSQL {pg.get('server_version', '?')}, fsync={pg.get('fsync', '?')}, "
                       f"synchronous_commit={pg.get('synchronous_commit', '?')}",
         "jobs per drain": f"{args.n:,} no-op jobs, enqueue and dequeue batch {args.batch}",
         "repetitions": f"{args.reps} (medians), light load {light_s:.2f} s per run at one job / "
                        f"{LIGHT_INTERVAL_S * 1000:g} ms",
-        "neurondb": neurondb_source(),
+        "neurondb": code_version(show_repo_root=True),
         "versions": f"PGQueuer {getattr(pgqueuer, '__version__', '?')}, psycopg {psycopg.__version__}, "
                     f"Python {sys.version.split()[0]}",
         "machine": f"{os.cpu_count()} CPUs, load avg {load_before[0]:.2f} before / {os.getloadavg()[0]:.2f} after",

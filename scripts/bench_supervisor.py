@@ -30,23 +30,21 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
+
+from benchlib import OUTCOMES, BenchError, Scratch, code_version, guarded, install_sigterm_handler, log, p95
 
 from neurondb import db
-from neurondb.paths import DataDir, write_private_file
 from neurondb.shm import names
-from neurondb.status import Status, WorkerStatus, pid_alive, read_status
+from neurondb.status import Status, WorkerStatus, pid_alive
 from neurondb.supervisor import read_pid
 
 T = TypeVar("T")
@@ -62,14 +60,6 @@ HEALTHY_HEARTBEAT_S = 1.0
 BASE_NAPTIME_MS = 1000
 # neurondb/log.py's line prefix: local time to the millisecond, pid, process name, level.
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \[(\d+)\] (\S+) (\w+): (.*)$")
-
-
-class BenchError(RuntimeError):
-    """The service did not do what the benchmark needs; the message says what and shows the log tail."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs as it does for Ctrl-C."""
 
 
 @dataclass
@@ -88,16 +78,6 @@ class Series:
                 "min_ms": s[0] * 1000, "max_ms": s[-1] * 1000}
 
 
-def p95(sorted_samples: list[float]) -> float:
-    """Nearest-rank 95th percentile: a value that was actually observed (with n=20, the 19th smallest)."""
-    return sorted_samples[max(0, math.ceil(0.95 * len(sorted_samples)) - 1)]
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr, so that `--json` output on stdout stays parseable."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def healthy(status: Status) -> bool:
     """The issue's definition, also used by the test harness: every worker has a pid, is idle or running
     and heartbeated less than a second ago."""
@@ -108,65 +88,21 @@ def healthy(status: Status) -> bool:
     )
 
 
-class Bench:
-    """One temporary neurondb installation, driven through its CLI."""
+class Bench(Scratch):
+    """One temporary neurondb installation, driven through its CLI, with what the measurements need on top
+    of benchlib's plumbing: log timestamps, health polling and the timed lifecycle commands."""
 
-    def __init__(self, root: Path, dsn: str | None) -> None:
-        self.datadir = DataDir(root)
-        self.dsn = dsn
-        self.prefix = names.instance_prefix(root)
-        # The benchmark's own settings must win: never pick up the caller's installation or server.
-        self.env = {k: v for k, v in os.environ.items() if k not in ("NEURONDB_DSN", "NEURONDB_DATA")}
-        self.settings: dict[str, str] = {
+    def __init__(self, dsn: str | None) -> None:
+        super().__init__("neurondb-bench-", dsn, owner="scripts/bench_supervisor.py", settings={
             "neurondb.worker_max_crashes": "1000",   # 20+ kills must never mark a worker FATAL
             "neurondb.worker_crash_window": f"{CRASH_WINDOW_MS}ms",  # so backoff does not compound
             "neurondb.worker_restart_interval": f"{DEFAULT_RESTART_INTERVAL_MS}ms",
             "neurondb.neuranq_naptime": f"{BASE_NAPTIME_MS}ms",
-        }
+        })
         self.anomalies: list[str] = []
         self.worker_names: list[str] = []
 
-    # -- plumbing -------------------------------------------------------------------------------------
-
-    def command(self, *args: str) -> list[str]:
-        cmd = [sys.executable, "-m", "neurondb", *args, "-D", str(self.datadir.root)]
-        return [*cmd, "--dsn", self.dsn] if self.dsn else cmd
-
-    def popen(self, *args: str) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
-        """Output goes to an unnamed file, not a pipe: a daemon (the supervisor, PostgreSQL) that inherited
-        a pipe would keep it open and make reading it hang."""
-        out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish(), after the command exits
-        return subprocess.Popen(self.command(*args), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=self.env), out
-
-    def finish(self, proc: subprocess.Popen[bytes], out: IO[bytes], what: str, check: bool = True,
-               timeout: float = 120) -> str:
-        """Wait for a CLI command started by `popen`; its output, or BenchError if it failed."""
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-        out.close()
-        if check and proc.returncode != 0:
-            raise BenchError(f"`neurondb {what}` exited {proc.returncode}:\n{text}\n{self.log_tail()}")
-        return text
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        proc, out = self.popen(*args)
-        return self.finish(proc, out, " ".join(args), check=check, timeout=timeout)
-
-    def status(self) -> Status:
-        return read_status(self.datadir, with_database=False)
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            tail = self.datadir.log_file.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return "(no log)"
-        return f"last lines of {self.datadir.log_file}:\n" + "\n".join(tail)
+    # -- log and polling ------------------------------------------------------------------------------
 
     def log_size(self) -> int:
         try:
@@ -206,13 +142,6 @@ class Bench:
             return s if healthy(s) else None
         return self.wait_for(check, timeout, "every worker to be healthy")
 
-    def write_conf(self, **changes: str) -> None:
-        """Rewrite neurondb.conf whole and atomically: a reload never sees half a file."""
-        self.settings.update({k.replace("__", "."): v for k, v in changes.items()})
-        lines = ["# written by scripts/bench_supervisor.py"]
-        lines += [f"{name} = '{value}'" for name, value in self.settings.items()]
-        write_private_file(self.datadir.conf, "\n".join(lines) + "\n")
-
     # -- setup and teardown ---------------------------------------------------------------------------
 
     def init(self) -> None:
@@ -233,27 +162,6 @@ class Bench:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
             samples.append(time.monotonic() - t0)
         return samples
-
-    def cleanup(self, keep: bool) -> None:
-        """Leave nothing: service and embedded server stopped, shared memory unlinked, directory removed."""
-        sup = read_pid(self.datadir.pid_file)
-        try:
-            self.cli("stop", "-m", "immediate", check=False, timeout=60)
-        except Exception as exc:  # keep cleaning whatever happened
-            log(f"cleanup: `neurondb stop` failed: {exc}")
-        if pid_alive(sup):
-            log(f"cleanup: supervisor {sup} still alive after stop; killing it and its workers")
-            for w in self.status().workers:
-                if w.pid:
-                    _kill(w.pid, signal.SIGKILL)
-            _kill(sup, signal.SIGKILL)
-        names.unlink_all(self.prefix)
-        if not self.dsn and (self.datadir.pgdata / "postmaster.pid").exists():
-            self.cli("db", "stop", check=False, timeout=60)
-        if keep:
-            log(f"kept {self.datadir.root}")
-        else:
-            shutil.rmtree(self.datadir.root, ignore_errors=True)
 
     # -- start and stop -------------------------------------------------------------------------------
 
@@ -335,7 +243,7 @@ class Bench:
     def restarts(self, interval_ms: int, kills: int) -> dict[str, Series]:
         """SIGKILL `kills` workers in rotation; per kill, when the slot showed it reaped, a new pid, and a
         heartbeat from that new pid."""
-        self.write_conf(neurondb__worker_restart_interval=f"{interval_ms}ms")
+        self.write_conf(worker_restart_interval=f"{interval_ms}ms")
         self.cli("reload")
         status = self.wait_healthy()
         tag = f"{interval_ms}ms"
@@ -413,7 +321,7 @@ class Bench:
         self.wait_healthy()
         for i in range(n):
             naptime = BASE_NAPTIME_MS + 100 * (i % 5 + 1) if i % 2 == 0 else BASE_NAPTIME_MS
-            self.write_conf(neurondb__neuranq_naptime=f"{naptime}ms")
+            self.write_conf(neuranq_naptime=f"{naptime}ms")
             before = self.status().config_generation
             sup = read_pid(self.datadir.pid_file)
             t0 = time.monotonic()
@@ -469,13 +377,6 @@ def _worker(status: Status, name: str) -> WorkerStatus:
     raise BenchError(f"no worker {name!r} in status (service running: {status.running})")
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
 # -- report -------------------------------------------------------------------------------------------
 
 
@@ -497,26 +398,6 @@ def render(settings: dict[str, Any], results: dict[str, Series], anomalies: list
     return "\n".join(lines)
 
 
-def code_version() -> str:
-    """Which neurondb code was measured: the imported package's directory and, when it is in a git checkout,
-    its commit and whether neurondb/ has uncommitted changes (figures from a dirty tree are not a commit's)."""
-    import neurondb
-
-    pkg = Path(neurondb.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=pkg, capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return f"{pkg} (not a git checkout)"
-    dirty = git("status", "--porcelain", "--", ".")
-    return f"{pkg} at {commit}" + (" + uncommitted changes" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -534,12 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kills < 1 or args.reloads < 1 or args.starts < 1 or args.restart_interval < 0:
         parser.error("--kills, --reloads and --starts must be >= 1, --restart-interval >= 0")
 
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted()
-
-    signal.signal(signal.SIGTERM, on_term)
-    root = Path(tempfile.mkdtemp(prefix="neurondb-bench-", dir="/tmp"))
-    bench = Bench(root, args.dsn)
+    install_sigterm_handler()
+    bench = Bench(args.dsn)
     intervals = [DEFAULT_RESTART_INTERVAL_MS]
     if args.restart_interval != DEFAULT_RESTART_INTERVAL_MS:
         intervals.append(args.restart_interval)
@@ -556,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         results[f"stop_{mode}_cli"] = Series(f"stop -m {mode}: invoked -> command returned")
     load_before = os.getloadavg()
     t_begin = time.monotonic()
-    code = 0
-    try:
-        log(f"data directory {root} ({'server ' + db.redact(args.dsn) if args.dsn else 'embedded PostgreSQL'})")
+
+    def run() -> None:
+        log(f"data directory {bench.root} ({'server ' + db.redact(args.dsn) if args.dsn else 'embedded PostgreSQL'})")
         bench.init()
         results["cli_startup"].samples = bench.cli_startup(5)
         log(f"start/stop: {args.starts} cycles with -m fast, then smart, immediate")
@@ -570,20 +447,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"restart_{interval}_{key}"] = s
         log(f"reload latency: {args.reloads} reloads")
         results.update({f"reload_{k}": s for k, s in bench.reloads(args.reloads).items()})
-    except BenchError as exc:
-        log(f"benchmark failed: {exc}")
-        code = 1
-    except (KeyboardInterrupt, Interrupted):
-        log("interrupted; cleaning up")
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not abandon the cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.cleanup(args.keep)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    code = guarded(run, lambda: bench.cleanup(args.keep))
     settings = {
-        "outcome": {0: "complete", 1: "FAILED (figures so far)", 130: "INTERRUPTED (figures so far)"}[code],
+        "outcome": OUTCOMES[code],
         "database": f"external {db.redact(args.dsn)}" if args.dsn
                     else "embedded PostgreSQL (each start starts it, each stop stops it)",
         "workers": ", ".join(bench.worker_names) or "?",
