@@ -36,7 +36,7 @@ from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, l
 from neurondb.queries import query
 from neurondb.settings import parse_module_list
 from neurondb.workers.base import BatchResult, Worker
-from neurondb.workers.leases import recover_expired
+from neurondb.workers.leases import extend_leases, hand_back, recover_expired
 
 TABLE = "neurondb.neurondb_job_queue"
 MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-limit refreshes
@@ -245,12 +245,11 @@ class QueueWorker(Worker):
 
     def _hand_back(self, ids: list[int], delay_ms: float) -> None:
         if ids:
-            self.conn.execute(query("queue", "hand_back"), {"ids": ids, "owner": self.owner, "delay_ms": delay_ms})
+            hand_back(self.conn, TABLE, self.owner, ids, delay_ms)
 
     def _extend_leases(self, ids: list[int]) -> None:
         if ids:
-            self.conn.execute(query("queue", "extend_leases"),
-                              {"ids": ids, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time")})
+            extend_leases(self.conn, TABLE, self.owner, ids, self._ms("neuranq_lease_time"))
 
     # -- rate limits ----------------------------------------------------------------------------------
 

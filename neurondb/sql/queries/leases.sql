@@ -20,3 +20,17 @@ UPDATE {table}
            'attempt', retry_count + 1, 'owner', lease_owner, 'started_at', started_at, 'finished_at', now(),
            'error', %(reason)s::text))
  WHERE status = 'processing' AND lease_owner = %(owner)s;
+
+-- name: hand_back
+-- Claimed jobs that never ran (fast shutdown, a rate limit overshot, a tenant over its share): pending
+-- again, no attempt counted, not before %(delay_ms)s ms from now. Only jobs still leased to %(owner)s.
+UPDATE {table}
+   SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
+       run_at = greatest(run_at, now() + %(delay_ms)s * interval '1 millisecond')
+ WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
+
+-- name: extend_leases
+-- The jobs %(owner)s still holds stay its own for another %(lease_ms)s ms.
+UPDATE {table}
+   SET lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
+ WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;

@@ -60,19 +60,6 @@ UPDATE neurondb.neurondb_llm_jobs j
        AS v(job_id bigint, error text, provider text, latency_ms float8, ago_ms float8)
  WHERE j.job_id = v.job_id AND j.status = 'processing' AND j.lease_owner = %(owner)s;
 
--- name: hand_back
--- Claimed jobs that did not run (fast shutdown, a tenant over its share of the rate limit): pending again,
--- no attempt counted, not before %(delay_ms)s ms from now.
-UPDATE neurondb.neurondb_llm_jobs
-   SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
-       run_at = greatest(run_at, now() + %(delay_ms)s * interval '1 millisecond')
- WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
-
--- name: extend_leases
-UPDATE neurondb.neurondb_llm_jobs
-   SET lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
- WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
-
 -- name: next_run_at
 -- Seconds until the earliest delayed pending job becomes runnable (NULL: none).
 SELECT extract(epoch FROM min(run_at) - now())::float8

@@ -92,18 +92,6 @@ INSERT INTO neurondb.neurondb_dead_letter
 SELECT job_id, job_type, payload, tenant_id, priority, retry_count, error_message, attempts, created_at
   FROM failed;
 
--- name: hand_back
--- Claimed jobs that never started (fast shutdown, rate-limit overshoot): back to pending, no attempt counted.
-UPDATE neurondb.neurondb_job_queue
-   SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL,
-       run_at = greatest(run_at, now() + %(delay_ms)s * interval '1 millisecond')
- WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
-
--- name: extend_leases
-UPDATE neurondb.neurondb_job_queue
-   SET lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
- WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
-
 -- name: delete_finished
 -- Retention: remove finished jobs older than %(retention_s)s seconds, a small batch at a time so the
 -- queue never sees a long lock or a big burst of dead tuples.
