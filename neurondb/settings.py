@@ -272,6 +272,9 @@ _SETTINGS = [
     Setting("neurondb.job_retention", "integer", 604800, "sighup",
             "How long finished (completed or failed) jobs are kept; 0 keeps them forever.",
             unit="s", min=0, max=INT_MAX),
+    Setting("neurondb.query_metrics_retention", "integer", 259200, "sighup",
+            "How long sampled searches are kept in neurondb_query_metrics; 0 keeps them forever.",
+            unit="s", min=0, max=INT_MAX),
     Setting("neurondb.http_allowlist", "string", "", "sighup",
             "Comma-separated hosts, IP addresses or CIDR networks that http_call jobs may reach even if "
             "loopback, private or link-local.", check=parse_host_list),
