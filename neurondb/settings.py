@@ -197,12 +197,17 @@ _SETTINGS = [
     Setting("neurondb.neuranmon_naptime", "integer", 60000, "sighup",
             "Time between auto-tuner cycles.", unit="ms", min=1000, max=DAY_MS),
     Setting("neurondb.neuranmon_sample_size", "integer", 1000, "sighup",
-            "Number of recent queries the auto-tuner samples per cycle.", min=10, max=1_000_000),
+            "Number of recent sampled queries (and latencies) per index the auto-tuner measures each cycle.",
+            min=10, max=100_000),
     Setting("neurondb.neuranmon_target_latency", "real", 100.0, "sighup",
-            "Target average search latency; above it the tuner lowers ef_search while recall allows.",
+            "Target p95 search latency (client-observed); the tuner keeps ef_search where it is met.",
             unit="ms", min=0.1, max=60000.0, aliases=("neurondb.neuronmon_target_latency",)),
     Setting("neurondb.neuranmon_target_recall", "real", 0.95, "sighup",
-            "Target recall@k; below it the tuner raises ef_search while latency allows.", min=0.5, max=1.0),
+            "Target recall@k; the tuner picks the smallest ef_search whose measured recall meets it.",
+            min=0.5, max=1.0),
+    Setting("neurondb.neuranmon_priority", "enum", "recall", "sighup",
+            "Which target wins when the recall target needs an ef_search whose latency misses the latency target.",
+            enumvals=("recall", "latency")),
     Setting("neurondb.neuranmon_enabled", "bool", True, "sighup",
             "Whether the auto-tuner works; when off it stays running and idle."),
     # -- neurandefrag: index maintenance (document)
@@ -321,6 +326,8 @@ _SETTINGS = [
     # -- index
     Setting("neurondb.hnsw_default_ef_search", "integer", 40, "sighup",
             "ef_search of a new index until the auto-tuner adjusts it.", min=1, max=10000),
+    Setting("neurondb.hnsw_max_ef_search", "integer", 1024, "sighup",
+            "Largest ef_search the auto-tuner may choose.", min=1, max=4096),
 ]
 
 REGISTRY: dict[str, Setting] = {s.name: s for s in _SETTINGS}

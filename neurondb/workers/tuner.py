@@ -4,13 +4,21 @@ Every search in any process leaves a sample in the shared-memory query ring. Thi
 into neurondb.neurondb_query_metrics (so the document's "current performance" query and
 neurondb.query_performance show real searches), measuring recall@k for the samples that kept their query
 vector: the hits the index returned against an exact search over the same graph's live vectors (of the
-same tenant). The naptime paces the tuning cycle built on these metrics.
+same tenant). It keeps, per index, a window of the last `neuranmon_sample_size` sampled queries and
+latencies, and every `neuranmon_naptime` tunes each index's ef_search from them (neurondb/tuning.py says
+how): the decision is written to `neurondb_indexes.ef_search` (the truth, kept across restarts), to the
+graph's shared-memory header (which every process's next search reads), to
+`neurondb_tuning_state` every cycle and to `neurondb_tuning_history` when something changed.
 
-The table is bounded: samples older than `neurondb.query_metrics_retention` are deleted, a batch at a time,
-soon after start and then every tenth of the retention (at most every minute). The worker's own memory is
-bounded too: the ring is a fixed-size segment and samples are dropped once written. (Its RSS grows for the
-first minutes under load only because the ring's shared pages are touched for the first time, up to the
-ring's size; `scripts/bench_tuner_memory.py` shows it level off.)
+Every second it also makes each graph's header follow `neurondb_indexes.ef_search`, so an operator's
+`UPDATE neurondb.neurondb_indexes SET ef_search = ...` (or `neurondb index tune --ef`) takes effect within
+a second or two, and a graph loaded from an older snapshot gets the tuned value back.
+
+The query-metrics table is bounded: samples older than `neurondb.query_metrics_retention` are deleted, a
+batch at a time, soon after start and then every tenth of the retention (at most every minute). The
+worker's own memory is bounded too: the ring is a fixed-size segment and the windows have a fixed length.
+(Its RSS grows for the first minutes under load only because the ring's shared pages are touched for the
+first time, up to the ring's size; `scripts/bench_tuner_memory.py` shows it level off.)
 """
 
 from __future__ import annotations
@@ -19,14 +27,18 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
 
+from neurondb import tuning
 from neurondb.index import hnsw
-from neurondb.index.store import SharedIndex, tenant_code
+from neurondb.index.store import SharedIndex
 from neurondb.queries import query
 from neurondb.shm.ring import QueryRing, Sample
 from neurondb.workers.base import BatchResult, Worker
 
 FLUSH_EVERY = 2.0
+SYNC_EVERY = 1.0             # header ef_search follows the catalog at least this often
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_FIRST = 5.0        # the first sweep after start: a restarted service catches up at once
 RETENTION_BATCH = 5000
@@ -35,24 +47,12 @@ RETENTION_BATCH = 5000
 def exact_recall(arrays: hnsw.HnswArrays, s: Sample) -> float | None:
     """recall@k of the labels a search returned, against brute force over the live nodes it could return."""
     assert s.vector is not None and s.labels is not None
-    n = arrays.count
-    live = arrays.tombstones[:n] == 0
-    if s.tenant is not None:
-        live &= arrays.tenants[:n] == tenant_code(s.tenant)
-    ids = np.flatnonzero(live)
-    if ids.size == 0 or s.vector.size != arrays.dim:
+    if s.vector.size != arrays.dim:
         return None
-    q = s.vector.astype(np.float32)
-    vectors = arrays.vectors[ids]
-    if arrays.metric == "l2":
-        dist = ((vectors - q) ** 2).sum(axis=1)
-    else:
-        if arrays.metric == "cosine":
-            q = q / (np.linalg.norm(q) or 1.0)
-        dist = 1.0 - vectors @ q
-    k = min(s.k, ids.size)
-    truth = set(arrays.labels[ids[np.argpartition(dist, k - 1)[:k]]].tolist())
-    return len(truth & set(s.labels[:k].tolist())) / k
+    truth = tuning.exact_truth(arrays, [tuning.SampledQuery(s.vector, s.k, s.tenant)])[0]
+    if truth.size == 0:
+        return None
+    return np.intersect1d(truth, s.labels[: s.k]).size / truth.size
 
 
 class TunerWorker(Worker):
@@ -61,18 +61,41 @@ class TunerWorker(Worker):
     def on_start(self) -> None:
         self.ring = QueryRing.attach(self.ctx.shared)
         self.indexes: dict[str, SharedIndex] = {}
+        self.windows: dict[str, tuning.Window] = {}
+        self.truth: dict[str, tuple[tuple[int, int], dict[int, np.ndarray]]] = {}   # per graph version
+        self.states: dict[str, str] = {}
         self._next_retention = time.monotonic() + RETENTION_FIRST
+        self._next_sync = 0.0
+        self._next_tune = time.monotonic() + self.naptime
 
     def idle_nap(self) -> float:
-        return min(self.naptime, FLUSH_EVERY)
+        return min(self.naptime, SYNC_EVERY)
 
     def run_batch(self) -> BatchResult:
-        if time.monotonic() >= self._next_retention:
+        now = time.monotonic()
+        if now >= self._next_retention:
             self._retention()
+        flushed = self._flush_samples()
+        if now >= self._next_sync:
+            self._next_sync = now + SYNC_EVERY
+            catalog = self._catalog()
+            self._sync_headers(catalog)
+            if now >= self._next_tune:
+                self._next_tune = now + self.naptime
+                self._tune(catalog)
+        return BatchResult(processed=flushed, more=flushed >= 1000)
+
+    # -- samples --------------------------------------------------------------------------------------
+
+    def _flush_samples(self) -> int:
         samples = self.ring.drain()
         if not samples:
-            return BatchResult()
+            return 0
         recalls = [self._recall(s) if s.vector is not None else None for s in samples]
+        size = int(self.config.get("neurondb.neuranmon_sample_size"))
+        for s, r in zip(samples, recalls, strict=True):
+            window = self.windows.setdefault(s.index, tuning.Window(size=size))
+            window.add(s.vector, s.k, s.tenant, s.latency_ms, s.ef, s.query_type, r)
         self.conn.execute(query("tuner", "insert_metrics"), {
             "index": [s.index for s in samples], "type": [s.query_type for s in samples],
             "k": [s.k for s in samples], "ef": [s.ef for s in samples],
@@ -81,7 +104,124 @@ class TunerWorker(Worker):
             "count": [s.result_count for s in samples],
             "at": [datetime.fromtimestamp(s.recorded_at, timezone.utc) for s in samples],
         })
-        return BatchResult(processed=len(samples), more=len(samples) >= 1000)
+        return len(samples)
+
+    def _graph(self, name: str) -> hnsw.HnswArrays | None:
+        idx = self.indexes.get(name)
+        if idx is None:
+            idx = self.indexes[name] = SharedIndex(self.ctx.shared, name)
+        return idx.arrays()
+
+    def _recall(self, s: Sample) -> float | None:
+        arrays = self._graph(s.index)
+        return exact_recall(arrays, s) if arrays is not None else None
+
+    # -- ef_search ------------------------------------------------------------------------------------
+
+    def _catalog(self) -> list[dict]:
+        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = cur.execute(query("tuner", "catalog")).fetchall()
+        known = {r["index_name"] for r in rows}
+        for name in [n for n in self.indexes if n not in known]:     # dropped: forget it
+            self.indexes.pop(name).close()
+            self.windows.pop(name, None)
+            self.truth.pop(name, None)
+            self.states.pop(name, None)
+        return rows
+
+    def _sync_headers(self, catalog: list[dict]) -> None:
+        """The graph's header follows the catalog: one aligned store, read by every search's next call. A
+        store lost to a concurrent grow (the writer copying the old header) is repeated a second later."""
+        for row in catalog:
+            arrays = self._graph(row["index_name"])
+            if arrays is not None and arrays.ef_search != row["ef_search"]:
+                arrays.ef_search = row["ef_search"]
+
+    def _targets(self, row: dict) -> tuning.Targets:
+        recall = row["target_recall"] or float(self.config.get("neurondb.neuranmon_target_recall"))
+        latency = row["target_latency_ms"] or float(self.config.get("neurondb.neuranmon_target_latency"))
+        return tuning.Targets(recall=recall, latency_ms=latency,
+                              priority=str(self.config.get("neurondb.neuranmon_priority")))
+
+    def _exact(self, name: str, arrays: hnsw.HnswArrays, window: tuning.Window) -> list[np.ndarray]:
+        """Exact results of the window's queries, computed again only for queries new to this graph version."""
+        version = (int(arrays.header[hnsw.H_GENERATION]), int(arrays.header[hnsw.H_MUTATIONS]))
+        cached_version, cache = self.truth.get(name, ((-1, -1), {}))
+        if cached_version != version:
+            cache = {}
+        missing = [q for q in window.queries if q.seq not in cache]
+        for q, t in zip(missing, tuning.exact_truth(arrays, missing), strict=True):
+            cache[q.seq] = t
+        keep = {q.seq for q in window.queries}
+        cache = {seq: t for seq, t in cache.items() if seq in keep}
+        self.truth[name] = (version, cache)
+        return [cache[q.seq] for q in window.queries]
+
+    def _tune(self, catalog: list[dict]) -> None:
+        max_ef = int(self.config.get("neurondb.hnsw_max_ef_search"))
+        size = int(self.config.get("neurondb.neuranmon_sample_size"))
+        for row in catalog:
+            name = row["index_name"]
+            arrays = self._graph(name)
+            window = self.windows.setdefault(name, tuning.Window(size=size))
+            window.resize(size)
+            if arrays is None or arrays.count == 0:
+                continue
+            self._beat()
+            targets = self._targets(row)
+            current = int(row["ef_search"])
+            if len(window.queries) < tuning.MIN_QUERIES:
+                self._record_decision(row, window, None, tuning.Decision(
+                    ef=current, state="waiting",
+                    reason=f"{len(window.queries)} of the {tuning.MIN_QUERIES} sampled queries a decision needs"))
+                continue
+            curve = tuning.Curve(arrays, list(window.queries), self._exact(name, arrays, window), targets.recall)
+            if row["tuning"] == "pinned":
+                point = curve.at(current)
+                decision = tuning.Decision(ef=current, state="pinned", reason="pinned by the operator", point=point,
+                                           p95_ms=tuning.predict_p95(curve, window.latencies, current))
+            else:
+                decision = tuning.decide(curve, window, current, targets, max_ef)
+            if decision.ef != current and not self._set_ef(name, arrays, current, decision.ef):
+                continue     # the operator changed or pinned it meanwhile: their value is the new start
+            self._record_decision(row, window, curve, decision)
+
+    def _set_ef(self, name: str, arrays: hnsw.HnswArrays, old: int, new: int) -> bool:
+        if self.conn.execute(query("tuner", "set_ef"), {"index": name, "old": old, "new": new}).fetchone() is None:
+            self.log.info("index %s: ef_search changed by the operator meanwhile; not applying %d", name, new)
+            return False
+        arrays.ef_search = new
+        return True
+
+    def _record_decision(self, row: dict, window: tuning.Window, curve: tuning.Curve | None,
+                decision: tuning.Decision) -> None:
+        """The state row every cycle; a history row and a log line when the ef or the state changed."""
+        name, old = row["index_name"], int(row["ef_search"])
+        lat = window.percentiles()
+        point = decision.point
+        recall = float(np.mean(window.recalls)) if window.recalls else None
+        figures = {
+            "index": name, "state": decision.state, "reason": decision.reason, "ef": decision.ef,
+            "recall": point.recall if point else None, "recall_low": point.low if point else None,
+            "measured_recall": recall, "p50": lat.get("p50"), "p90": lat.get("p90"), "p95": lat.get("p95"),
+            "p99": lat.get("p99"), "predicted_p95": decision.p95_ms, "queries": len(window.queries),
+            "curve": Jsonb([{"ef": p.ef, "recall": p.recall, "low": p.low, "high": p.high, "kernel_ms": p.kernel_ms}
+                            for p in curve.measured()]) if curve else None,
+        }
+        self.conn.execute(query("tuner", "upsert_state"), figures)
+        if decision.ef == old and self.states.get(name) == decision.state:
+            return
+        self.states[name] = decision.state
+        self.conn.execute(query("tuner", "insert_history"), {
+            **figures, "old_ef": old, "new_ef": decision.ef, "recall_high": point.high if point else None,
+            "old_weight": row["hybrid_weight"], "new_weight": row["hybrid_weight"], "ndcg_before": None,
+            "ndcg_after": None})
+        recall_text = f"recall {point.recall:.3f} (lower bound {point.low:.3f})" if point else "no recall yet"
+        p95 = f"p95 {lat['p95']:.2f} ms" if "p95" in lat else "no latency yet"
+        change = f"ef_search {old} -> {decision.ef}" if decision.ef != old else f"ef_search stays {old}"
+        self.log.info("index %s: %s [%s]: %s; %s, %s", name, change, decision.state, decision.reason, recall_text, p95)
+
+    # -- retention ------------------------------------------------------------------------------------
 
     def _retention(self) -> None:
         """Delete query samples older than neurondb.query_metrics_retention (0 keeps them)."""
@@ -100,14 +240,8 @@ class TunerWorker(Worker):
         if total:
             self.log.info("retention: removed %d query samples older than %.0f s", total, retention)
 
-    def _recall(self, s: Sample) -> float | None:
-        idx = self.indexes.get(s.index)
-        if idx is None:
-            idx = self.indexes[s.index] = SharedIndex(self.ctx.shared, s.index)
-        arrays = idx.arrays()
-        return exact_recall(arrays, s) if arrays is not None else None
-
     def on_stop(self) -> None:
         for idx in self.indexes.values():
             idx.close()
         self.ring.close()
+

@@ -16,3 +16,37 @@ DELETE FROM neurondb.neurondb_query_metrics
  WHERE metric_id IN (SELECT metric_id FROM neurondb.neurondb_query_metrics
                       WHERE recorded_at < now() - %(retention_s)s * interval '1 second'
                       ORDER BY recorded_at LIMIT %(limit)s);
+
+-- name: catalog
+-- What the tuner needs of each index: its current ef (the truth, which the graph's header follows), its
+-- mode and its own targets (NULL: the global settings).
+SELECT index_name, ef_search, tuning, target_recall, target_latency_ms, hybrid_weight
+  FROM neurondb.neurondb_indexes ORDER BY index_name;
+
+-- name: set_ef
+-- Compare-and-set: an operator's UPDATE (or pin) made since the tuner read the catalog wins.
+UPDATE neurondb.neurondb_indexes SET ef_search = %(new)s
+ WHERE index_name = %(index)s AND ef_search = %(old)s AND tuning = 'auto'
+RETURNING index_name;
+
+-- name: insert_history
+INSERT INTO neurondb.neurondb_tuning_history
+       (index_name, old_ef, new_ef, recall, recall_low, recall_high, p50_ms, p95_ms, p99_ms, predicted_p95_ms,
+        old_hybrid_weight, new_hybrid_weight, ndcg_before, ndcg_after, queries, state, reason)
+VALUES (%(index)s, %(old_ef)s, %(new_ef)s, %(recall)s, %(recall_low)s, %(recall_high)s, %(p50)s, %(p95)s,
+        %(p99)s, %(predicted_p95)s, %(old_weight)s, %(new_weight)s, %(ndcg_before)s, %(ndcg_after)s,
+        %(queries)s, %(state)s, %(reason)s);
+
+-- name: upsert_state
+INSERT INTO neurondb.neurondb_tuning_state AS s
+       (index_name, state, reason, ef_search, recall, recall_low, measured_recall, p50_ms, p90_ms, p95_ms, p99_ms,
+        predicted_p95_ms, queries, curve, evaluated_at)
+SELECT %(index)s, %(state)s, %(reason)s, %(ef)s, %(recall)s, %(recall_low)s, %(measured_recall)s, %(p50)s,
+       %(p90)s, %(p95)s, %(p99)s, %(predicted_p95)s, %(queries)s, %(curve)s, now()
+ WHERE EXISTS (SELECT 1 FROM neurondb.neurondb_indexes WHERE index_name = %(index)s)
+ON CONFLICT (index_name) DO UPDATE SET
+       state = EXCLUDED.state, reason = EXCLUDED.reason, ef_search = EXCLUDED.ef_search, recall = EXCLUDED.recall,
+       recall_low = EXCLUDED.recall_low, measured_recall = EXCLUDED.measured_recall, p50_ms = EXCLUDED.p50_ms,
+       p90_ms = EXCLUDED.p90_ms, p95_ms = EXCLUDED.p95_ms, p99_ms = EXCLUDED.p99_ms,
+       predicted_p95_ms = EXCLUDED.predicted_p95_ms, queries = EXCLUDED.queries, curve = EXCLUDED.curve,
+       evaluated_at = now();
