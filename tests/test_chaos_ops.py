@@ -228,3 +228,24 @@ def test_a_process_that_keeps_the_lock_is_named_after_the_wait(tmp_path: Path) -
     finally:
         os.close(fd)
     wait_for_previous(datadir, timeout=0.5, say=said.append)
+
+
+def test_worker_mid_batch_notices_a_dead_supervisor_between_jobs(make_service, fresh_dsn: str) -> None:
+    """neuranq is in a batch of 100 jobs of 50 ms (5 s) when its supervisor is SIGKILLed: it stops after the
+    job in progress, hands the rest back and exits, instead of holding the lock to the end of the batch."""
+    from neurondb import queue
+
+    service = make_service(settings={"neurondb.neuranq_job_modules": "tests.jobtypes"})
+    service.start()
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        queue.enqueue_many(conn, "test.sleep", [{"seconds": 0.05}] * 100)
+        wait_for(lambda: conn.execute("SELECT count(*) FROM neurondb.neurondb_job_queue "
+                                      "WHERE status = 'completed'").fetchone()[0] >= 5, 5.0, "the batch to run")
+        neuranq = service.worker("neuranq").pid
+        os.kill(service.supervisor_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_for(lambda: not pid_alive(neuranq), 3.0, "neuranq to exit after its supervisor died")
+        elapsed = time.monotonic() - t0
+        counts = dict(conn.execute("SELECT status, count(*) FROM neurondb.neurondb_job_queue GROUP BY status"))
+    assert elapsed < 2.0, elapsed
+    assert counts.get("pending", 0) > 20 and counts.get("processing", 0) == 0, counts
