@@ -214,9 +214,10 @@ def config_reset(inst: Instance, name: str) -> None:
 @config.command("describe")
 @click.argument("name")
 def config_describe(name: str) -> None:
-    """Describe one setting: type, unit, default, range, context."""
+    """Describe one setting: type, unit, default, range, context, whether SQL may set it."""
     s = lookup(name)
-    click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context})")
+    who = "" if s.sql_settable else ", not settable from SQL"
+    click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context}{who})")
     click.echo(f"  {s.short_desc}")
     click.echo(f"  default {s.default}" + (f", range {s.min}..{s.max}" if s.min is not None else "")
                + (f", one of {', '.join(s.enumvals)}" if s.enumvals else ""))
