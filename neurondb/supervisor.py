@@ -418,10 +418,13 @@ class Supervisor:
         inject.point("reload")
         self._publish_settings()
         generation = int(self.shared.control["config_generation"]) + 1
-        write_private_file(self.datadir.root / RELOAD_REPORT, orjson.dumps({
-            "generation": generation, "started_mono": started,
-            "lines": [[logging.getLevelName(level), text] for level, text in report],
-        }).decode())
+        try:
+            write_private_file(self.datadir.root / RELOAD_REPORT, orjson.dumps({
+                "generation": generation, "started_mono": started,
+                "lines": [[logging.getLevelName(level), text] for level, text in report],
+            }).decode())
+        except OSError as exc:   # a full disk must not stop the reload itself; the log has it all
+            log.warning("could not write the reload report %s: %s", RELOAD_REPORT, exc)
         self.shared.control["config_generation"] = generation
         for child in self.children:
             if child.fatal:   # a reload is the operator's way of saying "try again"
