@@ -11,6 +11,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -213,9 +214,10 @@ def config_reset(inst: Instance, name: str) -> None:
 @config.command("describe")
 @click.argument("name")
 def config_describe(name: str) -> None:
-    """Describe one setting: type, unit, default, range, context."""
+    """Describe one setting: type, unit, default, range, context, whether SQL may set it."""
     s = lookup(name)
-    click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context})")
+    who = "" if s.sql_settable else ", not settable from SQL"
+    click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context}{who})")
     click.echo(f"  {s.short_desc}")
     click.echo(f"  default {s.default}" + (f", range {s.min}..{s.max}" if s.min is not None else "")
                + (f", one of {', '.join(s.enumvals)}" if s.enumvals else ""))
@@ -226,8 +228,12 @@ def config_describe(name: str) -> None:
 def _daemonize_supervisor(inst: Instance, timeout: float = 60.0) -> int:
     """Fork the supervisor into its own session (double fork, stdio to the log) and wait until it says it is
     ready or why it is not. Returns its pid."""
-    from neurondb.supervisor import Supervisor, read_pid
+    from neurondb.supervisor import Supervisor, SupervisorError, read_pid, wait_for_previous
 
+    try:
+        wait_for_previous(inst.datadir, say=click.echo)
+    except SupervisorError as exc:
+        raise click.ClickException(str(exc)) from None
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -246,6 +252,8 @@ def _daemonize_supervisor(inst: Instance, timeout: float = 60.0) -> int:
             os.close(logfd)
             log.setup("supervisor", inst.datadir.log_file, stderr=False, level=_log_level(inst))
             code = Supervisor(inst, ready_fd=ready_w).run()
+        except SupervisorError:
+            pass   # said through the ready pipe; the log may be a running instance's, not ours to write
         except Exception:
             logging.getLogger("neurondb.supervisor").exception("supervisor failed")
         finally:
@@ -291,12 +299,13 @@ def _log_level(inst: Instance) -> int:
 @instance_options
 def start(inst: Instance, foreground: bool) -> None:
     """Start the supervisor and its workers (and the embedded PostgreSQL if needed)."""
-    from neurondb.supervisor import Supervisor, SupervisorError
+    from neurondb.supervisor import Supervisor, SupervisorError, wait_for_previous
 
     inst.datadir.init()
     Config.load(inst.datadir)   # refuse bad settings here, with file:line, before forking anything
     try:
         if foreground:
+            wait_for_previous(inst.datadir, say=click.echo)
             log.setup("supervisor", inst.datadir.log_file, level=_log_level(inst))
             raise SystemExit(Supervisor(inst).run())
         pid = _daemonize_supervisor(inst)
@@ -362,29 +371,32 @@ def stop(inst: Instance, mode: str, timeout: float) -> None:
 @instance_options
 def reload(inst: Instance) -> None:
     """Re-read the settings (like pg_ctl reload); reports what changed, waits for restart or was rejected."""
-    from neurondb.status import pid_alive, read_status
-    from neurondb.supervisor import read_pid
+    from neurondb.status import pid_alive
+    from neurondb.supervisor import RELOAD_REPORT, read_pid
 
     pid = read_pid(inst.datadir.pid_file)
     if not pid_alive(pid):
         raise click.ClickException("neurondb is not running")
-    before = read_status(inst.datadir, with_database=False).config_generation
+    # The supervisor stamps its report with the (system-wide) monotonic time its reload began: a report
+    # stamped after the signal was sent is the outcome of a reload that read the files as they are now.
+    sent = time.monotonic()
     os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while read_status(inst.datadir, with_database=False).config_generation <= before:
+    deadline = sent + 10
+    while (report := _read_report(inst.datadir.root / RELOAD_REPORT)) is None or report["started_mono"] < sent:
         if time.monotonic() > deadline:
             raise click.ClickException("the supervisor did not acknowledge the reload within 10s; see the log")
         time.sleep(0.05)
-    click.echo("configuration reloaded")
-    with inst.connect("reload") as conn:
-        for name, setting, pending, rejected, reason in conn.execute(
-            "SELECT name, setting, pending_restart, rejected_value, rejected_reason FROM neurondb.settings"
-            " WHERE pending_restart OR rejected_value IS NOT NULL ORDER BY name"
-        ):
-            if pending:
-                click.echo(f"  {name}: changed in the files, needs a restart (still {setting})")
-            if rejected is not None:
-                click.echo(f"  {name}: value {rejected!r} rejected, still {setting}: {reason}")
+    click.echo(f"configuration reloaded (generation {report['generation']})")
+    for _level, text in report["lines"]:
+        click.echo(f"  {text}")
+
+
+def _read_report(path: Path) -> dict | None:
+    """The supervisor's last reload report, None before the first one (it is replaced atomically)."""
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 @main.command()

@@ -92,7 +92,7 @@ def publish_settings(conn: psycopg.Connection, config: Config,
     """
     columns = ("name", "setting", "unit", "short_desc", "context", "vartype", "source", "min_val", "max_val",
                "enumvals", "boot_val", "sourcefile", "sourceline", "pending_restart", "rejected_value",
-               "rejected_reason")
+               "rejected_reason", "sql_settable")
     rows = []
     for row in config.rows():
         row = {**row, "rejected_reason": row.get("rejected_error")}

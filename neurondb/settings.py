@@ -7,6 +7,11 @@ context (`postmaster` = restart needed, `sighup` = reloadable); values come from
 `neurondb.conf` < `neurondb.auto.conf`, both in postgresql.conf syntax; a bad file refuses to start, a bad
 reload keeps the old value; `set_auto` / `reset_auto` are ALTER SYSTEM; `Config.rows()` is pg_settings.
 
+Who may change what, like PostgreSQL's superuser-only GUCs: whoever can write the data directory sets
+anything; a database login (`neurondb.alter_system()`) only settings whose `sql_settable` is true. Settings
+that name files, hosts, modules, providers or network permissions are not: a login that could set them
+could make the service read a file it can read and send it to a host of the login's choice.
+
 The registry is plain data (`REGISTRY`): the CLI, the SQL view and the tests all read it, so a setting
 exists in exactly one place.
 """
@@ -62,6 +67,8 @@ class Setting:
     max: float | None = None
     enumvals: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    # False: only the data directory's owner (the files, `neurondb config set`) may change it, not SQL.
+    sql_settable: bool = True
     # For strings with a format: raises ValueError saying what is expected. Not part of equality.
     check: Callable[[str], object] | None = field(default=None, compare=False, repr=False)
 
@@ -87,6 +94,11 @@ _MODULE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` cut to about `limit` characters for a one-line message (bad input can be any length)."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def split_list(text: str) -> list[str]:
     """Items of a comma-separated list setting, stripped, empty items dropped (like PG's list GUCs)."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -106,18 +118,47 @@ def parse_maintenance_window(text: str) -> tuple[int, int]:
     return start, end
 
 
+ALLOW_EVERYTHING = "*"
+# What '*' in neurondb.http_allowlist stands for: every address, so the SSRF guard lets everything through.
+_EVERY_NETWORK = ("0.0.0.0/0", "::/0")
+# IPv6 ranges that embed IPv4 addresses (mapped, NAT64, 6to4): an entry spanning one of them whole spans
+# every IPv4 address.
+_IPV4_EMBEDDING = tuple(ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "64:ff9b::/96", "2002::/16"))
+
+
+def _covers_public_space(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """True for an entry wider than any non-public block (IPv4 /8 as 10.0.0.0/8, IPv6 /7 as fc00::/7), or
+    spanning a whole IPv4-embedding IPv6 range: such an entry lets public and private space through alike,
+    which switches the guard off rather than opening one private network."""
+    if net.version == 4:
+        return net.prefixlen < 8
+    return net.prefixlen < 7 or any(net.supernet_of(embedding) for embedding in _IPV4_EMBEDDING)
+
+
 def parse_host_list(text: str) -> list[str]:
-    """neurondb.http_allowlist: host names, IP addresses or CIDR networks, comma-separated."""
-    hosts = split_list(text)
-    for host in hosts:
+    """neurondb.http_allowlist: host names, IP addresses or CIDR networks, comma-separated; '*' (alone or
+    in the list) is the explicit "allow every address" and comes back as the networks covering all."""
+    hosts = []
+    for host in split_list(text):
+        if host == ALLOW_EVERYTHING:
+            hosts.extend(_EVERY_NETWORK)
+            continue
         try:
-            ipaddress.ip_network(host, strict=False)
+            net = ipaddress.ip_network(host, strict=False)
         except ValueError:
             if not _HOSTNAME.match(host):
                 raise ValueError(
-                    f'"{host}" is not a host name, IP address or CIDR network '
+                    f'"{shorten(host)}" is not a host name, IP address or CIDR network '
                     "(expected a comma-separated list such as 'api.example.com, 10.0.0.0/8')"
                 ) from None
+        else:
+            if _covers_public_space(net):
+                raise ValueError(
+                    f'"{shorten(host)}" covers (nearly) all public addresses and would switch the SSRF guard off; '
+                    f"list the private networks to allow (at most a /8 in IPv4, /7 in IPv6), or write "
+                    f"'{ALLOW_EVERYTHING}' to allow every address explicitly"
+                )
+        hosts.append(host)
     return hosts
 
 
@@ -126,7 +167,8 @@ def parse_module_list(text: str) -> list[str]:
     modules = split_list(text)
     for module in modules:
         if not _MODULE.match(module):
-            raise ValueError(f'"{module}" is not a Python module name (expected e.g. \'myapp.jobs, other.mod\')')
+            raise ValueError(f'"{shorten(module)}" is not a Python module name '
+                             "(expected e.g. 'myapp.jobs, other.mod')")
     return modules
 
 
@@ -161,14 +203,15 @@ def parse_llm_routes(text: str) -> list[LlmRoute]:
         provider, _, endpoint = target.strip().partition("@")
         model, provider, endpoint = model.strip(), provider.strip().lower(), endpoint.strip()
         if not eq or not model or not provider:
-            raise ValueError(f'"{item}" is not model=provider[@endpoint] '
+            raise ValueError(f'"{shorten(item)}" is not model=provider[@endpoint] '
                              "(e.g. 'llama3=ollama@http://gpu1:11434, gpt-*=openai')")
         if provider not in LLM_PROVIDERS:
-            raise ValueError(f'unknown provider "{provider}" in "{item}"; providers are {", ".join(LLM_PROVIDERS)}')
+            raise ValueError(f'unknown provider "{shorten(provider)}" in "{shorten(item)}"; '
+                             f'providers are {", ".join(LLM_PROVIDERS)}')
         try:
             _check_url(endpoint)
         except ValueError as exc:
-            raise ValueError(f'bad endpoint in "{item}": {exc}') from None
+            raise ValueError(f'bad endpoint in "{shorten(item)}": {exc}') from None
         routes.append(LlmRoute(model, provider, endpoint))
     return routes
 
@@ -254,9 +297,10 @@ _SETTINGS = [
     # -- metrics endpoint (the document's "Prometheus Metrics")
     Setting("neurondb.metrics_listen_address", "string", "127.0.0.1", "postmaster",
             "Address of the Prometheus metrics endpoint; '*' listens on all interfaces, '' disables it.",
-            check=_check_listen_address),
+            check=_check_listen_address, sql_settable=False),
     Setting("neurondb.metrics_port", "integer", 9188, "postmaster",
-            "TCP port of the Prometheus metrics endpoint; 0 picks a free port.", min=0, max=65535),
+            "TCP port of the Prometheus metrics endpoint; 0 picks a free port.", min=0, max=65535,
+            sql_settable=False),
     # -- queue details (the document's per-tenant rate limiting, retries, HTTP calls)
     Setting("neurondb.neuranq_lease_time", "integer", 120000, "sighup",
             "How long a claimed job stays leased; a job whose lease expires (machine lost) runs again.",
@@ -268,7 +312,7 @@ _SETTINGS = [
             "Upper bound of the backoff delay before a failed job is retried.", unit="ms", min=0, max=DAY_MS),
     Setting("neurondb.neuranq_job_modules", "string", "", "postmaster",
             "Comma-separated Python modules imported by queue workers at start to register user job types.",
-            check=parse_module_list),
+            check=parse_module_list, sql_settable=False),
     Setting("neurondb.tenant_rate_limit", "real", 0.0, "sighup",
             "Default jobs per second per tenant, across all queue workers of this machine; 0 = unlimited.",
             min=0.0, max=1_000_000.0),
@@ -282,7 +326,8 @@ _SETTINGS = [
             unit="s", min=0, max=INT_MAX),
     Setting("neurondb.http_allowlist", "string", "", "sighup",
             "Comma-separated hosts, IP addresses or CIDR networks that http_call jobs may reach even if "
-            "loopback, private or link-local.", check=parse_host_list),
+            "loopback, private or link-local; '*' allows every address.", check=parse_host_list,
+            sql_settable=False),
     Setting("neurondb.http_max_response_size", "integer", 1024, "sighup",
             "Largest response body an http_call job keeps as its result.", unit="kB", min=1, max=1_048_576),
     # -- LLM providers, rate limits and cache (the document's neuranllm features)
@@ -296,17 +341,18 @@ _SETTINGS = [
             unit="ms", min=0, max=DAY_MS),
     Setting("neurondb.llm_provider", "enum", "local", "sighup",
             "Provider serving models that no llm_routes entry names; 'local' works offline.",
-            enumvals=LLM_PROVIDERS),
+            enumvals=LLM_PROVIDERS, sql_settable=False),
     Setting("neurondb.llm_endpoint", "string", "", "sighup",
-            "Base URL of the provider's API; '' means the provider's usual default.", check=_check_url),
+            "Base URL of the provider's API; '' means the provider's usual default.", check=_check_url,
+            sql_settable=False),
     Setting("neurondb.llm_model", "string", "", "sighup",
             "Model used when a job names none; '' means the provider's default model."),
     Setting("neurondb.llm_api_key_file", "string", "", "sighup",
             "Owner-only file holding the provider API key (relative to the data directory); "
-            "'' reads NEURONDB_LLM_API_KEY from the environment."),
+            "'' reads NEURONDB_LLM_API_KEY from the environment.", sql_settable=False),
     Setting("neurondb.llm_routes", "string", "", "sighup",
             "Per-model providers: 'model=provider[@endpoint], ...'; a model ending in * matches a prefix.",
-            check=parse_llm_routes),
+            check=parse_llm_routes, sql_settable=False),
     Setting("neurondb.llm_cache_ttl", "integer", 86400, "sighup",
             "How long a cached LLM result answers identical jobs; 0 keeps entries until evicted.",
             unit="s", min=0, max=INT_MAX),
@@ -332,6 +378,26 @@ _SETTINGS = [
 
 REGISTRY: dict[str, Setting] = {s.name: s for s in _SETTINGS}
 _ALIASES: dict[str, str] = {alias: s.name for s in _SETTINGS for alias in s.aliases}
+
+
+def require_sql_settable(name: str) -> Setting:
+    """The setting `name` if a database login may change it (`neurondb.alter_system()`), else SettingError:
+    the supervisor applies SQL requests only through here, whatever wrote them into the request table."""
+    setting = lookup(name)
+    if not setting.sql_settable:
+        raise SettingError(
+            f'parameter "{setting.name}" cannot be set from SQL: it names files, hosts, modules or network '
+            "permissions; set it in neurondb.conf or with `neurondb config set` (data directory owner)")
+    return setting
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Values in force that are allowed but dangerous; the supervisor logs them at every start and reload."""
+    warnings = []
+    if ALLOW_EVERYTHING in split_list(str(config.get("neurondb.http_allowlist"))):
+        warnings.append(f"neurondb.http_allowlist contains '{ALLOW_EVERYTHING}': the SSRF guard is off, http_call "
+                        "jobs may reach any address (loopback, private networks, cloud metadata)")
+    return warnings
 
 
 def lookup(name: str) -> Setting:
@@ -393,7 +459,7 @@ def allowed(setting: Setting) -> str:
 
 
 def _invalid(setting: Setting, raw: str, why: str) -> SettingError:
-    return SettingError(f'invalid value for parameter "{setting.name}": "{raw}": {why}')
+    return SettingError(f'invalid value for parameter "{setting.name}": "{shorten(raw)}": {why}')
 
 
 def _parse_bool(text: str) -> bool | None:
@@ -533,27 +599,27 @@ def _scan_quoted(text: str, pos: int) -> tuple[str, int] | None:
 
 
 def _parse_line(line: str) -> tuple[str, str] | str | None:
-    """(name, value) for a setting line, None for a blank/comment line, or a syntax-error description."""
+    """(name, value) for a setting line, None for a blank/comment line, or what is wrong and expected."""
     stripped = line.strip()
     if not stripped or stripped.startswith("#"):
         return None
     body = line.lstrip()
     m = _NAME.match(body)
     if not m:
-        return f'syntax error near "{stripped[:40]}": expected name = value'
+        return "expected name = value, with a name such as neurondb.neuranq_naptime"
     name, pos = m.group(0), m.end()
     rest = body[pos:]
     after = rest.lstrip()
     if after.startswith("="):
         after = after[1:].lstrip()
     elif after == rest and after:  # `name value` needs whitespace between the two
-        return f'syntax error near "{stripped[:40]}": expected name = value'
+        return f'unexpected "{shorten(after, 20)}" after the name; expected name = value'
     if not after or after.startswith("#"):
-        return f'syntax error: missing value for "{name}"'
+        return "missing value; expected name = value ('' for an empty value)"
     if after.startswith("'"):
         scanned = _scan_quoted(after, 0)
         if scanned is None:
-            return f'syntax error: unterminated quoted string in value of "{name}"'
+            return "unterminated quoted string; expected the closing ' on the same line"
         value, end = scanned
     else:
         um = _UNQUOTED.match(after)
@@ -561,12 +627,14 @@ def _parse_line(line: str) -> tuple[str, str] | str | None:
         value, end = um.group(0), um.end()
     tail = after[end:].strip()
     if tail and not tail.startswith("#"):
-        return f'syntax error near "{tail[:40]}": one value per line (quote values that contain spaces)'
+        return (f'unexpected "{shorten(tail, 20)}" after the value; expected one value per line '
+                "(quote a value that contains spaces)")
     return name.lower(), value
 
 
 def parse_conf_file(path: Path) -> tuple[list[ConfEntry], list[str]]:
-    """Entries and syntax errors ("file:line: ...") of a postgresql.conf-syntax file; missing = empty."""
+    """Entries and syntax errors of a postgresql.conf-syntax file, missing = empty; each error names the
+    file, the line number, the line's text and what was expected there."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -576,7 +644,7 @@ def parse_conf_file(path: Path) -> tuple[list[ConfEntry], list[str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         parsed = _parse_line(line)
         if isinstance(parsed, str):
-            errors.append(f"{path}:{number}: {parsed}")
+            errors.append(f'{path}:{number}: syntax error in "{shorten(line.strip())}": {parsed}')
         elif parsed is not None:
             entries.append(ConfEntry(parsed[0], parsed[1], path, number))
     return entries, errors
@@ -733,6 +801,7 @@ class Config:
                 "max_val": _fmt_number(setting, setting.max),
                 "enumvals": list(setting.enumvals) if setting.vartype == "enum" else None,
                 "boot_val": format_value(setting, setting.default),
+                "sql_settable": setting.sql_settable,
                 "pending_restart": pending,
                 "pending_value": format_value(setting, state.pending_value) if pending else None,
                 "rejected_value": state.rejected_value,

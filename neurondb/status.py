@@ -3,7 +3,6 @@ depths from PostgreSQL. Reading never blocks the service: no lock is taken, slot
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -13,7 +12,7 @@ from neurondb import db
 from neurondb.paths import DataDir
 from neurondb.shm import names
 from neurondb.shm.control import SharedState
-from neurondb.supervisor import read_pid
+from neurondb.supervisor import pid_alive, read_pid
 
 # `neurondb status` exit codes, after pg_ctl status: 0 running and healthy, 1 degraded, 3 not running.
 OK, DEGRADED, NOT_RUNNING = 0, 1, 3
@@ -79,23 +78,6 @@ class Status:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "exit_code": self.exit_code}
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = True) -> Status:

@@ -10,8 +10,10 @@ and the worker processes, which it forks and watches:
   `worker_crash_window` mark it FATAL instead of restarting it in a tight loop.
 - a worker whose heartbeat is older than `worker_heartbeat_timeout` is sent SIGTERM, then SIGKILL.
 - SIGHUP, `neurondb reload`, or NOTIFY neurondb_reload (`SELECT neurondb.reload_conf()`): apply the
-  settings requested through `neurondb.alter_system()`, re-read the files, log what changed, what waits for
-  a restart and what was rejected, publish them to `neurondb.settings`, and forward SIGHUP to the workers.
+  settings requested through `neurondb.alter_system()` (only those a database login may set), re-read the
+  files, log what changed, what waits for a restart and what was rejected, publish that to
+  `neurondb.settings` and to the reload report `neurondb reload` prints, then bump the config generation
+  (so whoever sees the new generation finds the outcome published) and forward SIGHUP to the workers.
 - SIGTERM smart / SIGINT fast / SIGQUIT immediate shutdown, forwarded as the same signals to the workers.
 
 Signal handlers only queue the signal and write a byte to a pipe that wakes the loop; all work happens in
@@ -30,17 +32,31 @@ import socket
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import orjson
 import psycopg
 import setproctitle
 
-from neurondb import db
+from neurondb import db, inject
 from neurondb.index import hnsw
 from neurondb.instance import Instance, publish_settings
 from neurondb.migrate import migrate
-from neurondb.paths import write_private_file
-from neurondb.settings import Config, SettingError, lookup, reset_auto, set_auto
+from neurondb.paths import DataDir, write_private_file
+from neurondb.settings import (
+    REGISTRY,
+    Config,
+    SettingError,
+    config_warnings,
+    format_value,
+    lookup,
+    require_sql_settable,
+    reset_auto,
+    set_auto,
+    shorten,
+)
 from neurondb.shm import names
 from neurondb.shm.control import SHUTDOWN_MODES, SharedState
 from neurondb.shm.ring import QueryRing
@@ -60,6 +76,10 @@ KILL_GRACE = 5.0          # SIGTERM to SIGKILL for a hung worker
 MAX_BACKOFF = 30.0
 STATUS_INTERVAL = 2.0     # how often neurondb.workers is refreshed from shared memory
 LOOP_TIMEOUT = 0.25
+PREVIOUS_EXIT_WAIT = 10.0  # how long `neurondb start` waits for the workers of a killed supervisor
+
+
+RELOAD_REPORT = "neurondb.reload.json"   # in the data directory: the last reload's outcome, for `neurondb reload`
 
 
 class SupervisorError(RuntimeError):
@@ -138,28 +158,22 @@ class Supervisor:
     def _acquire_lock(self) -> None:
         """One supervisor per data directory. The lock fd is inherited by the workers on purpose: the kernel
         releases the lock only when the last process of this installation is gone, so a new supervisor can
-        never start beside survivors of a crashed one."""
+        never start beside survivors of a crashed one (`wait_for_previous` waits for those first)."""
         self.datadir.init()
-        fd = os.open(self.datadir.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            pid = read_pid(self.datadir.pid_file)
-            raise SupervisorError(
-                f"neurondb is already running on {self.datadir.root}"
-                + (f" (supervisor pid {pid})" if pid else " (or processes of a crashed supervisor still exit)")
-            ) from None
+        fd = _try_lock(self.datadir.lock_file)
+        if fd is None:
+            raise SupervisorError(_already_running(self.datadir))
         self._lock_fd = fd
 
     def _startup(self) -> None:
         setproctitle.setproctitle(f"neurondb: supervisor -D {self.datadir.root}")
+        inject.set_process("supervisor")
         stale = names.unlink_all(self.prefix)
         if stale:
             log.warning("removed %d stale shared memory objects of a previous run: %s", len(stale), ", ".join(stale))
         self.config = Config.load(self.datadir)
+        for warning in config_warnings(self.config):
+            log.warning("%s", warning)
         self.dsn = self.instance.ensure_database()
         with db.connect(self.dsn, "supervisor") as conn:
             migrate(conn)
@@ -391,17 +405,27 @@ class Supervisor:
     # -- reload ---------------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Apply `neurondb.alter_system()` requests, re-read the settings and tell every worker."""
-        self._apply_sql_requests()
-        result = self.config.reload()
-        for name, old, new in result.changed:
-            log.info("parameter %s changed from %s to %s", name, old, new)
-        for name, old, new in result.pending_restart:
-            log.warning("parameter %s cannot be changed without restarting neurondb (%s -> %s); pending restart",
-                        name, old, new)
-        for name, raw, message in result.rejected:
-            log.error("parameter %s: invalid value %r rejected, old value kept: %s", name, raw, message)
-        self.shared.control["config_generation"] += 1
+        """Apply `neurondb.alter_system()` requests, re-read the settings and tell every worker.
+
+        The outcome is published (neurondb.settings, the reload report) before the generation is bumped:
+        `neurondb reload` and the workers take the new generation as "the outcome is there to read"."""
+        started = time.monotonic()
+        report = self._apply_sql_requests()
+        report += self._reload_files()
+        report += [(logging.WARNING, warning) for warning in config_warnings(self.config)]
+        for level, text in report:
+            log.log(level, "%s", text)
+        inject.point("reload")
+        self._publish_settings()
+        generation = int(self.shared.control["config_generation"]) + 1
+        try:
+            write_private_file(self.datadir.root / RELOAD_REPORT, orjson.dumps({
+                "generation": generation, "started_mono": started,
+                "lines": [[logging.getLevelName(level), text] for level, text in report],
+            }).decode())
+        except OSError as exc:   # a full disk must not stop the reload itself; the log has it all
+            log.warning("could not write the reload report %s: %s", RELOAD_REPORT, exc)
+        self.shared.control["config_generation"] = generation
         for child in self.children:
             if child.fatal:   # a reload is the operator's way of saying "try again"
                 child.fatal = False
@@ -410,36 +434,58 @@ class Supervisor:
                 log.info("%s worker: FATAL cleared by reload, restarting", child.name)
             if child.pid:
                 self._kill(child.pid, signal.SIGHUP)
-        self._publish_settings()
-        log.info("configuration reloaded (generation %d)", int(self.shared.control["config_generation"]))
+        log.info("configuration reloaded (generation %d)", generation)
 
-    def _apply_sql_requests(self) -> None:
-        """Settings requested with `SELECT neurondb.alter_system(name, value)` since the last reload."""
+    def _reload_files(self) -> list[tuple[int, str]]:
+        """Re-read the files; what changed, waits for a restart or was rejected, as (level, line) to log."""
+        result = self.config.reload()
+
+        def shown(name: str, value: object) -> str:
+            return format_value(REGISTRY[name], value, with_unit=True)
+
+        lines = [(logging.INFO, f"parameter {name} changed from {shown(name, old)} to {shown(name, new)}")
+                 for name, old, new in result.changed]
+        lines += [(logging.WARNING, f"parameter {name} cannot be changed without restarting neurondb "
+                                    f"({shown(name, old)} in force, {shown(name, new)} in the files); pending restart")
+                  for name, old, new in result.pending_restart]
+        for name, _, message in result.rejected:
+            if name in REGISTRY:
+                message += f"; the value in force stays {shown(name, self.config.get(name))}"
+            elif name:
+                message += "; ignored"
+            lines.append((logging.ERROR, message))
+        return lines
+
+    def _apply_sql_requests(self) -> list[tuple[int, str]]:
+        """Settings requested with `SELECT neurondb.alter_system(name, value)` since the last reload, applied
+        only if a database login may set them; what happened, as (level, line) to log."""
         if not self._ensure_connection():
-            return
+            return [(logging.WARNING, "could not read neurondb.alter_system() requests: no database connection")]
         try:
             with self._conn.transaction():
                 rows = self._conn.execute(
                     "DELETE FROM neurondb.neurondb_settings_requests RETURNING request_id, name, value"
                 ).fetchall()
         except psycopg.Error as exc:
-            log.warning("could not read neurondb.alter_system() requests: %s", exc)
             self._drop_connection()
-            return
+            return [(logging.WARNING, f"could not read neurondb.alter_system() requests: {exc}")]
+        lines = []
         for _, name, value in sorted(rows):
             try:
+                require_sql_settable(name)
                 setting = set_auto(self.datadir, name, value) if value is not None else \
                     reset_auto(self.datadir, name)
                 self.sql_rejections.pop(setting.name, None)
-                log.info("neurondb.alter_system: %s = %s written to %s", setting.name, value,
-                         self.datadir.auto_conf.name)
+                what = f"{setting.name} = '{shorten(value)}'" if value is not None else f"reset of {setting.name}"
+                lines.append((logging.INFO, f"neurondb.alter_system: {what} written to {self.datadir.auto_conf.name}"))
             except SettingError as exc:
                 try:
                     key = lookup(name).name
                 except SettingError:
                     key = name
-                self.sql_rejections[key] = (str(value), str(exc))
-                log.error("neurondb.alter_system: rejected: %s", exc)
+                self.sql_rejections[key] = ("(reset)" if value is None else value, str(exc))
+                lines.append((logging.ERROR, f"neurondb.alter_system: rejected: {exc}"))
+        return lines
 
     # -- database side --------------------------------------------------------------------------------
 
@@ -572,6 +618,95 @@ class Supervisor:
 
 def ts(epoch: float) -> float | None:
     return float(epoch) if epoch else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _try_lock(lock_file: Path) -> int | None:
+    """An fd holding the data directory's lock, or None while another process holds it."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        return None
+    return fd
+
+
+def lock_holders(lock_file: Path) -> list[int]:
+    """Pids of the processes with `lock_file` open (the lock is inherited, so /proc/locks would name only
+    the dead process that took it). Processes of other users whose fds we cannot read are not listed."""
+    target = str(lock_file.resolve())
+    holders = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+            if any(os.readlink(f"/proc/{entry.name}/fd/{fd}") == target for fd in fds):
+                holders.append(int(entry.name))
+        except OSError:   # gone meanwhile, or not ours to inspect
+            continue
+    return sorted(holders)
+
+
+def _pids(pids: list[int]) -> str:
+    return f" (pids {', '.join(map(str, pids))})" if pids else ""
+
+
+def _already_running(datadir: DataDir, waited: float = 0.0) -> str:
+    """Why the lock is taken: a running supervisor, or survivors of a dead one and what to do about them."""
+    pid = read_pid(datadir.pid_file)
+    if pid_alive(pid):
+        return f"neurondb is already running on {datadir.root} (supervisor pid {pid})"
+    after = f" after {waited:g} s" if waited else ""
+    return (f"processes of a previous neurondb{_pids(lock_holders(datadir.lock_file))} still hold "
+            f"{datadir.lock_file}{after}; stop them (kill PID) or wait for them to exit, then start again")
+
+
+def wait_for_previous(datadir: DataDir, timeout: float = PREVIOUS_EXIT_WAIT,
+                      say: Callable[[str], None] = log.info) -> None:
+    """Return once no process of a previous run holds the data directory's lock.
+
+    A running supervisor is refused at once. A killed one leaves its workers holding the lock until they
+    notice (within a naptime slice, or after the batch they are in): say so, wait up to `timeout` seconds
+    for them, then give up with their pids.
+    """
+    fd = _try_lock(datadir.lock_file)
+    if fd is not None:
+        os.close(fd)
+        return
+    pid = read_pid(datadir.pid_file)
+    if pid_alive(pid):
+        raise SupervisorError(_already_running(datadir))
+    holders = lock_holders(datadir.lock_file)
+    gone = f"supervisor pid {pid} is gone" if pid else "the previous supervisor is gone"
+    say(f"{gone}; waiting for its {len(holders)} remaining workers{_pids(holders)} to exit (up to {timeout:g} s)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        fd = _try_lock(datadir.lock_file)
+        if fd is not None:
+            os.close(fd)
+            return
+    raise SupervisorError(_already_running(datadir, waited=timeout))
 
 
 def read_pid(pid_file: os.PathLike[str]) -> int:

@@ -118,8 +118,9 @@ class Worker:
         return self.naptime
 
     def should_abort(self) -> bool:
-        """True once a fast shutdown was requested: batches stop between items and hand the rest back."""
-        return self.shutdown == "fast"
+        """True once a fast shutdown was requested or the supervisor is gone (it holds the data directory
+        lock through us until we exit): batches stop between items and hand the rest back."""
+        return self.shutdown == "fast" or self._supervisor_gone()
 
     # -- database -------------------------------------------------------------------------------------
 
