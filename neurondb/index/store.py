@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neurondb import inject
 from neurondb.index import hnsw
 from neurondb.shm.control import SharedState
 from neurondb.shm.lock import RobustLock
@@ -163,6 +164,7 @@ class IndexWriter:
         capacity = max(int(a.capacity * GROWTH), a.count + extra)
         pool = hnsw.default_pool_capacity(capacity, a.m)
         segment = self._new_segment(capacity, pool)
+        inject.point("index-grow")     # the window between creating the next generation and publishing it
         grown = hnsw.grow(a, capacity, pool, buffer=segment.ndarray(np.uint8, segment.size))
         self._publish(segment, grown)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from neurondb import db
+from neurondb import db, inject
 from neurondb.index import hnsw, snapshot
 from neurondb.index.store import IndexSpec, IndexWriter, tenant_code
 from neurondb.queries import query
@@ -158,6 +158,7 @@ class IndexSync:
             current = conn.execute(query("index", "rows_by_id"),
                                    {"ids": vector_ids, "index": self.spec.name}).fetchall()
             present = {r[0] for r in current}
+            inject.point("index-apply")
             with self.writer.lock.writing():
                 if current:
                     self.writer.upsert(np.array([r[0] for r in current], np.int64), to_matrix(current, self.spec.dim),
