@@ -13,6 +13,7 @@ lock and generation names are limited to 32 bytes while index names may have 63 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,15 @@ from neurondb.index import hnsw
 from neurondb.shm.control import SharedState
 from neurondb.shm.lock import RobustLock
 from neurondb.shm.names import object_name
-from neurondb.shm.segment import GenerationReader, Segment, generation_name, publish_generation
+from neurondb.shm.segment import (
+    GenerationReader,
+    Segment,
+    generation_name,
+    publish_generation,
+    unlink_stale_generations,
+)
+
+log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 1024
 GROWTH = 2.0
@@ -113,9 +122,19 @@ class IndexWriter:
         return True
 
     def refresh(self) -> None:
-        """Follow a generation another process published (a rebuild from the CLI) before writing again."""
+        """Follow a generation another process published (a rebuild from the CLI) before writing again,
+        and remove the generations a killed writer left behind."""
         if int(self.counter) != self._generation:
             self.attach_current()
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Unlink every generation but the published one: a writer killed between creating the next one
+        and publishing it left that name taken (creating it again would fail forever) and its memory used."""
+        removed = unlink_stale_generations(self.base, int(self.counter))
+        if removed:
+            log.warning("index %s: removed %d generation(s) a killed writer left unpublished or not unlinked: %s",
+                        self.spec.name, len(removed), ", ".join(removed))
 
     def create(self, capacity: int) -> hnsw.HnswArrays:
         """Publish a new, empty graph of `capacity` nodes as the next generation."""
@@ -137,6 +156,7 @@ class IndexWriter:
 
     def _new_segment(self, capacity: int, pool: int | None = None) -> Segment:
         _, size = hnsw.layout(capacity, self.spec.dim, self.spec.m, pool)
+        self.sweep()
         return Segment.create(generation_name(self.base, int(self.counter) + 1), size)
 
     def _publish(self, segment: Segment, arrays: hnsw.HnswArrays) -> None:
