@@ -139,6 +139,7 @@ def test_two_installations_on_one_database_each_see_every_change(tmp_path: Path,
                         "WHERE host LIKE %s", (f"%{b.datadir.root}",)).rowcount == 1
     a.cli("stop")
     assert "dropped the change-log position of" in a.log_tail(50)
+    assert conn.execute("SELECT count(*) FROM neurondb.neurondb_vector_changes").fetchone()[0] == 0   # pruned
     b.start()
     wait_logged(b, lambda: graph_labels(b) == table_ids(conn), LOAD, "B to rebuild")
     assert "rebuilding from PostgreSQL" in b.log_tail(100)
