@@ -16,7 +16,7 @@ import neurondb
 from neurondb.index.store import index_key
 from neurondb.shm import names
 from neurondb.shm.control import SharedState
-from neurondb.shm.segment import generation_name
+from neurondb.shm.segment import Segment, generation_name
 from tests.service import Service, wait_for
 from tests.test_index import DIM, LOAD, graph_labels, insert, table_ids
 
@@ -85,8 +85,13 @@ def test_writer_killed_while_growing_does_not_jam_the_index(tmp_path: Path, fres
                     "the restarted writer to grow the graph and catch up")
         assert int(counter) > published
         assert all_found_by_own_vector(svc, fresh_dsn, conn) == []
-        assert index_segments(svc) == [generation_name(names.object_name(svc.prefix, index_key("docs")),
-                                                       int(counter)).lstrip("/")]
+        base = names.object_name(svc.prefix, index_key("docs"))
+        assert index_segments(svc) == [generation_name(base, int(counter)).lstrip("/")]
+        # The same leftover in front of a rebuild (a killed `neurondb index rebuild` leaves one): no failure.
+        Segment.create(generation_name(base, int(counter) + 1), 4096).close()
+        svc.cli("index", "rebuild", "docs")
+        assert index_segments(svc) == [generation_name(base, int(counter)).lstrip("/")]
+        assert graph_labels(svc) == table_ids(conn)
     finally:
         shared.close()
 
