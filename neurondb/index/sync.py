@@ -85,7 +85,7 @@ class IndexSync:
         self.consumer = {"consumer": installation_id(snapshot_dir), "index": spec.name}
         self.host = f"{socket.gethostname()}:{snapshot_dir.parent}"
         self.position: str | None = None   # every change visible in it is in the graph; None: no graph yet
-        self._page: tuple[str, str, int] | None = None   # (target, xid, change_id) of a replay being paged
+        self._page: tuple[str, str, int] | None = None   # (target, xid, change_id) a paged replay is at
         self.progress: Progress | None = None            # for a rebuild started by apply_pending
         self.snapshot_at: float | None = None
         self.snapshot_position: str | None = None
@@ -228,7 +228,7 @@ class IndexSync:
         if self.position is None:       # dropped while we were away or stuck: the log may lack changes
             self.rebuild(conn, self.progress, locked=True)
             return 0
-        target, from_xid, from_id = self._page or (None, "0", 0)
+        target, from_xid, from_id = self._page or (None, None, 0)
         rows = conn.execute(query("index", "pending_changes"), {
             "index": self.spec.name, "position": self.position, "target": target, "from_xid": from_xid,
             "from_id": from_id, "limit": APPLY_BATCH}).fetchall()

@@ -7,15 +7,16 @@ SELECT index_name, dim, metric, m, ef_construction, ef_search, hybrid_weight, pr
 -- name: pending_changes
 -- A page of the changes this installation's graph lacks: not visible in its position, visible in the
 -- target (the statement's own snapshot on a replay's first page, then that same one for the following
--- pages, so the set paged through does not move), in (xid, change_id) order for keyset paging.
+-- pages, so the set paged through does not move), in (xid, change_id) order for keyset paging. The first
+-- page starts at the position's xmin (every older change is visible in it), as the index scan's start key.
 SELECT c.change_id, c.vector_id, c.xid::text, t.target::text
   FROM (SELECT coalesce(%(target)s::pg_snapshot, pg_current_snapshot()) AS target) t,
        neurondb.neurondb_vector_changes c
  WHERE c.index_name = %(index)s
-   AND c.xid >= pg_snapshot_xmin(%(position)s::pg_snapshot)
+   AND (c.xid, c.change_id) > (coalesce(%(from_xid)s::xid8, pg_snapshot_xmin(%(position)s::pg_snapshot)),
+                               %(from_id)s::bigint)
    AND NOT pg_visible_in_snapshot(c.xid, %(position)s::pg_snapshot)
    AND pg_visible_in_snapshot(c.xid, t.target)
-   AND (c.xid, c.change_id) > (%(from_xid)s::xid8, %(from_id)s)
  ORDER BY c.xid, c.change_id LIMIT %(limit)s;
 
 -- name: rows_by_id
