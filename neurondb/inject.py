@@ -5,8 +5,9 @@ moment deterministically instead of by luck.
 Points are armed only through the environment of the process that starts the service:
 `NEURONDB_INJECTION_POINTS="neuranq:start=crash,neuranmon:batch=hang"`, each `WORKER:POINT=ACTION`
 where ACTION is `crash` (exit 1), `kill` (SIGKILL itself), `sleep:SECONDS`, `hang` (sleep forever without
-heartbeats), or `hold:LOCK:SECONDS` (take the named shared-memory lock and stall inside it, as a worker
-dying mid-critical-section would). `*` as WORKER matches every worker. Unset, every call is a dictionary
+heartbeats), `error` (raise InjectedError, as a bug or an unexpected failure there would), or
+`hold:LOCK:SECONDS` (take the named shared-memory lock and stall inside it, as a worker dying
+mid-critical-section would). `*` as WORKER matches every worker. Unset, every call is a dictionary
 lookup and nothing else.
 """
 
@@ -32,6 +33,10 @@ def _parse(spec: str) -> dict[tuple[str, str], str]:
     return points
 
 
+class InjectedError(RuntimeError):
+    """Raised by the `error` action."""
+
+
 _POINTS = _parse(os.environ.get(ENV, ""))
 _process = ""   # the worker kind of this process, set once at worker start
 _lock: Callable[[str], AbstractContextManager[object]] | None = None
@@ -55,6 +60,8 @@ def point(name: str) -> None:
         os._exit(1)
     elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "error":
+        raise InjectedError(f"injected failure at {_process}:{name}")
     elif action == "hang":
         while True:
             time.sleep(3600)

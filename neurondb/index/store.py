@@ -13,15 +13,25 @@ lock and generation names are limited to 32 bytes while index names may have 63 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from neurondb import inject
 from neurondb.index import hnsw
 from neurondb.shm.control import SharedState
 from neurondb.shm.lock import RobustLock
 from neurondb.shm.names import object_name
-from neurondb.shm.segment import GenerationReader, Segment, generation_name, publish_generation
+from neurondb.shm.segment import (
+    GenerationReader,
+    Segment,
+    generation_name,
+    publish_generation,
+    unlink_stale_generations,
+)
+
+log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 1024
 GROWTH = 2.0
@@ -112,9 +122,19 @@ class IndexWriter:
         return True
 
     def refresh(self) -> None:
-        """Follow a generation another process published (a rebuild from the CLI) before writing again."""
+        """Follow a generation another process published (a rebuild from the CLI) before writing again,
+        and remove the generations a killed writer left behind."""
         if int(self.counter) != self._generation:
             self.attach_current()
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Unlink every generation but the published one: a writer killed between creating the next one
+        and publishing it left that name taken (creating it again would fail forever) and its memory used."""
+        removed = unlink_stale_generations(self.base, int(self.counter))
+        if removed:
+            log.warning("index %s: removed %d generation(s) a killed writer left unpublished or not unlinked: %s",
+                        self.spec.name, len(removed), ", ".join(removed))
 
     def create(self, capacity: int) -> hnsw.HnswArrays:
         """Publish a new, empty graph of `capacity` nodes as the next generation."""
@@ -136,6 +156,7 @@ class IndexWriter:
 
     def _new_segment(self, capacity: int, pool: int | None = None) -> Segment:
         _, size = hnsw.layout(capacity, self.spec.dim, self.spec.m, pool)
+        self.sweep()
         return Segment.create(generation_name(self.base, int(self.counter) + 1), size)
 
     def _publish(self, segment: Segment, arrays: hnsw.HnswArrays) -> None:
@@ -163,6 +184,7 @@ class IndexWriter:
         capacity = max(int(a.capacity * GROWTH), a.count + extra)
         pool = hnsw.default_pool_capacity(capacity, a.m)
         segment = self._new_segment(capacity, pool)
+        inject.point("index-grow")     # the window between creating the next generation and publishing it
         grown = hnsw.grow(a, capacity, pool, buffer=segment.ndarray(np.uint8, segment.size))
         self._publish(segment, grown)
 

@@ -18,6 +18,9 @@ Generations. A structure that grows is rebuilt in a new segment `generation_name
 published by storing g + 1 into a shared int64 counter; readers call `GenerationReader.current()`
 before each query and switch when the counter moved. The writer then unlinks the old generation: a
 reader still attached keeps its mapping until it switches (unlink removes the name, not the memory).
+A writer killed between creating g + 1 and publishing it (or between publishing and unlinking g)
+leaves a generation nobody publishes or unlinks; the next writer, under the same lock, removes it
+with `unlink_stale_generations` before it creates one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 import posix_ipc
 from numpy.typing import DTypeLike
 
-from neurondb.shm.names import check_owner_only
+from neurondb.shm.names import SHM_DIR, check_owner_only
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,31 @@ def publish_generation(counter: np.ndarray, base: str, generation: int) -> None:
             posix_ipc.unlink_shared_memory(generation_name(base, previous))
         except posix_ipc.ExistentialError:
             pass
+
+
+def unlink_stale_generations(base: str, published: int) -> list[str]:
+    """Unlink every generation of `base` other than `published`; returns the names removed.
+
+    Call with the structure's lock held: generations are created only under it, so one above the
+    published counter is a dead writer's unpublished work, and one below it a dead writer's leftover
+    after publishing. Readers still mapping an old one keep their mapping (and re-read the counter when
+    an attach finds the name gone). Lists /dev/shm, where Linux keeps POSIX shared memory.
+    """
+    stem = f"{base.lstrip('/')}.g"
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        suffix = entry.removeprefix(stem)
+        if suffix != entry and suffix.isdigit() and int(suffix) != published:
+            try:
+                posix_ipc.unlink_shared_memory("/" + entry)
+                removed.append("/" + entry)
+            except posix_ipc.ExistentialError:
+                pass
+    return sorted(removed)
 
 
 class GenerationReader:

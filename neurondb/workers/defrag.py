@@ -5,14 +5,25 @@ from a write to neurondb_vectors, or at most every second) it applies pending ch
 snapshots changed graphs to the data directory periodically and at a clean stop, so a restart loads
 instead of rebuilding; it publishes each index's statistics to neurondb_index_stats. The naptime
 (`neurandefrag_naptime`) paces the heavier maintenance cycle built on this.
+
+One index failing (to start, to apply its changes, to snapshot) stops neither the others nor the
+statistics: its pending changes keep being counted in vector_stats and its error is the worker's
+last_error in `neurondb status`, so a writer that keeps failing shows its lag instead of hiding it.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
 
 from neurondb.index.sync import APPLY_BATCH, IndexSync, specs
-from neurondb.workers.base import BatchResult, Worker
+from neurondb.workers.base import BatchResult, DatabaseUnavailable, Worker
+
+T = TypeVar("T")
 
 SYNC_EVERY = 1.0          # poll for changes even without a NOTIFY (a missed one costs at most this)
 CATALOG_EVERY = 2.0
@@ -29,6 +40,7 @@ class DefragWorker(Worker):
         self.snapshot_dir = self.ctx.datadir.root / "indexes"
         self._next_catalog = self._next_stats = 0.0
         self._next_snapshot = time.monotonic() + SNAPSHOT_EVERY
+        self._last_failure: dict[str, str] = {}    # index -> its last error, to log a traceback once
 
     def idle_nap(self) -> float:
         return min(self.naptime, SYNC_EVERY)
@@ -41,17 +53,34 @@ class DefragWorker(Worker):
         applied = 0
         more = False
         for sync in self.syncs.values():
-            n = sync.apply_pending(self.conn)
-            applied += n
-            more = more or n >= APPLY_BATCH
+            n = self._guarded(sync.spec.name, "applying changes", lambda sync=sync: sync.apply_pending(self.conn))
+            applied += n or 0
+            more = more or (n or 0) >= APPLY_BATCH
         if now >= self._next_snapshot:
             self._next_snapshot = now + SNAPSHOT_EVERY
             self._snapshot_all()
         if applied or now >= self._next_stats:
             self._next_stats = now + STATS_EVERY
             for sync in self.syncs.values():
-                sync.publish_stats(self.conn)
+                self._guarded(sync.spec.name, "publishing statistics", lambda sync=sync: sync.publish_stats(self.conn))
         return BatchResult(processed=applied, more=more)
+
+    def _guarded(self, index: str, what: str, action: Callable[[], T]) -> T | None:
+        """Run `action` for one index; a failure is logged (the traceback once per distinct error) and made
+        the worker's last_error, and returns None. A lost database connection is the loop's to handle."""
+        try:
+            result = action()
+        except (DatabaseUnavailable, psycopg.OperationalError):
+            raise
+        except Exception as exc:
+            message = f"index {index}: {what} failed: {exc}"
+            repeated = self._last_failure.get(index) == message
+            self._last_failure[index] = message
+            self.log.error("%s%s", message, "" if repeated else "\n" + traceback.format_exc().rstrip())
+            self._record_error(message[:200])
+            return None
+        self._last_failure.pop(index, None)
+        return result
 
     def _refresh_catalog(self) -> None:
         catalog = specs(self.conn)
@@ -63,7 +92,11 @@ class DefragWorker(Worker):
             if name in self.syncs:
                 continue
             sync = IndexSync(self.ctx.shared, self.snapshot_dir, spec, self.ctx.dsn)
-            how = sync.start(self.conn, progress=self._progress(sync))
+            progress = self._progress(sync)
+            how = self._guarded(name, "starting", lambda sync=sync, p=progress: sync.start(self.conn, progress=p))
+            if how is None:
+                sync.close()        # retried at the next catalog refresh
+                continue
             self.log.info("index %s ready (%s)", name, how)
             self.syncs[name] = sync
 
@@ -82,7 +115,7 @@ class DefragWorker(Worker):
 
     def _snapshot_all(self) -> None:
         for sync in self.syncs.values():
-            if sync.snapshot_if_changed(self.conn):
+            if self._guarded(sync.spec.name, "snapshotting", lambda sync=sync: sync.snapshot_if_changed(self.conn)):
                 self.log.info("index %s: snapshot written", sync.spec.name)
 
     def on_stop(self) -> None:

@@ -5,22 +5,75 @@ SELECT index_name, dim, metric, m, ef_construction, ef_search, hybrid_weight, pr
   FROM neurondb.neurondb_indexes ORDER BY index_name;
 
 -- name: pending_changes
-SELECT change_id, vector_id FROM neurondb.neurondb_vector_changes
- WHERE index_name = %(index)s AND change_id > %(from_id)s
-   AND (applied_snapshot IS NULL OR applied_snapshot > %(after)s)
- ORDER BY change_id LIMIT %(limit)s;
+-- A page of the changes this installation's graph lacks: not visible in its position, visible in the
+-- target (the statement's own snapshot on a replay's first page, then that same one for the following
+-- pages, so the set paged through does not move), in (xid, change_id) order for keyset paging. The first
+-- page starts at the position's xmin (every older change is visible in it), as the index scan's start key.
+SELECT c.change_id, c.vector_id, c.xid::text, t.target::text
+  FROM (SELECT coalesce(%(target)s::pg_snapshot, pg_current_snapshot()) AS target) t,
+       neurondb.neurondb_vector_changes c
+ WHERE c.index_name = %(index)s
+   AND (c.xid, c.change_id) > (coalesce(%(from_xid)s::xid8, pg_snapshot_xmin(%(position)s::pg_snapshot)),
+                               %(from_id)s::bigint)
+   AND NOT pg_visible_in_snapshot(c.xid, %(position)s::pg_snapshot)
+   AND pg_visible_in_snapshot(c.xid, t.target)
+ ORDER BY c.xid, c.change_id LIMIT %(limit)s;
 
 -- name: rows_by_id
 SELECT id, tenant_id, embedding FROM neurondb.neurondb_vectors
  WHERE id = ANY(%(ids)s) AND index_name = %(index)s;
 
--- name: mark_applied
-UPDATE neurondb.neurondb_vector_changes SET applied_snapshot = %(snapshot)s WHERE change_id = ANY(%(ids)s);
+-- name: consumer
+-- This installation's positions; `sane` is false for positions from another cluster (a restored dump:
+-- its xids mean nothing here), which are treated as no position at all.
+SELECT applied::text, durable::text,
+       coalesce(pg_snapshot_xmax(applied), '0'::xid8) <= pg_snapshot_xmax(pg_current_snapshot()) AS sane
+  FROM neurondb.neurondb_index_consumers WHERE consumer = %(consumer)s AND index_name = %(index)s;
 
--- name: forget_applied
--- Changes contained in snapshot %(snapshot)s (now on disk) are no longer needed for a replay.
+-- name: register_consumer
+-- Before a rebuild reads the table: from this commit on, no installation deletes a change newer than the
+-- rebuild's snapshot. An existing row keeps its durable position (the file on disk still holds only
+-- that), unless it comes from another cluster.
+INSERT INTO neurondb.neurondb_index_consumers AS c (consumer, index_name, host, applied, durable)
+VALUES (%(consumer)s, %(index)s, %(host)s, NULL, pg_current_snapshot())
+ON CONFLICT (consumer, index_name) DO UPDATE SET
+       host = EXCLUDED.host, seen_at = now(),
+       durable = CASE WHEN pg_snapshot_xmax(c.durable) <= pg_snapshot_xmax(EXCLUDED.durable) THEN c.durable
+                      ELSE EXCLUDED.durable END;
+
+-- name: advance_consumer
+-- The graph now holds every change visible in %(applied)s (NULL: unchanged, only "still alive").
+-- No row returned: the position was dropped (unseen too long), the change log may lack changes.
+UPDATE neurondb.neurondb_index_consumers
+   SET applied = coalesce(%(applied)s::pg_snapshot, applied), seen_at = now()
+ WHERE consumer = %(consumer)s AND index_name = %(index)s
+RETURNING 1;
+
+-- name: snapshot_written
+UPDATE neurondb.neurondb_index_consumers SET durable = %(durable)s::pg_snapshot, seen_at = now()
+ WHERE consumer = %(consumer)s AND index_name = %(index)s;
+
+-- name: snapshot_covers
+-- A snapshot file at %(position)s still finds every change it lacks in the log: nothing newer than its
+-- position was deleted (deletion stays below this installation's durable xmin), and it is of this cluster.
+SELECT pg_snapshot_xmin(%(position)s::pg_snapshot) >= pg_snapshot_xmin(%(durable)s::pg_snapshot)
+   AND pg_snapshot_xmax(%(position)s::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot());
+
+-- name: drop_stale_consumers
+DELETE FROM neurondb.neurondb_index_consumers
+ WHERE index_name = %(index)s AND seen_at < now() - %(expiry)s::interval
+RETURNING host, seen_at;
+
+-- name: forget_changes
+-- Changes every registered installation has in its snapshot file (below the oldest durable xmin); with
+-- no installation registered, none.
 DELETE FROM neurondb.neurondb_vector_changes
- WHERE index_name = %(index)s AND applied_snapshot <= %(snapshot)s;
+ WHERE index_name = %(index)s
+   AND xid < (SELECT pg_snapshot_xmin(durable) FROM neurondb.neurondb_index_consumers
+               WHERE index_name = %(index)s ORDER BY 1 LIMIT 1);
+
+-- name: current_position
+SELECT pg_current_snapshot()::text;
 
 -- name: count_vectors
 SELECT count(*) FROM neurondb.neurondb_vectors WHERE index_name = %(index)s;
@@ -29,7 +82,12 @@ SELECT count(*) FROM neurondb.neurondb_vectors WHERE index_name = %(index)s;
 SELECT id, tenant_id, embedding FROM neurondb.neurondb_vectors WHERE index_name = %(index)s ORDER BY id;
 
 -- name: count_pending
-SELECT count(*) FROM neurondb.neurondb_vector_changes WHERE index_name = %(index)s AND applied_snapshot IS NULL;
+-- Changes this installation's graph lacks (all of the index's, while it has no position).
+SELECT count(*) FROM neurondb.neurondb_vector_changes c
+ WHERE c.index_name = %(index)s
+   AND (%(position)s::pg_snapshot IS NULL
+        OR (c.xid >= pg_snapshot_xmin(%(position)s::pg_snapshot)
+            AND NOT pg_visible_in_snapshot(c.xid, %(position)s::pg_snapshot)));
 
 -- name: publish_stats
 INSERT INTO neurondb.neurondb_index_stats AS s
@@ -66,6 +124,3 @@ INSERT INTO neurondb.neurondb_index_stats AS s (index_name, task, task_progress,
 VALUES (%(index)s, %(task)s, %(progress)s, now())
 ON CONFLICT (index_name) DO UPDATE SET task = EXCLUDED.task, task_progress = EXCLUDED.task_progress,
        updated_at = now();
-
--- name: unapplied_ids
-SELECT change_id FROM neurondb.neurondb_vector_changes WHERE index_name = %(index)s AND applied_snapshot IS NULL;
