@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,7 +58,9 @@ class IndexSpec:
     metric: str
     m: int = 16
     ef_construction: int = 200
-    ef_search: int = hnsw.DEFAULT_EF_SEARCH
+    # Not part of the index's identity: the tuner changes it all the time, and a graph must not be released and
+    # re-attached for that (the header follows the catalog through neuranmon; a new graph starts with it).
+    ef_search: int = field(default=hnsw.DEFAULT_EF_SEARCH, compare=False)
 
 
 class SharedIndex:
