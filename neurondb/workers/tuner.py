@@ -170,16 +170,18 @@ class TunerWorker(Worker):
             self._beat()
             targets = self._targets(row)
             current = int(row["ef_search"])
-            if len(window.queries) < tuning.MIN_QUERIES:
-                self._record_decision(row, window, None, tuning.Decision(
-                    ef=current, state="waiting",
-                    reason=f"{len(window.queries)} of the {tuning.MIN_QUERIES} sampled queries a decision needs"))
-                continue
-            curve = tuning.Curve(arrays, list(window.queries), self._exact(name, arrays, window), targets.recall)
+            enough = len(window.queries) >= tuning.MIN_QUERIES
+            curve = tuning.Curve(arrays, list(window.queries), self._exact(name, arrays, window),
+                                 targets.recall) if enough else None
             if row["tuning"] == "pinned":
-                point = curve.at(current)
-                decision = tuning.Decision(ef=current, state="pinned", reason="pinned by the operator", point=point,
-                                           p95_ms=tuning.predict_p95(curve, window.latencies, current))
+                decision = tuning.Decision(
+                    ef=current, state="pinned", reason="pinned by the operator",
+                    point=curve.at(current) if curve else None,
+                    p95_ms=tuning.predict_p95(curve, window.latencies, current) if curve else None)
+            elif curve is None:
+                decision = tuning.Decision(
+                    ef=current, state="waiting",
+                    reason=f"{len(window.queries)} of the {tuning.MIN_QUERIES} sampled queries a decision needs")
             else:
                 decision = tuning.decide(curve, window, current, targets, max_ef)
             if decision.ef != current and not self._set_ef(name, arrays, current, decision.ef):
