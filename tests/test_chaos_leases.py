@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from neurondb import llm, queue
-from neurondb.workers.leases import recover_expired
+from neurondb.workers.leases import RetryPolicy, recover_expired
 from tests.fakeprovider import FakeProvider
 from tests.service import Service, wait_for
 
@@ -166,7 +166,7 @@ def test_expired_lease_over_the_limit_is_dead_lettered(conn: psycopg.Connection)
     last, spare = queue.enqueue(conn, "test.noop"), queue.enqueue(conn, "test.noop")
     conn.execute(expired, (2, last))
     conn.execute(expired, (0, spare))
-    assert recover_expired(conn, QUEUE) == 2
+    assert recover_expired(conn, QUEUE, RetryPolicy(2, 100, 1000)) == (2, [last])
     after = {r["job_id"]: r for r in rows(conn, QUEUE, [last, spare])}
     assert after[last]["status"] == "failed" and after[last]["retry_count"] == 3
     assert "lease expired" in after[last]["error_message"]
