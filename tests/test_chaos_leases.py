@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,3 +220,20 @@ def test_lost_connection_reconciles_claimed_jobs_at_once(service: Service, conn:
     assert [(r["status"], r["retry_count"]) for r in done] == [("completed", 0)] * 50
     runs = effects.read_text().split()
     assert sorted(runs) == sorted(str(i) for i in ids), "a job ran twice or never"
+
+
+def test_llm_lost_connection_hands_back_jobs_it_never_received(llm_service: Service, conn: psycopg.Connection) -> None:
+    """A claim that committed but whose answer was lost with the connection leaves jobs leased to the LLM
+    worker that it does not know (made here by hand): on reconnect it hands them back at once, no attempt
+    counted, instead of leaving them `processing` until their lease (at least 60 s) expires."""
+    pid = llm_service.worker("neuranllm").pid
+    lost = llm.submit_many(conn, "completion", ["lost 1", "lost 2"], run_at="infinity")
+    conn.execute("UPDATE neurondb.neurondb_llm_jobs SET status = 'processing', lease_owner = %s, "
+                 "started_at = now(), lease_expires_at = now() + interval '1 hour', run_at = now() "
+                 "WHERE job_id = ANY(%s)", (f"{socket.gethostname()}:{pid}", lost))
+    cut = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name LIKE 'neurondb neuranllm%'").fetchall()
+    assert cut and all(ok for (ok,) in cut)
+    done = wait_finished(conn, "neurondb.neurondb_llm_jobs", lost, 10.0)
+    assert [(r["status"], r["retry_count"]) for r in done] == [("completed", 0)] * 2
+    assert llm_service.worker("neuranllm").pid == pid       # the worker lived through it
