@@ -26,8 +26,10 @@ Retry-After when that is longer. The worker wakes up for it, not at the next nap
 (4xx, context too long, invalid input or parameters) fail the job at once with the provider's message.
 
 Crash safety is the queue's: claimed jobs carry a lease (`host:pid`); the supervisor hands a dead
-worker's jobs back at once (the interrupted run counts as an attempt), and an expired lease (machine
-lost) brings them back too. Outcomes are recorded only for jobs still leased to us.
+worker's jobs back at once (the jobs with a call in flight, listed in the worker's shared-memory slot,
+count an attempt; the others do not), and an expired lease (machine lost) brings them back too. Outcomes
+are recorded only for jobs still leased to us; after a lost connection they are written once it is back,
+and jobs leased to us that we never received (a claim whose answer was lost) are handed back at once.
 """
 
 from __future__ import annotations

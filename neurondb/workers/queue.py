@@ -7,7 +7,10 @@ failures with their dead-letter rows. While claims come back non-empty the next 
 the naptime is the sleep when there is nothing to do, shortened to the next retry or rate-limit token.
 
 Semantics are at-least-once: a job whose worker dies before its outcome is recorded runs again (the
-supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Effects made
+supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Only the job
+whose handler was running then counts an attempt: the worker lists it in its shared-memory slot, and past
+its limit it is dead-lettered instead (workers/leases.py). A batch cut short by a lost connection is
+settled by the next one: the outcomes computed are recorded, the jobs not started handed back. Effects made
 through `ctx.defer` commit only with the completion, so they happen exactly once; outside effects (an
 HTTP call) can repeat, at most once per crash per job in flight.
 
