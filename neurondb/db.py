@@ -8,6 +8,7 @@ the form `neurondb <process>` so that `pg_stat_activity` tells which neurondb pr
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import orjson
 import psycopg
@@ -16,11 +17,31 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from neurondb.paths import DataDir
 
 ENV_DSN = "NEURONDB_DSN"
+JSON_MAX_DEPTH = 1024   # orjson's nesting limit; PostgreSQL's jsonb has none of its own
 
 # jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the
 # queue worker's CPU time at full drain (scripts/bench_queue.py).
 set_json_dumps(orjson.dumps)
 set_json_loads(orjson.loads)
+
+
+class UndecodableJson(ValueError):
+    """A jsonb value PostgreSQL accepted that orjson cannot decode (too deep, a number beyond a double)."""
+
+
+def decode_json(text: str, field: str) -> Any:
+    """`text` (a jsonb column read as text) decoded, else UndecodableJson with one line naming `field`,
+    the reason, what is allowed and the value's start. Callers decode per row: one such value in a
+    result set must fail its own row, not the fetch of all of them."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc).split(": line ")[0]
+        if reason == "depth limit exceeded":
+            reason = f"nested deeper than {JSON_MAX_DEPTH} levels"
+        start = text[:60] + ("..." if len(text) > 60 else "")
+        raise UndecodableJson(f"{field} cannot be decoded: {reason} (allowed: JSON nested at most {JSON_MAX_DEPTH} "
+                              f"levels deep, numbers within double range); it starts {start}") from None
 
 
 class NotInitialized(RuntimeError):

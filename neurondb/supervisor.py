@@ -62,7 +62,7 @@ from neurondb.shm.control import SHUTDOWN_MODES, SharedState
 from neurondb.shm.ring import QueryRing
 from neurondb.workers import WORKER_KINDS
 from neurondb.workers.base import WorkerContext
-from neurondb.workers.leases import JOB_TABLES, hand_back_owner
+from neurondb.workers.leases import JOB_TABLES, RetryPolicy, release
 
 log = logging.getLogger("neurondb.supervisor")
 
@@ -320,7 +320,7 @@ class Supervisor:
                         ", structure marked for repair" if dirty else "")
         self._decide_restart(child, pid, code, how)
         # After the restart is scheduled: a slow database must not delay it.
-        self._hand_back_jobs(pid, f"worker {child.name} (pid {pid}) {how}")
+        self._hand_back_jobs(child, pid, f"worker {child.name} (pid {pid}) {how}")
 
     def _decide_restart(self, child: Child, pid: int, code: int, how: str) -> None:
         if self.shutdown_mode:
@@ -353,17 +353,20 @@ class Supervisor:
         self.shared.set_last_error(child.slot, f"previous process (pid {pid}) {how}")
         log.warning("%s worker (pid %d) %s; restarting in %.2f s", child.name, pid, how, delay)
 
-    def _hand_back_jobs(self, pid: int, reason: str) -> None:
-        """Jobs the dead worker had claimed go back to pending at once (not after their lease expires);
-        the interrupted run counts as an attempt, so a job that kills its worker every time ends failed."""
+    def _hand_back_jobs(self, child: Child, pid: int, reason: str) -> None:
+        """Jobs the dead worker had claimed go back at once (not after their lease expires). Only the jobs it
+        listed as running in its slot count an attempt, so a job that kills its worker every time ends
+        failed after its retries, while the jobs claimed with it that never started are not charged."""
         if self._conn is None:
             return
         owner = lease_owner(pid)
+        ran = self.shared.running_jobs(child.slot)
         try:
             for table in JOB_TABLES:
-                n = hand_back_owner(self._conn, table, owner, reason)
+                n, failed = release(self._conn, table, RetryPolicy.of(self.config, table), owner, ran, reason)
                 if n:
-                    log.warning("handed %d jobs of %s back to %s", n, owner, table)
+                    log.warning("handed %d jobs of %s back to %s%s", n, owner, table,
+                                f"; {len(failed)} out of retries failed: {failed}" if failed else "")
         except psycopg.Error as exc:
             log.warning("could not hand back the jobs of %s now (their leases will expire): %s", owner, exc)
             self._drop_connection()
@@ -593,7 +596,7 @@ class Supervisor:
                     os.waitpid(child.pid, 0)
                 except ChildProcessError:
                     pass
-                self._hand_back_jobs(child.pid, f"worker {child.name} killed: supervisor exiting")
+                self._hand_back_jobs(child, child.pid, f"worker {child.name} killed: supervisor exiting")
                 child.pid = 0
         if hasattr(self, "shared"):
             self._publish_status()

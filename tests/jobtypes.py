@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from neurondb.jobs import JobContext, JobError, job_type, require
@@ -47,3 +48,12 @@ def effect(ctx: JobContext, payload: dict) -> dict:
     """A transactional effect: committed with the completion, or not at all."""
     ctx.defer("INSERT INTO public.test_effects (job_id) VALUES (%s)", (ctx.job_id,))
     return {"ok": True}
+
+
+@job_type("test.crash")
+def crash(ctx: JobContext, payload: dict) -> dict:
+    """A poison job: SIGKILLs its own worker in its first `attempts` attempts (all by default), like a
+    segfault or the OOM killer would."""
+    if ctx.attempt <= require(payload, "attempts", int, default=10**9):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"survived": True}

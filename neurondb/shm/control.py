@@ -38,8 +38,9 @@ from neurondb.shm.names import object_name
 from neurondb.shm.segment import Segment
 
 MAGIC = b"NEURONDB"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 N_LOCKS = 32
+RUNNING_MAX = 256  # job ids a worker can list as running (the LLM worker: jobs of its calls in flight)
 N_GENERATIONS = 32
 _ALIGN = 64
 
@@ -92,6 +93,10 @@ SLOT_DTYPE = np.dtype([
     ("last_error_at", "<f8"),
     ("counters", "<i8", (8,)),
     ("gauges", "<f8", (8,)),
+    # The jobs whose attempt is under way, 0 = free entry; `running_unlisted` counts those that did not fit.
+    # When a worker dies, the supervisor charges an attempt to these jobs only (see RunningJobs).
+    ("running", "<i8", (RUNNING_MAX,)),
+    ("running_unlisted", "<i8"),
 ], align=True)
 
 LOCK_ENTRY = np.dtype([("name", "S32"), ("ready", "<i8"), *LOCK_FIELDS], align=True)
@@ -100,7 +105,8 @@ GEN_ENTRY = np.dtype([("name", "S32"), ("ready", "<i8"), ("generation", "<i8")],
 # What belongs to one incarnation of a worker; the rest of a slot (identity, restarts, cumulative
 # counters, last error and exit status: why the previous incarnation died) survives a restart.
 _INCARNATION_FIELDS = ("pid", "started_at", "heartbeat", "heartbeat_mono", "last_batch_at",
-                       "config_generation_seen", "settings_seen", "naptime_ms", "enabled")
+                       "config_generation_seen", "settings_seen", "naptime_ms", "enabled", "running",
+                       "running_unlisted")
 
 TENANT_DTYPE = np.dtype([
     ("tenant", "S64"),
@@ -258,6 +264,15 @@ class SharedState:
         snapshot = _snapshot(self.slots[i, ...])
         snapshot["state"] = state_name(snapshot["state"])
         return snapshot
+
+    def running_jobs(self, i: int) -> list[int] | None:
+        """Supervisor, after reaping the worker of slot `i`: the job ids it listed as running, or None when
+        some did not fit in the slot (then any of its claimed jobs may have been running)."""
+        row = self.slot(i)
+        if int(row["running_unlisted"]) > 0:
+            return None
+        running = row["running"].copy()
+        return [int(job_id) for job_id in running[running != 0]]
 
     def read_control(self) -> dict[str, Any]:
         """A private copy of the control block; `shutdown_mode` as its name."""
@@ -426,6 +441,43 @@ class SharedState:
             if names[row] == key:
                 return row
         raise TenantTableFull(f"all {n} tenant rows are taken; raise the tenant table size")
+
+
+class RunningJobs:
+    """A worker's list of the jobs whose attempt is under way, in its own slot, for the supervisor to read
+    once the worker is dead: only these count an attempt then (claimed jobs that never started do not).
+
+    Each change is one aligned 8-byte store, so a worker killed at any moment leaves a list that is right
+    to within the job being added or removed. O(1) per call, no lock: the slot is this process's own.
+    """
+
+    def __init__(self, row: np.ndarray) -> None:
+        self._ids = row["running"]
+        self._unlisted = row["running_unlisted"]
+        self._ids[...] = 0
+        self._unlisted[...] = 0
+        self._where: dict[int, int] = {}       # job id -> its entry; -1: did not fit
+        self._free = list(range(RUNNING_MAX - 1, -1, -1))
+
+    def add(self, job_id: int) -> None:
+        if job_id in self._where:
+            return
+        if self._free:
+            entry = self._where[job_id] = self._free.pop()
+            self._ids[entry] = job_id
+        else:
+            self._where[job_id] = -1
+            self._unlisted[...] = int(self._unlisted) + 1
+
+    def discard(self, job_id: int) -> None:
+        entry = self._where.pop(job_id, None)
+        if entry is None:
+            return
+        if entry < 0:
+            self._unlisted[...] = int(self._unlisted) - 1
+        else:
+            self._ids[entry] = 0
+            self._free.append(entry)
 
 
 def state_code(name: str) -> int:

@@ -26,8 +26,10 @@ Retry-After when that is longer. The worker wakes up for it, not at the next nap
 (4xx, context too long, invalid input or parameters) fail the job at once with the provider's message.
 
 Crash safety is the queue's: claimed jobs carry a lease (`host:pid`); the supervisor hands a dead
-worker's jobs back at once (the interrupted run counts as an attempt), and an expired lease (machine
-lost) brings them back too. Outcomes are recorded only for jobs still leased to us.
+worker's jobs back at once (the jobs with a call in flight, listed in the worker's shared-memory slot,
+count an attempt; the others do not), and an expired lease (machine lost) brings them back too. Outcomes
+are recorded only for jobs still leased to us; after a lost connection they are written once it is back,
+and jobs leased to us that we never received (a claim whose answer was lost) are handed back at once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
+from neurondb.db import UndecodableJson, decode_json
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
 from neurondb.providers.base import invalid_input
@@ -58,10 +61,11 @@ from neurondb.providers.transport import make_client
 from neurondb.queries import query
 from neurondb.settings import ReloadResult
 from neurondb.shm.buckets import Buckets, Claim
+from neurondb.shm.control import RunningJobs
 from neurondb.workers import leases
 from neurondb.workers.base import BatchResult, Worker
 
-TABLE = "neurondb.neurondb_llm_jobs"
+TABLE = leases.LLM_TABLE
 SESSION_S = 0.5              # longest run of the event loop before the base lifecycle gets control back
 POLL_S = 0.02                # while a slot is free, look for new work (NOTIFY via the latch) this often
 FLUSH_DELAY_S = 0.02         # outcomes wait at most this long to be written with others
@@ -222,6 +226,8 @@ class LLMWorker(Worker):
         self._next_cache = time.monotonic() + CACHE_EVERY
         self._next_lease = 0.0
         self._cache_estimate = 0          # entries, as last counted plus what we added since
+        self._unsettled = False           # a batch ended abnormally: see _settle
+        self.running = RunningJobs(self.slot)   # jobs with a call in flight, for the supervisor
 
     def on_reload(self, result: ReloadResult) -> None:
         """Providers hold the endpoint, model, key and timeout they were built with: rebuild them. When the
@@ -300,15 +306,30 @@ class LLMWorker(Worker):
     # -- the batch ------------------------------------------------------------------------------------
 
     def run_batch(self) -> BatchResult:
-        self._maintenance()
         try:
+            if self._unsettled:
+                self._settle()
+            self._maintenance()
             result = self.loop.run_until_complete(self._session())
-        except psycopg.OperationalError:
-            self._drop_async_connection()
+        except BaseException as exc:
+            # Outcomes not written stay in self._outcomes (see _flush); a claim whose answer was lost left
+            # jobs leased to us that we do not know: the next batch settles them.
+            self._unsettled = True
+            if isinstance(exc, psycopg.OperationalError):
+                self._drop_async_connection()
             raise
         if not result.more:
             self._plan_wakeup()
         return result
+
+    def _settle(self) -> None:
+        """After a batch that did not end normally (a lost connection): jobs leased to us that we do not
+        hold, claimed by a claim whose answer never came, go back to pending at once, no attempt counted,
+        instead of waiting for their lease. The jobs we hold stay ours: their outcomes are written as usual."""
+        n = leases.hand_back_unheld(self.conn, TABLE, self.owner, list(self._held))
+        self._unsettled = False
+        if n:
+            self.log.warning("handed back %d LLM jobs claimed when the connection was lost", n)
 
     def idle_nap(self) -> float:
         nap = self.naptime
@@ -446,11 +467,18 @@ class LLMWorker(Worker):
         default_limit = int(self._setting("neuranllm_max_retries"))
         jobs = []
         for (job_id, operation, model, provider, tenant, input_text, system_prompt, input_texts, documents,
-             parameters, retry_count, max_retries, last_error) in rows:
+             parameters_text, retry_count, max_retries, last_error) in rows:
+            try:   # per row: one value the decoder refuses fails its own job, not the claim
+                parameters, undecodable = decode_json(parameters_text, "parameters"), None
+            except UndecodableJson as exc:
+                parameters, undecodable = {}, str(exc)
             job = Job(job_id, operation, model, provider, tenant, input_text, system_prompt, input_texts,
                       documents, parameters, retry_count,
                       default_limit if max_retries is None else max_retries)
             self._held[job_id] = job
+            if undecodable:
+                self._fail(job, undecodable)
+                continue
             if retry_count > job.limit:
                 self._fail(job, f"gave up after {retry_count} attempts (neurondb.neuranllm_max_retries "
                                 f"{job.limit}); the last one: {last_error or 'interrupted'}")
@@ -695,6 +723,7 @@ class LLMWorker(Worker):
         self._in_flight_by[provider] = self._in_flight_by.get(provider, 0) + 1
         for job in call.jobs:
             job.calls += 1
+            self.running.add(job.job_id)
         task = self.loop.create_task(self._run_call(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -861,6 +890,7 @@ class LLMWorker(Worker):
 
     def _finish(self, outcome: Outcome) -> None:
         outcome.job.done = True
+        self.running.discard(outcome.job.job_id)
         self._outcomes.append(outcome)
 
     def _fail(self, job: Job, message: str) -> None:
@@ -923,6 +953,7 @@ class LLMWorker(Worker):
             self._held.pop(o.job.job_id, None)
         for job_id in hand_back:
             self._held.pop(job_id, None)
+            self.running.discard(job_id)
         self._cache_estimate += len(puts)
 
     async def _write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome], hand_back: dict[int, float],
@@ -969,9 +1000,10 @@ class LLMWorker(Worker):
         now = time.monotonic()
         if now >= self._next_maintenance:
             self._next_maintenance = now + MAINTENANCE_EVERY
-            recovered = leases.recover_expired(self.conn, TABLE)
+            recovered, failed = leases.recover_expired(self.conn, TABLE, leases.RetryPolicy.of(self.config, TABLE))
             if recovered:
-                self.log.warning("recovered %d LLM jobs whose lease expired", recovered)
+                self.log.warning("recovered %d LLM jobs whose lease expired%s", recovered,
+                                 f"; {len(failed)} out of retries failed: {failed}" if failed else "")
             self._tenant_shares = {t: float(s) for t, s in self.conn.execute(query("llm", "tenant_shares"))}
         limit = int(self._setting("llm_cache_max_entries"))
         if now >= self._next_cache or (limit > 0 and self._cache_estimate > limit):

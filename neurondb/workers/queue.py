@@ -7,7 +7,10 @@ failures with their dead-letter rows. While claims come back non-empty the next 
 the naptime is the sleep when there is nothing to do, shortened to the next retry or rate-limit token.
 
 Semantics are at-least-once: a job whose worker dies before its outcome is recorded runs again (the
-supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Effects made
+supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Only the job
+whose handler was running then counts an attempt: the worker lists it in its shared-memory slot, and past
+its limit it is dead-lettered instead (workers/leases.py). A batch cut short by a lost connection is
+settled by the next one: the outcomes computed are recorded, the jobs not started handed back. Effects made
 through `ctx.defer` commit only with the completion, so they happen exactly once; outside effects (an
 HTTP call) can repeat, at most once per crash per job in flight.
 
@@ -32,13 +35,15 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from neurondb.db import UndecodableJson, decode_json
 from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
 from neurondb.queries import query
 from neurondb.settings import parse_module_list
+from neurondb.shm.control import RunningJobs
+from neurondb.workers import leases
 from neurondb.workers.base import BatchResult, Worker
-from neurondb.workers.leases import extend_leases, hand_back, recover_expired
 
-TABLE = "neurondb.neurondb_job_queue"
+TABLE = leases.QUEUE_TABLE
 MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-limit refreshes
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_BATCH = 1000
@@ -76,6 +81,9 @@ class QueueWorker(Worker):
         self._next_maintenance = 0.0
         self._next_retention = time.monotonic() + random.uniform(0, self._retention_every())
         self._wake_at: float | None = None
+        self._outcomes: list[Outcome] = []    # computed, not yet recorded
+        self._unsettled = False               # a batch ended abnormally: see _settle
+        self.running = RunningJobs(self.slot)
         signal.signal(signal.SIGALRM, self._on_alarm)
 
     # -- settings -------------------------------------------------------------------------------------
@@ -95,7 +103,31 @@ class QueueWorker(Worker):
     # -- the batch ------------------------------------------------------------------------------------
 
     def run_batch(self) -> BatchResult:
-        self._maintenance()
+        result = BatchResult()
+        try:
+            if self._unsettled:
+                self._settle(result)
+            self._maintenance()
+            self._run_claimed(result)
+        except BaseException:
+            # The connection went away (a PostgreSQL restart), or worse, in the middle of a batch: the
+            # outcomes computed so far stay in self._outcomes, and the next batch settles what we hold.
+            self._unsettled = True
+            raise
+        return result
+
+    def _settle(self, result: BatchResult) -> None:
+        """After a batch that did not end normally: record the outcomes it computed (only for jobs still
+        leased to us), then hand back at once every other job leased to us, no attempt counted: the ones
+        it had not started, and any claimed by a claim whose answer was lost. They would otherwise wait
+        for their lease (neuranq_lease_time) and then run again."""
+        self._flush(result)
+        n = leases.hand_back_unheld(self.conn, TABLE, self.owner, [])
+        self._unsettled = False
+        if n:
+            self.log.warning("handed back %d claimed jobs that had not run before the batch was interrupted", n)
+
+    def _run_claimed(self, result: BatchResult) -> None:
         batch_size = int(self.config.get("neurondb.neuranq_batch_size"))
         capped, caps = self._allowances(batch_size)
         # The claim alone commits asynchronously: if the server crashes before it reaches disk, the job is
@@ -109,53 +141,75 @@ class QueueWorker(Worker):
             }).fetchall()
         if not rows:
             self._plan_wakeup()
-            return BatchResult()
+            return
         rows = self._take_tokens(rows)
-        outcomes: list[Outcome] = []
-        result = BatchResult(more=True)
+        result.more = True
         last_flush = time.monotonic()
         for i, row in enumerate(rows):
             if self.should_abort():
                 self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
                 break
-            outcomes.append(self._run_one(*row))
+            self._run_one(*row)
             if time.monotonic() - last_flush > FLUSH_EVERY:
-                self._flush(outcomes, result)
-                outcomes = []
+                self._flush(result)
                 self._extend_leases([r[0] for r in rows[i + 1:]])
                 last_flush = time.monotonic()
-        self._flush(outcomes, result)
-        return result
+        self._flush(result)
 
-    def _run_one(self, job_id: int, job_type: str, payload: Any, tenant: str, retry_count: int,
-                 max_retries: int | None) -> Outcome:
+    def _run_one(self, job_id: int, job_type: str, payload_text: str, tenant: str, retry_count: int,
+                 max_retries: int | None, last_error: str | None) -> None:
+        """Run one claimed job and add its outcome to self._outcomes. The payload comes as text and is
+        decoded here, so a value the decoder refuses fails this job alone. While the handler runs, the job
+        is listed as running in our slot: if it kills the process, the supervisor charges it alone."""
         started = time.perf_counter()
         attempt = retry_count + 1
         limit = int(max_retries if max_retries is not None else self.config.get("neurondb.neuranq_max_retries"))
+        if retry_count > limit:
+            error = f"gave up after {retry_count} attempts (limit: {limit} retries); the last one: " \
+                    f"{last_error or 'interrupted'}"[:MAX_ERROR]
+            self.log.warning("job %d (%s) failed: %s", job_id, job_type, error)
+            self._outcomes.append(Outcome(job_id, tenant, "failed", error=error))
+            return
         ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
                          config=self.config, conn=self.conn, log=self.log)
         try:
+            try:
+                payload = decode_json(payload_text, "payload")
+            except UndecodableJson as exc:
+                raise PermanentJobError(str(exc)) from None
             if not isinstance(payload, dict):
                 raise PermanentJobError(f"payload must be a JSON object, got {type(payload).__name__}")
             handler = resolve(job_type).handler
-            value = self._with_timeout(handler, ctx, payload)
+            self.running.add(job_id)
+            try:
+                value = self._with_timeout(handler, ctx, payload)
+            finally:
+                self.running.discard(job_id)
             result = orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
-            return Outcome(job_id, tenant, "completed", result=result, effects=ctx.effects,
-                           ms=(time.perf_counter() - started) * 1000)
-        except (psycopg.OperationalError, MemoryError):
-            raise   # the database went away mid-job: the batch's jobs come back through their leases
+            self._outcomes.append(Outcome(job_id, tenant, "completed", result=result, effects=ctx.effects,
+                                          ms=(time.perf_counter() - started) * 1000))
+        except (psycopg.OperationalError, MemoryError) as exc:
+            # The database went away (or memory ran out) during the attempt: it counts as a failed one,
+            # and the batch stops here; the next batch records it and hands back the rest (_settle).
+            self._outcomes.append(self._failed(job_id, job_type, tenant, attempt, limit, exc, started))
+            raise
         except Exception as exc:
-            error = self._describe(exc)
-            ms = (time.perf_counter() - started) * 1000
-            retryable = getattr(exc, "retryable", True) and not isinstance(exc, (TypeError, orjson.JSONEncodeError))
-            if retryable and retry_count < limit:
-                delay = backoff_ms(attempt, self._ms("neuranq_retry_delay"), self._ms("neuranq_retry_max_delay"))
-                self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
-                              delay, error)
-                return Outcome(job_id, tenant, "retry", error=error, delay_ms=delay, ms=ms)
-            why = "not retryable" if not retryable else f"after {attempt} attempts"
-            self.log.warning("job %d (%s) failed %s: %s", job_id, job_type, why, error)
-            return Outcome(job_id, tenant, "failed", error=error, ms=ms)
+            self._outcomes.append(self._failed(job_id, job_type, tenant, attempt, limit, exc, started))
+
+    def _failed(self, job_id: int, job_type: str, tenant: str, attempt: int, limit: int, exc: Exception,
+                started: float) -> Outcome:
+        """The outcome of a failed attempt: a retry after its backoff while retries remain, else failed."""
+        error = self._describe(exc)
+        ms = (time.perf_counter() - started) * 1000
+        retryable = getattr(exc, "retryable", True) and not isinstance(exc, (TypeError, orjson.JSONEncodeError))
+        if retryable and attempt <= limit:
+            delay = backoff_ms(attempt, self._ms("neuranq_retry_delay"), self._ms("neuranq_retry_max_delay"))
+            self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
+                          delay, error)
+            return Outcome(job_id, tenant, "retry", error=error, delay_ms=delay, ms=ms)
+        why = "not retryable" if not retryable else f"after {attempt} attempts"
+        self.log.warning("job %d (%s) failed %s: %s", job_id, job_type, why, error)
+        return Outcome(job_id, tenant, "failed", error=error, ms=ms)
 
     @staticmethod
     def _describe(exc: BaseException) -> str:
@@ -180,9 +234,11 @@ class QueueWorker(Worker):
 
     # -- recording outcomes ---------------------------------------------------------------------------
 
-    def _flush(self, outcomes: list[Outcome], result: BatchResult) -> None:
-        """All outcomes in one transaction: lock the jobs still ours, apply each completion's effects under a
-        savepoint (a failing effect fails that job alone), then one statement per kind of outcome."""
+    def _flush(self, result: BatchResult) -> None:
+        """All waiting outcomes in one transaction: lock the jobs still ours, apply each completion's effects
+        under a savepoint (a failing effect fails that job alone), then one statement per kind of outcome.
+        They leave self._outcomes only once written: a lost connection keeps them for the next try."""
+        outcomes = self._outcomes
         if not outcomes:
             return
         conn = self.conn
@@ -191,6 +247,7 @@ class QueueWorker(Worker):
             ours = {r[0] for r in conn.execute(query("queue", "complete"), {
                 "owner": self.owner, "ids": [o.job_id for o in outcomes],
                 "results": [Jsonb(o.result) for o in outcomes]})}
+            self._outcomes = []
             self._account([o for o in outcomes if o.job_id in ours], len(outcomes), result)
             return
         with conn.transaction():
@@ -220,6 +277,7 @@ class QueueWorker(Worker):
             if failed:
                 conn.execute(query("queue", "fail"), {"owner": self.owner, "ids": [o.job_id for o in failed],
                                                       "errors": [o.error for o in failed]})
+        self._outcomes = []
         self._account(mine, len(outcomes), result)
 
     def _account(self, mine: list[Outcome], total: int, result: BatchResult) -> None:
@@ -245,11 +303,11 @@ class QueueWorker(Worker):
 
     def _hand_back(self, ids: list[int], delay_ms: float) -> None:
         if ids:
-            hand_back(self.conn, TABLE, self.owner, ids, delay_ms)
+            leases.hand_back(self.conn, TABLE, self.owner, ids, delay_ms)
 
     def _extend_leases(self, ids: list[int]) -> None:
         if ids:
-            extend_leases(self.conn, TABLE, self.owner, ids, self._ms("neuranq_lease_time"))
+            leases.extend_leases(self.conn, TABLE, self.owner, ids, self._ms("neuranq_lease_time"))
 
     # -- rate limits ----------------------------------------------------------------------------------
 
@@ -326,9 +384,10 @@ class QueueWorker(Worker):
         if now < self._next_maintenance:
             return
         self._next_maintenance = now + MAINTENANCE_EVERY
-        recovered = recover_expired(self.conn, TABLE)
+        recovered, failed = leases.recover_expired(self.conn, TABLE, leases.RetryPolicy.of(self.config, TABLE))
         if recovered:
-            self.log.warning("recovered %d jobs whose lease expired", recovered)
+            self.log.warning("recovered %d jobs whose lease expired%s", recovered,
+                             f"; {len(failed)} out of retries failed: {failed}" if failed else "")
         self.tenant_limits = {t: (r, b) for t, r, b in self.conn.execute(query("queue", "tenant_limits"))}
         if now >= self._next_retention:
             self._next_retention = now + self._retention_every()
@@ -359,3 +418,8 @@ class QueueWorker(Worker):
 
     def on_stop(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._unsettled:
+            try:
+                self._settle(BatchResult())
+            except psycopg.Error as exc:   # still unreachable: the supervisor hands our jobs back at exit
+                self.log.warning("could not record the interrupted batch before stopping: %s", exc)

@@ -17,8 +17,11 @@ UPDATE neurondb.neurondb_llm_jobs j
        lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
   FROM claimed
  WHERE j.job_id = claimed.job_id
+-- Parameters come back as text, decoded row by row in the worker: one value the decoder refuses then
+-- fails its own job instead of the whole fetch (which would leave the claimed jobs processing).
 RETURNING j.job_id, j.operation, j.model_name, j.provider, j.tenant_id, j.input_text, j.system_prompt,
-          j.input_texts, j.documents, j.parameters, j.retry_count, j.max_retries, j.attempts -> -1 ->> 'error';
+          j.input_texts, j.documents, j.parameters::text, j.retry_count, j.max_retries,
+          j.attempts -> -1 ->> 'error';
 
 -- name: complete
 -- Completions of a flush in one statement. %(rows)s is a JSON array with one object per job (orjson writes

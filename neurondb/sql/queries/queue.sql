@@ -42,7 +42,9 @@ UPDATE neurondb.neurondb_job_queue q
    SET status = 'processing', lease_owner = %(owner)s, started_at = now(),
        lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
  WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM claimed))
-RETURNING q.job_id, q.job_type, q.payload, q.tenant_id, q.retry_count, q.max_retries;
+-- The payload comes back as text, decoded row by row in the worker: one value the decoder refuses then
+-- fails its own job instead of the whole fetch.
+RETURNING q.job_id, q.job_type, q.payload::text, q.tenant_id, q.retry_count, q.max_retries, q.error_message;
 
 -- name: lock_owned
 -- At completion: the jobs of the batch that are still ours (not cancelled, not re-claimed after a lease
@@ -185,3 +187,12 @@ UPDATE neurondb.neurondb_dead_letter d
    SET replayed_at = now(), replayed_job_id = paired.job_id
   FROM paired WHERE d.dlq_id = paired.dlq_id
 RETURNING d.dlq_id, d.replayed_job_id;
+
+-- name: dead_letter
+-- Jobs ended failed by a lease release (their worker died on their last attempt, or their lease expired):
+-- their dead-letter rows, as the `fail` query writes them.
+INSERT INTO neurondb.neurondb_dead_letter
+       (job_id, job_type, payload, tenant_id, priority, retry_count, error_message, attempts, created_at)
+SELECT job_id, job_type, payload, tenant_id, priority, retry_count, error_message, attempts, created_at
+  FROM neurondb.neurondb_job_queue
+ WHERE job_id = ANY(%(ids)s) AND status = 'failed';

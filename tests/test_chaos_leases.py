@@ -1,0 +1,239 @@
+"""Leases of the job queue and the LLM jobs under chaos (issue 9, defects 2-6): undecodable rows, poison jobs
+that kill their worker, hand-backs that must charge only the attempt that ran, lost database connections.
+Real service, real PostgreSQL, real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from neurondb import llm, queue
+from neurondb.workers.leases import RetryPolicy, recover_expired
+from tests.fakeprovider import FakeProvider
+from tests.service import Service, wait_for
+
+JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes", "neurondb.neuranq_retry_delay": "100ms"}
+QUEUE = "neurondb.neurondb_job_queue"
+DEEP = "'{\"query\":\"q\",\"documents\":' || repeat('[', 1100) || repeat(']', 1100) || '}'"
+
+
+@pytest.fixture
+def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
+    svc = Service(tmp_path / "data", fresh_dsn, {**JOBS, **getattr(request, "param", {})})
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider(dim=8) as server:
+        yield server
+
+
+@pytest.fixture
+def llm_service(tmp_path: Path, fresh_dsn: str, fake: FakeProvider,
+                request: pytest.FixtureRequest) -> Iterator[Service]:
+    settings = {"neurondb.llm_provider": "openai", "neurondb.llm_endpoint": fake.url,
+                "neurondb.llm_model": "gpt-test", "neurondb.neuranllm_retry_delay": "100ms",
+                **getattr(request, "param", {})}
+    svc = Service(tmp_path / "data", fresh_dsn, settings)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def rows(conn: psycopg.Connection, table: str, ids: list[int]) -> list[dict]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute(f"SELECT job_id, status, retry_count, error_message, attempts FROM {table} "
+                           "WHERE job_id = ANY(%s) ORDER BY job_id", (ids,)).fetchall()
+
+
+def wait_finished(conn: psycopg.Connection, table: str, ids: list[int], timeout: float) -> list[dict]:
+    finished = f"SELECT count(*) FROM {table} WHERE job_id = ANY(%s) AND status IN ('completed', 'failed')"
+    wait_for(lambda: conn.execute(finished, (ids,)).fetchone()[0] == len(ids), timeout,
+             f"{len(ids)} jobs of {table} to finish", interval=0.05)
+    return rows(conn, table, ids)
+
+
+def dead_letters(conn: psycopg.Connection, ids: list[int]) -> list[tuple]:
+    return conn.execute("SELECT job_id, retry_count, error_message FROM neurondb.neurondb_dead_letter "
+                        "WHERE job_id = ANY(%s) ORDER BY job_id", (ids,)).fetchall()
+
+
+def insert_job(conn: psycopg.Connection, job_type: str, payload_sql: str, *params: object,
+               **columns: object) -> int:
+    """A plain INSERT, as any database login can write it: `payload_sql` is an SQL expression."""
+    names = ", ".join(["job_type", "payload", *columns])
+    values = ", ".join(["%s", payload_sql] + ["%s"] * len(columns))
+    return conn.execute(f"INSERT INTO {QUEUE} ({names}) VALUES ({values}) RETURNING job_id",
+                        (job_type, *params, *columns.values())).fetchone()[0]
+
+
+# -- defect 2: an undecodable payload fails alone ------------------------------------------------------------
+
+@pytest.mark.parametrize("payload_sql, message", [
+    (f"({DEEP})::jsonb", "nested deeper than"),
+    ("'{\"n\": 1e400}'::jsonb", "number is infinity"),
+])
+def test_undecodable_payload_fails_alone_and_the_queue_goes_on(service: Service, conn: psycopg.Connection,
+                                                               payload_sql: str, message: str) -> None:
+    """PostgreSQL accepts the payload, the worker's JSON decoder does not: that job fails at once, without
+    retries, with a one-line message naming the payload; every other job (any tenant) still runs."""
+    service.write_settings({**JOBS, "neurondb.neuranq_enabled": "off"})
+    service.cli("reload")
+    bad = insert_job(conn, "rerank", payload_sql, tenant_id="evil")
+    good = [*queue.enqueue_many(conn, "test.noop", [{}] * 20, tenant_id="evil"),
+            *queue.enqueue_many(conn, "test.noop", [{}] * 20, tenant_id="other")]
+    service.write_settings(JOBS)
+    service.cli("reload")
+    done = wait_finished(conn, QUEUE, [bad, *good], 10.0)
+    assert [r["status"] for r in done[1:]] == ["completed"] * 40
+    failed = done[0]
+    assert failed["status"] == "failed" and failed["retry_count"] == 0, failed
+    error = failed["error_message"]
+    assert error.startswith("payload ") and message in error and "\n" not in error and len(error) < 300, error
+    assert [r[0] for r in dead_letters(conn, [bad])] == [bad]
+    assert "Traceback" not in service.log_tail(400)
+
+
+# -- defect 3: the same for LLM jobs --------------------------------------------------------------------------
+
+def test_llm_undecodable_parameters_fail_alone(llm_service: Service, conn: psycopg.Connection) -> None:
+    """A plain INSERT with parameters nested too deep for the decoder: the job fails at once with a clear
+    message instead of staying `processing` for ever, and the jobs claimed with it complete."""
+    bad = conn.execute("INSERT INTO neurondb.neurondb_llm_jobs (operation, input_text, parameters) "
+                       f"VALUES ('completion', 'hi', ({DEEP})::jsonb) RETURNING job_id").fetchone()[0]
+    good = llm.submit_many(conn, "completion", [f"job {i}" for i in range(5)])
+    done = wait_finished(conn, "neurondb.neurondb_llm_jobs", [bad, *good], 10.0)
+    assert [r["status"] for r in done[1:]] == ["completed"] * 5
+    assert done[0]["status"] == "failed" and done[0]["retry_count"] == 0, done[0]
+    error = done[0]["error_message"]
+    assert error.startswith("parameters ") and "nested deeper than" in error and len(error) < 300, error
+
+
+# -- defect 4: a job that kills its worker ends in the dead letters --------------------------------------------
+
+def test_job_that_kills_its_worker_is_dead_lettered(service: Service, conn: psycopg.Connection) -> None:
+    """max_retries 2: three runs, each SIGKILLs neuranq; then the job is failed with a dead-letter row, the
+    worker is not FATAL and the 40 jobs behind it complete."""
+    poison = queue.enqueue(conn, "test.crash", {}, priority=10, max_retries=2)
+    good = queue.enqueue_many(conn, "test.noop", [{}] * 40)
+    done = wait_finished(conn, QUEUE, [poison, *good], 30.0)
+    assert done[0]["status"] == "failed" and done[0]["retry_count"] == 3, done[0]
+    assert len(done[0]["attempts"]) == 3
+    assert all("terminated by signal 9" in a["error"] for a in done[0]["attempts"])
+    assert "terminated by signal 9" in done[0]["error_message"]
+    assert dead_letters(conn, [poison]) == [(poison, 3, done[0]["error_message"])]
+    assert [r["status"] for r in done[1:]] == ["completed"] * 40
+    worker = service.worker("neuranq")
+    assert worker.state in ("idle", "running") and worker.restarts == 3, (worker.state, worker.restarts)
+
+
+def test_job_over_its_limit_never_runs_again(service: Service, conn: psycopg.Connection, tmp_path: Path) -> None:
+    """A pending job whose attempts already exceed its limit (say, the default limit was lowered) is failed
+    and dead-lettered when claimed, without running."""
+    effects = tmp_path / "effects.log"
+    over = insert_job(conn, "test.record", "jsonb_build_object('file', %s::text)", str(effects),
+                      retry_count=3, max_retries=2)
+    done = wait_finished(conn, QUEUE, [over], 10.0)[0]
+    assert done["status"] == "failed" and "limit" in done["error_message"], done
+    assert not effects.exists()
+    assert [r[0] for r in dead_letters(conn, [over])] == [over]
+
+
+def test_expired_lease_over_the_limit_is_dead_lettered(conn: psycopg.Connection) -> None:
+    """Lease expiry (a lost machine) counts the lost run; a job past its limit then ends failed with a
+    dead-letter row instead of running again, one with retries left goes back to pending."""
+    expired = ("UPDATE neurondb.neurondb_job_queue SET status = 'processing', lease_owner = 'lost:1', "
+               "started_at = now() - interval '1 hour', lease_expires_at = now() - interval '1 second', "
+               "retry_count = %s, max_retries = 2 WHERE job_id = %s")
+    last, spare = queue.enqueue(conn, "test.noop"), queue.enqueue(conn, "test.noop")
+    conn.execute(expired, (2, last))
+    conn.execute(expired, (0, spare))
+    assert recover_expired(conn, QUEUE, RetryPolicy(2, 100, 1000)) == (2, [last])
+    after = {r["job_id"]: r for r in rows(conn, QUEUE, [last, spare])}
+    assert after[last]["status"] == "failed" and after[last]["retry_count"] == 3
+    assert "lease expired" in after[last]["error_message"]
+    assert after[spare]["status"] == "pending" and after[spare]["retry_count"] == 1
+    assert [r[0] for r in dead_letters(conn, [last, spare])] == [last]
+
+
+# -- defect 5: only a started attempt counts -----------------------------------------------------------------
+
+def test_hand_back_charges_only_the_job_that_ran(service: Service, conn: psycopg.Connection) -> None:
+    """A batch of 30 jobs behind a job that kills its worker twice: the 30 were claimed but never started,
+    so they go back with no attempt counted, and complete with retry_count 0."""
+    poison = queue.enqueue(conn, "test.crash", {"attempts": 2}, priority=10)
+    good = queue.enqueue_many(conn, "test.noop", [{}] * 30)
+    done = wait_finished(conn, QUEUE, [poison, *good], 20.0)
+    assert done[0]["status"] == "completed" and done[0]["retry_count"] == 2, done[0]
+    assert [(r["status"], r["retry_count"]) for r in done[1:]] == [("completed", 0)] * 30
+
+
+@pytest.mark.parametrize("llm_service", [{"neurondb.neuranllm_concurrency": "2"}], indirect=True)
+def test_llm_hand_back_charges_only_calls_in_flight(llm_service: Service, conn: psycopg.Connection,
+                                                    fake: FakeProvider) -> None:
+    """Ten LLM jobs claimed, two calls in flight when the worker is SIGKILLed: the two count an attempt, the
+    eight waiting for a call slot do not."""
+    fake.set_delay(3000)
+    ids = llm.submit_many(conn, "completion", [f"job {i}" for i in range(10)])
+    claimed = "SELECT count(*) FROM neurondb.neurondb_llm_jobs WHERE status = 'processing'"
+    wait_for(lambda: fake.count() >= 2 and conn.execute(claimed).fetchone()[0] == 10, 5, "2 calls in flight")
+    os.kill(llm_service.worker("neuranllm").pid, signal.SIGKILL)
+    fake.set_delay(0)
+    done = wait_finished(conn, "neurondb.neurondb_llm_jobs", ids, 20.0)
+    assert [r["status"] for r in done] == ["completed"] * 10
+    assert sorted(r["retry_count"] for r in done) == [0] * 8 + [1] * 2
+
+
+# -- defect 6: a lost connection is reconciled at once, not after the lease -------------------------------------
+
+def test_lost_connection_reconciles_claimed_jobs_at_once(service: Service, conn: psycopg.Connection,
+                                                         tmp_path: Path) -> None:
+    """neuranq's connection is cut in the middle of a 50-job batch (as a PostgreSQL restart does): the
+    outcomes it computed are recorded and the jobs it had not started are handed back on reconnect, so
+    all 50 finish within seconds (the lease is 120 s), each run exactly once, none charged an attempt."""
+    effects = tmp_path / "effects.log"
+    ids = queue.enqueue_many(conn, "test.record", [{"file": str(effects), "seconds": 0.05}] * 50)
+    wait_for(lambda: effects.exists() and len(effects.read_text().splitlines()) >= 5, 5.0, "the batch to start")
+    cut = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = 'neurondb neuranq'").fetchall()
+    assert cut == [(True,)]
+    done = wait_finished(conn, QUEUE, ids, 15.0)
+    assert [(r["status"], r["retry_count"]) for r in done] == [("completed", 0)] * 50
+    runs = effects.read_text().split()
+    assert sorted(runs) == sorted(str(i) for i in ids), "a job ran twice or never"
+
+
+def test_llm_lost_connection_hands_back_jobs_it_never_received(llm_service: Service, conn: psycopg.Connection) -> None:
+    """A claim that committed but whose answer was lost with the connection leaves jobs leased to the LLM
+    worker that it does not know (made here by hand): on reconnect it hands them back at once, no attempt
+    counted, instead of leaving them `processing` until their lease (at least 60 s) expires."""
+    pid = llm_service.worker("neuranllm").pid
+    lost = llm.submit_many(conn, "completion", ["lost 1", "lost 2"], run_at="infinity")
+    conn.execute("UPDATE neurondb.neurondb_llm_jobs SET status = 'processing', lease_owner = %s, "
+                 "started_at = now(), lease_expires_at = now() + interval '1 hour', run_at = now() "
+                 "WHERE job_id = ANY(%s)", (f"{socket.gethostname()}:{pid}", lost))
+    cut = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name LIKE 'neurondb neuranllm%'").fetchall()
+    assert cut and all(ok for (ok,) in cut)
+    done = wait_finished(conn, "neurondb.neurondb_llm_jobs", lost, 10.0)
+    assert [(r["status"], r["retry_count"]) for r in done] == [("completed", 0)] * 2
+    assert llm_service.worker("neuranllm").pid == pid       # the worker lived through it
