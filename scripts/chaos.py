@@ -14,9 +14,9 @@ all by default, or those named by --queue / --index / --fuzz:
    kills (processing rows owned by the killed process, counted just before each kill; all processing rows
    for a supervisor kill or the restart), attempts charged by a kill <= jobs the killed worker had started,
    the jobs claimed before the restart released within 30 s (not after their 120 s lease), `neurondb start`
-   accepted within 3 s of a supervisor SIGKILL, then two `chaos.suicide` jobs (they SIGKILL their worker on
-   every run) ending in the dead letters after their retries while 100 more jobs complete, and after
-   `neurondb stop` no shared memory object and no process left.
+   right after a supervisor SIGKILL accepted at the first attempt; then two `chaos.suicide` jobs (they
+   SIGKILL their worker on every run) ending in the dead letters after their retries while 100 more jobs
+   complete; after `neurondb stop` no shared memory object and no process left.
 2. index: an l2 index of dim 32; 20,000 vectors COPYed in batches of 150-900 (plus some deletes and vector
    updates), neurandefrag SIGKILLed after every commit that takes the node count past the graph's capacity
    (alternately 0-250 ms after it, and the moment the next generation's segment appears in /dev/shm, i.e.
@@ -94,7 +94,6 @@ BASE_SETTINGS = {
 JOB_MS = 10                  # work per chaos.record job: 2 workers drain at most ~200 jobs/s
 MIN_EVENT_GAP_S = 0.3
 RESTART_RECOVERY_LIMIT_S = 30.0
-START_ACCEPT_LIMIT_S = 3.0
 MAX_MESSAGE = 400
 SECRET = "hunter2-chaos-secret"
 RAW_CONSTRAINT = re.compile(r'violates [a-z ]*constraint "[^"]*_(check\d*|fkey|key|excl)"')
@@ -438,8 +437,8 @@ def queue_phase(ch: Chaos, report: Report, rng: random.Random, n_jobs: int, n_ki
     accept = max(run.start_accept_s, default=0.0)
     report.figure(phase, "supervisor SIGKILL -> `neurondb start` accepted / healthy (s, worst)",
                   f"{accept:.1f} / {max(run.start_healthy_s, default=0.0):.1f} ({run.start_refusals} refusals)")
-    report.check(phase, f"`neurondb start` accepted within {START_ACCEPT_LIMIT_S:.0f} s of a supervisor SIGKILL",
-                 accept <= START_ACCEPT_LIMIT_S, f"{run.start_refusals} refused attempts")
+    report.check(phase, "`neurondb start` right after a supervisor SIGKILL accepted at the first attempt",
+                 run.start_refusals == 0, f"{run.start_refusals} refused attempts, accepted after {accept:.1f} s")
 
     suicide_phase(ch, report, file, n_jobs, quiet_s)
     status = ch.status()
