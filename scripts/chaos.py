@@ -1110,8 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (stopped)")
     args = parser.parse_args(argv)
     phases = [p for p in ("queue", "index", "fuzz") if getattr(args, p)] or ["queue", "index", "fuzz"]
-    scale = {"jobs": 1_500, "kills": 10, "supervisor": 1, "quiet": 30.0, "vectors": 5_000, "sample": 500,
-             "catch_up": 30.0, "fuzz": 300, "fuzz_wait": 30.0} if args.quick else \
+    scale = {"jobs": 1_500, "kills": 10, "supervisor": 1, "quiet": 20.0, "vectors": 5_000, "sample": 500,
+             "catch_up": 20.0, "fuzz": 300, "fuzz_wait": 20.0} if args.quick else \
         {"jobs": 10_000, "kills": 50, "supervisor": 2, "quiet": 60.0, "vectors": 20_000, "sample": 2_000,
          "catch_up": 60.0, "fuzz": 1_200, "fuzz_wait": 60.0}
     install_sigterm_handler()
