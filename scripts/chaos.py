@@ -210,8 +210,12 @@ class Chaos(Scratch):
         return [w.pid for w in self.status().workers if w.kind == kind and w.pid and w.state in ("idle", "running")]
 
     def stop_service(self, phase: str, report: Report) -> None:
-        """`neurondb stop`, then: nothing of the installation left in /dev/shm, no process seen alive."""
+        """`neurondb stop`, then: nothing of the installation left in /dev/shm, no process seen alive. Jobs
+        the phase left unfinished (its checks have counted them) are deleted first: the next phase's
+        service must not pick them up."""
         self.status()
+        for table in (QUEUE, LLM):
+            self.try_sql(f"DELETE FROM {table} WHERE status IN ('pending', 'processing')")
         db.close_quietly(self._conn)
         self._conn = None
         self.cli("stop", timeout=120)
