@@ -19,8 +19,9 @@ all by default, or those named by --queue / --index / --fuzz:
    complete; after `neurondb stop` no shared memory object and no process left.
 2. index: an l2 index of dim 32; 20,000 vectors COPYed in batches of 150-900 (plus some deletes and vector
    updates), neurandefrag SIGKILLed after every commit that takes the node count past the graph's capacity
-   (alternately 0-250 ms after it, and the moment the next generation's segment appears in /dev/shm, i.e.
-   while the grown graph is being written) and after a tenth of the other commits. Checks: the change log
+   (the moment the next generation's segment appears in /dev/shm, i.e. while the grown graph is being
+   written, until one such kill has left that segment unpublished; 0-250 ms after the commit from then
+   on) and 0-250 ms after a tenth of the other commits. Checks: the change log
    drains to 0, the graph's live labels are exactly the table's ids with the table's vectors, a sample of
    rows finds itself as top-1 through `neurondb.connect().search`, no deleted document comes back, and
    neurandefrag restarted exactly once per kill (no crash of its own).
@@ -535,7 +536,6 @@ def index_phase(ch: Chaos, report: Report, seed: int, n_vectors: int, sample: in
     deleted: dict[str, np.ndarray] = {}
     run = IndexRun()
     inserted = 0
-    targeted_next = True
     t0 = time.monotonic()
     try:
         while inserted < n_vectors:
@@ -559,7 +559,7 @@ def index_phase(ch: Chaos, report: Report, seed: int, n_vectors: int, sample: in
             if pid is not None:
                 run.kills += 1
                 run.crossing_kills += crossing
-                if crossing and targeted_next:
+                if crossing and not run.unpublished_left:
                     run.targeted += 1
                     path = names.segment_path(generation_name(base, generation + 1))
                     while not path.exists() and time.monotonic() - committed < 2.0:
@@ -572,8 +572,6 @@ def index_phase(ch: Chaos, report: Report, seed: int, n_vectors: int, sample: in
                 else:
                     time.sleep(max(0.0, committed + float(rng.uniform(0, 0.25)) - time.monotonic()))
                     os.kill(pid, signal.SIGKILL)
-                if crossing:
-                    targeted_next = not targeted_next
             if len(live) > 100:
                 keys = list(live)
                 gone = [keys[i] for i in rng.choice(len(keys), max(1, size // 30), replace=False)]
