@@ -318,11 +318,16 @@ class Supervisor:
         for lock_name, dirty in self.shared.release_locks_held_by(pid):
             log.warning("%s worker (pid %d) died holding %s; released%s", child.name, pid, lock_name,
                         ", structure marked for repair" if dirty else "")
-        self._decide_restart(child, pid, code, how)
+        ran = self.shared.running_jobs(child.slot)
+        self._decide_restart(child, pid, code, how, during_jobs=ran is None or bool(ran))
         # After the restart is scheduled: a slow database must not delay it.
-        self._hand_back_jobs(child, pid, f"worker {child.name} (pid {pid}) {how}")
+        self._hand_back_jobs(child, pid, ran, f"worker {child.name} (pid {pid}) {how}")
 
-    def _decide_restart(self, child: Child, pid: int, code: int, how: str) -> None:
+    def _decide_restart(self, child: Child, pid: int, code: int, how: str, during_jobs: bool = False) -> None:
+        """Restart a crashed worker after the restart interval, doubling per recent crash; FATAL after too
+        many. A crash while the worker ran jobs is charged to those jobs instead (each such run counts an
+        attempt, so a job that kills its worker ends in the dead letters after its retries): it restarts after
+        the plain interval and never counts towards FATAL, so one poison job cannot stop the queue."""
         if self.shutdown_mode:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) %s", child.name, pid, how)
@@ -330,6 +335,15 @@ class Supervisor:
         if code == 0 and child.hung_since is None:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
+            return
+        interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
+        if during_jobs:
+            child.restart_at = time.monotonic() + interval
+            child.restarts += 1
+            self.shared.set_state(child.slot, "crashed")
+            self.shared.set_last_error(child.slot, f"previous process (pid {pid}) {how} while running jobs")
+            log.warning("%s worker (pid %d) %s while running jobs (charged to them, not counted towards FATAL); "
+                        "restarting in %.2f s", child.name, pid, how, interval)
             return
         now = time.time()
         window = float(self.config.get("neurondb.worker_crash_window")) / 1000.0
@@ -345,7 +359,6 @@ class Supervisor:
                       "(fix the cause, then `neurondb reload` retries it)", child.name, pid, how,
                       len(child.crashes), window)
             return
-        interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
         delay = min(interval * 2 ** (len(child.crashes) - 1), MAX_BACKOFF)
         child.restart_at = time.monotonic() + delay
         child.restarts += 1
@@ -353,14 +366,13 @@ class Supervisor:
         self.shared.set_last_error(child.slot, f"previous process (pid {pid}) {how}")
         log.warning("%s worker (pid %d) %s; restarting in %.2f s", child.name, pid, how, delay)
 
-    def _hand_back_jobs(self, child: Child, pid: int, reason: str) -> None:
+    def _hand_back_jobs(self, child: Child, pid: int, ran: list[int] | None, reason: str) -> None:
         """Jobs the dead worker had claimed go back at once (not after their lease expires). Only the jobs it
         listed as running in its slot count an attempt, so a job that kills its worker every time ends
         failed after its retries, while the jobs claimed with it that never started are not charged."""
         if self._conn is None:
             return
         owner = lease_owner(pid)
-        ran = self.shared.running_jobs(child.slot)
         try:
             for table in JOB_TABLES:
                 n, failed = release(self._conn, table, RetryPolicy.of(self.config, table), owner, ran, reason)
@@ -596,7 +608,8 @@ class Supervisor:
                     os.waitpid(child.pid, 0)
                 except ChildProcessError:
                     pass
-                self._hand_back_jobs(child, child.pid, f"worker {child.name} killed: supervisor exiting")
+                self._hand_back_jobs(child, child.pid, self.shared.running_jobs(child.slot),
+                                     f"worker {child.name} killed: supervisor exiting")
                 child.pid = 0
         if hasattr(self, "shared"):
             self._publish_status()

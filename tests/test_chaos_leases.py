@@ -130,20 +130,25 @@ def test_llm_undecodable_parameters_fail_alone(llm_service: Service, conn: psyco
 
 # -- defect 4: a job that kills its worker ends in the dead letters --------------------------------------------
 
-def test_job_that_kills_its_worker_is_dead_lettered(service: Service, conn: psycopg.Connection) -> None:
-    """max_retries 2: three runs, each SIGKILLs neuranq; then the job is failed with a dead-letter row, the
-    worker is not FATAL and the 40 jobs behind it complete."""
-    poison = queue.enqueue(conn, "test.crash", {}, priority=10, max_retries=2)
+@pytest.mark.parametrize("retries", [2, 6])
+def test_job_that_kills_its_worker_is_dead_lettered(service: Service, conn: psycopg.Connection,
+                                                    retries: int) -> None:
+    """max_retries runs + 1, each SIGKILLs neuranq; then the job is failed with a dead-letter row, the worker is
+    not FATAL (also with more runs than worker_max_crashes, 5: such crashes are the job's) and the 40 jobs
+    behind it complete."""
+    poison = queue.enqueue(conn, "test.crash", {}, priority=10, max_retries=retries)
     good = queue.enqueue_many(conn, "test.noop", [{}] * 40)
     done = wait_finished(conn, QUEUE, [poison, *good], 30.0)
-    assert done[0]["status"] == "failed" and done[0]["retry_count"] == 3, done[0]
-    assert len(done[0]["attempts"]) == 3
+    runs = retries + 1
+    assert done[0]["status"] == "failed" and done[0]["retry_count"] == runs, done[0]
+    assert len(done[0]["attempts"]) == runs
     assert all("terminated by signal 9" in a["error"] for a in done[0]["attempts"])
     assert "terminated by signal 9" in done[0]["error_message"]
-    assert dead_letters(conn, [poison]) == [(poison, 3, done[0]["error_message"])]
+    assert dead_letters(conn, [poison]) == [(poison, runs, done[0]["error_message"])]
     assert [r["status"] for r in done[1:]] == ["completed"] * 40
-    worker = service.worker("neuranq")
-    assert worker.state in ("idle", "running") and worker.restarts == 3, (worker.state, worker.restarts)
+    worker = wait_for(lambda: (w := service.worker("neuranq")).state in ("idle", "running") and w, 5.0,
+                      "neuranq to be back after the last crash")
+    assert worker.restarts == runs, worker
 
 
 def test_job_over_its_limit_never_runs_again(service: Service, conn: psycopg.Connection, tmp_path: Path) -> None:
