@@ -32,6 +32,7 @@ from neurondb.providers.http import (
     resolve_api_key,
 )
 from neurondb.providers.local import BM25Reranker, HashEmbedder
+from neurondb.redaction import shorten
 from neurondb.settings import LLM_PROVIDERS, LlmRoute, parse_llm_routes
 
 LOCAL = "local"
@@ -108,7 +109,7 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
     if provider:
         chosen = provider.strip().lower()
         if chosen not in LLM_PROVIDERS:
-            raise _error(f"unknown provider {provider!r}; providers are {', '.join(LLM_PROVIDERS)}")
+            raise _error(f"provider: {shorten(repr(provider), 60)} is not one of: {', '.join(LLM_PROVIDERS)}", "")
         # A route to the same provider still says where that provider lives for this model.
         endpoint = route.endpoint if route and route.provider == chosen else ""
     else:
