@@ -7,6 +7,7 @@ the form `neurondb <process>` so that `pg_stat_activity` tells which neurondb pr
 
 from __future__ import annotations
 
+import json
 import os
 
 import orjson
@@ -17,10 +18,22 @@ from neurondb.paths import DataDir
 
 ENV_DSN = "NEURONDB_DSN"
 
+
+
+def json_loads(data: bytes | str) -> object:
+    """jsonb as Python: orjson, or the json module for what orjson refuses but jsonb holds, numbers beyond
+    a double (`1e400`, loaded as inf). Without the fallback one such payload made every claim that fetched
+    it raise, and the queue stalled behind it; now the job's own checks refuse the value with a message."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+
+
 # jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the
 # queue worker's CPU time at full drain (scripts/bench_queue.py).
 set_json_dumps(orjson.dumps)
-set_json_loads(orjson.loads)
+set_json_loads(json_loads)
 
 
 class NotInitialized(RuntimeError):

@@ -53,6 +53,12 @@ def redact_urls(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """`value` as an error message quotes it: its repr, cut to `limit` characters. A payload can hold a
+    megabyte string or a 400-digit number (jsonb keeps what a double cannot); the message stays a line."""
+    return shorten(repr(value), limit)
+
+
 def shorten(text: str, limit: int = 80) -> str:
     """`text` cut to `limit` characters (with "..."), control characters as spaces: a value quoted in a
     one-line error message must keep it one line and readable."""

@@ -253,6 +253,35 @@ def test_job_time_errors_name_field_value_and_rule(service: Service, conn: psyco
     assert message.startswith("provider: 'nosuch' is not one of: local, openai"), message
 
 
+BEYOND_A_DOUBLE = "1e400"      # jsonb keeps it; orjson refuses it ("number is infinity")
+
+
+def test_number_beyond_a_double_fails_its_job_not_the_queue(service: Service, conn: psycopg.Connection) -> None:
+    """Such a payload used to make every claim fetching it raise, so it and every job behind it stayed
+    pending forever (and the log filled with tracebacks)."""
+    [bad] = conn.execute("INSERT INTO neurondb.neurondb_job_queue (job_type, payload) VALUES ('cache_refresh', "
+                         f"'{{\"cache\": \"llm\", \"older_than\": {BEYOND_A_DOUBLE}}}') RETURNING job_id").fetchone()
+    good = queue.enqueue(conn, "cache_refresh", {"cache": "llm"})
+    wait_finished(conn, [bad, good], 10.0)
+    j = queue.get(conn, bad)
+    assert j["status"] == "failed" and j["error_message"].startswith(
+        "payload field 'older_than' must be a number of seconds between 0 and 3153600000, got 1000000"), j
+    assert len(j["error_message"]) < 200
+    assert queue.get(conn, good)["status"] == "completed"
+    assert "Traceback" not in service.datadir.log_file.read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="needs workers/llm.py (not this branch's) to load jsonb with db.json_loads")
+def test_number_beyond_a_double_fails_its_llm_job_not_the_worker(service: Service, conn: psycopg.Connection) -> None:
+    """The LLM worker's twin of the test above: its async connection sets orjson.loads itself."""
+    [bad] = conn.execute("INSERT INTO neurondb.neurondb_llm_jobs (operation, input_text, parameters) "
+                         f"VALUES ('embedding', 'x', '{{\"n\": {BEYOND_A_DOUBLE}}}') RETURNING job_id").fetchone()
+    good = llm.submit(conn, "embedding", "hash-8", "fine")
+    wait_finished(conn, [bad, good], 10.0, table="neurondb_llm_jobs")
+    assert_clear(llm.get(conn, bad)["error_message"], "parameters")
+    assert llm.get(conn, good)["status"] == "completed"
+
+
 # -- the mini-fuzz --------------------------------------------------------------------------------------------
 
 MISSING = object()

@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from neurondb.redaction import shorten
+from neurondb.redaction import shown
 from neurondb.settings import Config
 
 
@@ -100,7 +100,7 @@ def resolve(name: str) -> JobType:
         return REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(j.name for j in set(REGISTRY.values())))
-        raise PermanentJobError(f"unknown job type {name!r} (known: {known})") from None
+        raise PermanentJobError(f"unknown job type {shown(name)} (known: {known})") from None
 
 
 def load_job_types(modules: list[str]) -> None:
@@ -114,11 +114,6 @@ def load_job_types(modules: list[str]) -> None:
 
 
 _TYPES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object", bool: "a boolean"}
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """`value` as an error message quotes it: its repr, one line, cut to `limit` characters."""
-    return shorten(repr(value), limit)
 
 
 def require(payload: dict, key: str, kind: type | tuple[type, ...], default: Any = ..., *,

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve, shown
-from neurondb.redaction import redact_url, redact_urls, shorten
+from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve
+from neurondb.redaction import redact_url, redact_urls, shorten, shown
 
 MAX_DOCUMENTS = 10_000
 MAX_AGE_S = 100 * 365 * 86_400   # older_than bound: beyond it `now() - interval` leaves PostgreSQL's range
@@ -179,7 +179,7 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
         raise PermanentJobError(f"payload field 'action' must be 'expire' or 'refresh', got {shown(action)}")
     if older_than is not None and not 0 <= older_than <= MAX_AGE_S:
         raise PermanentJobError(f"payload field 'older_than' must be a number of seconds between 0 and {MAX_AGE_S}, "
-                                f"got {older_than!r}")
+                                f"got {shown(older_than)}")
     params = {"keys": [str(k) for k in keys] if keys is not None else None, "older_than": older_than}
     if cache in ("llm", "embedding"):
         if action == "refresh":
@@ -248,7 +248,7 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
     body = require(payload, "body", str, default=None)
     timeout = require(payload, "timeout", float, default=10.0)
     if not 0 < timeout <= 300:
-        raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {timeout!r}")
+        raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {shown(timeout)}")
     expected = _statuses(payload)
     limit = int(ctx.config.get("neurondb.http_max_response_size")) * 1024
     try:

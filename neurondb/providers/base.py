@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from neurondb.redaction import redact_urls
+from neurondb.redaction import redact_urls, shown
 
 MAX_MESSAGE = 500  # characters of a provider message kept; a whole HTML error page helps nobody
 
@@ -299,5 +299,5 @@ def check_top_n(provider: str, top_n: int | None, count: int) -> int:
     if top_n is None:
         return count
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-        raise invalid_input(provider, f"top_n must be a non-negative integer, got {top_n!r}")
+        raise invalid_input(provider, f"top_n must be a non-negative integer, got {shown(top_n)}")
     return min(top_n, count)

@@ -44,7 +44,7 @@ from neurondb.providers.base import (
     invalid_response,
     redact,
 )
-from neurondb.redaction import redact_url
+from neurondb.redaction import redact_url, shown
 
 DEFAULT_ENDPOINTS = {
     "openai": "https://api.openai.com",
@@ -295,7 +295,7 @@ class HttpProvider:
 def _style(provider: str, style: str | None, allowed: tuple[str, ...], default: str) -> str:
     chosen = style or default
     if chosen not in allowed:
-        raise invalid_input(provider, f"unknown API style {chosen!r}; expected one of {', '.join(allowed)}")
+        raise invalid_input(provider, f"unknown API style {shown(chosen)}; expected one of {', '.join(allowed)}")
     return chosen
 
 
@@ -381,17 +381,19 @@ def check_params(provider: str, params: Mapping[str, Any] | None) -> dict[str, A
         if name in _NUMBER_PARAMS:
             lo, hi = _NUMBER_PARAMS[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise invalid_input(provider, f"parameter {name} must be a number in {lo:g}..{hi:g}, got {value!r}")
+                raise invalid_input(provider,
+                                    f"parameter {name} must be a number in {lo:g}..{hi:g}, got {shown(value)}")
         elif name in _INT_PARAMS:
             if isinstance(value, bool) or not isinstance(value, int) or (name == "max_tokens" and value < 1):
-                raise invalid_input(provider, f"parameter {name} must be {_INT_PARAMS[name]}, got {value!r}")
+                raise invalid_input(provider, f"parameter {name} must be {_INT_PARAMS[name]}, got {shown(value)}")
         elif name == "stop":
             stops = [value] if isinstance(value, str) else value
             if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
-                raise invalid_input(provider, f"parameter stop must be a string or a list of strings, got {value!r}")
+                raise invalid_input(provider,
+                                    f"parameter stop must be a string or a list of strings, got {shown(value)}")
             value = stops
         else:
-            raise invalid_input(provider, f"unknown parameter {name!r}; allowed: {', '.join(COMPLETION_PARAMS)}")
+            raise invalid_input(provider, f"unknown parameter {shown(name)}; allowed: {', '.join(COMPLETION_PARAMS)}")
         checked[name] = value
     return checked
 
