@@ -119,7 +119,11 @@ class Client:
     def search(self, index: str, vector: Any = None, text: str | None = None, k: int = 10, ef: int | None = None,
                tenant: str | None = None, hybrid_weight: float | None = None,
                with_content: bool = False) -> list[Hit]:
-        """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc)."""
+        """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc).
+
+        Arguments are checked before anything is searched: a wrong type or range raises SearchError
+        naming the argument, the value and what is allowed (never a numpy ValueError or TypeError), and a
+        2-D `vector` is refused rather than flattened into one long query."""
         started = time.perf_counter()
         if not isinstance(index, str):
             raise SearchError(f"index must be a string, not {_shown(index)}")
