@@ -20,14 +20,35 @@ ENV_DSN = "NEURONDB_DSN"
 
 
 
+class UnreadableJson:
+    """Stands for a jsonb value neither orjson nor the json module can load (nested deeper than ~1,000
+    levels): the row is still fetched, and the job that holds it fails on its own (its payload is not an
+    object) instead of every fetch of it raising and the queue stalling behind it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadableJson({self.reason!r})"
+
+
+def _int(digits: str) -> int | float:
+    # Python refuses to convert ints of more than 4,300 digits; such a number is as good as infinite.
+    return int(digits) if len(digits) <= 4000 else float(digits)
+
+
 def json_loads(data: bytes | str) -> object:
-    """jsonb as Python: orjson, or the json module for what orjson refuses but jsonb holds, numbers beyond
-    a double (`1e400`, loaded as inf). Without the fallback one such payload made every claim that fetched
-    it raise, and the queue stalled behind it; now the job's own checks refuse the value with a message."""
+    """jsonb as Python: orjson, else the json module for what orjson refuses but jsonb holds (numbers
+    beyond a double, like 1e400, which jsonb prints as 401 digits), else UnreadableJson. Good rows cost
+    nothing more; a bad one no longer makes every claim that fetches it raise."""
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    except orjson.JSONDecodeError as exc:
+        reason = str(exc)
+    try:
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data, parse_int=_int)
+    except (ValueError, RecursionError):
+        return UnreadableJson(reason)
 
 
 # jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the

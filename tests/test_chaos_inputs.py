@@ -257,12 +257,16 @@ BEYOND_A_DOUBLE = "1e400"      # jsonb keeps it; orjson refuses it ("number is i
 
 
 def test_number_beyond_a_double_fails_its_job_not_the_queue(service: Service, conn: psycopg.Connection) -> None:
-    """Such a payload used to make every claim fetching it raise, so it and every job behind it stayed
-    pending forever (and the log filled with tracebacks)."""
+    """Such a payload (or one nested too deep to load) used to make every claim fetching it raise, so it
+    and every job behind it stayed pending forever (and the log filled with tracebacks)."""
     [bad] = conn.execute("INSERT INTO neurondb.neurondb_job_queue (job_type, payload) VALUES ('cache_refresh', "
                          f"'{{\"cache\": \"llm\", \"older_than\": {BEYOND_A_DOUBLE}}}') RETURNING job_id").fetchone()
+    deep = "[" * 3000 + "]" * 3000        # deeper than orjson (1,024) and the json module go
+    [too_deep] = conn.execute("INSERT INTO neurondb.neurondb_job_queue (job_type, payload) "
+                              "VALUES ('cache_refresh', %s::jsonb) RETURNING job_id", (deep,)).fetchone()
     good = queue.enqueue(conn, "cache_refresh", {"cache": "llm"})
-    wait_finished(conn, [bad, good], 10.0)
+    wait_finished(conn, [bad, too_deep, good], 10.0)
+    assert_clear(queue.get(conn, too_deep)["error_message"], "payload")
     j = queue.get(conn, bad)
     assert j["status"] == "failed" and j["error_message"].startswith(
         "payload field 'older_than' must be a number of seconds between 0 and 3153600000, got 1000000"), j

@@ -31,7 +31,7 @@ from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, req
 from neurondb.redaction import redact_url, redact_urls, shorten, shown
 
 MAX_DOCUMENTS = 10_000
-MAX_AGE_S = 100 * 365 * 86_400   # older_than bound: beyond it `now() - interval` leaves PostgreSQL's range
+MAX_AGE_S = 100 * 365 * 86_400   # older_than bound: a century, well inside PostgreSQL's interval (1e308 s is not)
 
 UPSERT_VECTORS = """
 INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, tenant_id, content, embedding, metadata)
