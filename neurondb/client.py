@@ -14,8 +14,10 @@ vector search of the text's embedding.
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from neurondb.index.store import SharedIndex, tenant_code
 from neurondb.instance import Instance
 from neurondb.paths import DataDir, resolve_data_dir
 from neurondb.queries import query
+from neurondb.redaction import shorten
 from neurondb.settings import Config
 from neurondb.shm import names
 from neurondb.shm.control import SharedState
@@ -36,10 +39,13 @@ from neurondb.shm.ring import QueryRing, Sample
 VECTOR_SAMPLE_RATE = 0.05     # fraction of searches whose vector and results are kept to measure recall
 CANDIDATES = 4                # hybrid: candidates per list, as a multiple of k
 CATALOG_TTL = 5.0
+MAX_K = 1000
+MAX_EF = 10_000
 
 
 class SearchError(ValueError):
-    """Bad search input (unknown index, wrong dimension, NaN) or the service not running."""
+    """Bad search input (unknown index, an argument of the wrong type or range, wrong dimension, NaN) or
+    the service not running. The message names the argument, the value given and what is allowed."""
 
 
 @dataclass
@@ -113,26 +119,27 @@ class Client:
     def search(self, index: str, vector: Any = None, text: str | None = None, k: int = 10, ef: int | None = None,
                tenant: str | None = None, hybrid_weight: float | None = None,
                with_content: bool = False) -> list[Hit]:
-        """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc)."""
+        """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc).
+
+        Arguments are checked before anything is searched: a wrong type or range raises SearchError
+        naming the argument, the value and what is allowed (never a numpy ValueError or TypeError), and a
+        2-D `vector` is refused rather than flattened into one long query."""
         started = time.perf_counter()
+        if not isinstance(index, str):
+            raise SearchError(f"index must be a string, not {_shown(index)}")
         info = self.index_info(index)
         if vector is None and text is None:
             raise SearchError("give a vector, a text, or both")
-        if not 1 <= k <= 1000:
-            raise SearchError(f"k must be between 1 and 1000, not {k}")
-        if ef is not None and not 1 <= ef <= 10_000:
-            raise SearchError(f"ef must be between 1 and 10000, not {ef}")
+        k = _count("k", k, MAX_K)
+        ef = None if ef is None else _count("ef", ef, MAX_EF, "None or ")
+        if tenant is not None and not isinstance(tenant, str):
+            raise SearchError(f"tenant must be a string or None, not {_shown(tenant)}")
+        if text is not None and not isinstance(text, str):
+            raise SearchError(f"text must be a string or None, not {_shown(text)}")
+        if hybrid_weight is not None and not (_is_real(hybrid_weight) and 0.0 <= hybrid_weight <= 1.0):
+            raise SearchError(f"hybrid_weight must be None or a number between 0 and 1, not {_shown(hybrid_weight)}")
         weight = 1.0 if text is None else float(info["hybrid_weight"] if hybrid_weight is None else hybrid_weight)
-        if not 0.0 <= weight <= 1.0:
-            raise SearchError(f"hybrid_weight must be between 0 and 1, not {weight}")
-        if vector is not None:
-            q = np.asarray(vector, dtype=np.float32).ravel()
-            if q.size != info["dim"]:
-                raise SearchError(f"query vector has {q.size} dimensions, index {index!r} expects {info['dim']}")
-            if not np.isfinite(q).all():
-                raise SearchError("query vector contains NaN or infinite values")
-        else:
-            q = self.embed_query(info, text)
+        q = self.embed_query(info, text) if vector is None else _query_vector(vector, index, info["dim"])
         arrays = self._graph(index)
         ef_used = arrays.ef_search if ef is None else ef
         pool = k if weight >= 1.0 else k * CANDIDATES
@@ -206,6 +213,49 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shown(value: Any) -> str:
+    """A bad argument as the error quotes it: an array by its shape, anything else by a short repr."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return shorten(repr(value), 60)
+
+
+def _is_real(value: Any) -> bool:
+    """An int or a finite float (numpy's too), not a bool: what a weight may be."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and math.isfinite(value))
+
+
+def _count(name: str, value: Any, high: int, prefix: str = "") -> int:
+    """`value` as an int in 1..high, or a SearchError naming `name`: 1.5, "3" and True are not counts."""
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 1 <= value <= high):
+        raise SearchError(f"{name} must be {prefix}an integer between 1 and {high}, not {_shown(value)}")
+    return int(value)
+
+
+def _query_vector(vector: Any, index: str, dim: int) -> np.ndarray:
+    """`vector` as float32 of shape (dim,), or a SearchError: a string, a mapping, a 2-D array (several
+    queries: one call searches one vector), text or None elements, wrong length, NaN or infinity."""
+    rule = f"vector must be one vector of {dim} finite numbers"
+    if isinstance(vector, (str, bytes, Mapping)):
+        raise SearchError(f"{rule}, not {_shown(vector)}")
+    try:
+        array = np.asarray(vector)
+    except (ValueError, TypeError):       # ragged nesting
+        raise SearchError(f"{rule}, not {_shown(vector)}") from None
+    if array.ndim > 1:
+        raise SearchError(f"{rule}, not {_shown(array)} (search one vector per call)")
+    if array.ndim == 0 or array.dtype.kind not in "iuf":
+        raise SearchError(f"{rule}, not {_shown(vector)}")
+    if array.size != dim:
+        raise SearchError(f"query vector has {array.size} dimensions, index {index!r} expects {dim}")
+    q = array.astype(np.float32)
+    if not np.isfinite(q).all():
+        raise SearchError("query vector contains NaN or infinite values")
+    return q
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

@@ -19,14 +19,19 @@ from neurondb.paths import DataDir
 ENV_DSN = "NEURONDB_DSN"
 JSON_MAX_DEPTH = 1024   # orjson's nesting limit; PostgreSQL's jsonb has none of its own
 
-# jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the
-# queue worker's CPU time at full drain (scripts/bench_queue.py).
-set_json_dumps(orjson.dumps)
-set_json_loads(orjson.loads)
-
 
 class UndecodableJson(ValueError):
     """A jsonb value PostgreSQL accepted that orjson cannot decode (too deep, a number beyond a double)."""
+
+
+def _undecodable(data: bytes | str, field: str, exc: orjson.JSONDecodeError) -> UndecodableJson:
+    reason = str(exc).split(": line ")[0]
+    if reason == "depth limit exceeded":
+        reason = f"nested deeper than {JSON_MAX_DEPTH} levels"
+    text = bytes(data).decode(errors="replace") if not isinstance(data, str) else data
+    start = text[:60] + ("..." if len(text) > 60 else "")
+    return UndecodableJson(f"{field} cannot be decoded: {reason} (allowed: JSON nested at most {JSON_MAX_DEPTH} "
+                           f"levels deep, numbers within double range); it starts {start}")
 
 
 def decode_json(text: str, field: str) -> Any:
@@ -36,12 +41,32 @@ def decode_json(text: str, field: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        reason = str(exc).split(": line ")[0]
-        if reason == "depth limit exceeded":
-            reason = f"nested deeper than {JSON_MAX_DEPTH} levels"
-        start = text[:60] + ("..." if len(text) > 60 else "")
-        raise UndecodableJson(f"{field} cannot be decoded: {reason} (allowed: JSON nested at most {JSON_MAX_DEPTH} "
-                              f"levels deep, numbers within double range); it starts {start}") from None
+        raise _undecodable(text, field, exc) from None
+
+
+def json_loads(data: bytes | str) -> Any:
+    """Every connection's jsonb loader: orjson, and for a value it refuses an UndecodableJson *instance* in
+    place of the value instead of an exception, so that no fetch of a whole result set (a `jobs list`, a
+    cache lookup) fails for one row. The job workers read their payload columns as text and decode them per
+    row with `decode_json`, failing just that job with the message."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return _undecodable(data, "value", exc)
+
+
+# jsonb in and out of every connection through orjson: psycopg's default (the json module) was 13 % of the
+# queue worker's CPU time at full drain (scripts/bench_queue.py).
+set_json_dumps(orjson.dumps)
+set_json_loads(json_loads)
+
+
+def first_line(exc: BaseException) -> str:
+    """The one-line message of an error for a job row or the CLI: a database error's primary message
+    (without the DETAIL that may quote a whole row, nor the CONTEXT lines), else the exception's first line."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    text = primary or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 class NotInitialized(RuntimeError):

@@ -2,6 +2,9 @@
 
 Each line carries time, process name, pid and level, like PostgreSQL's log_line_prefix '%m [%p] %b'.
 Forked workers call `setup()` again with their own name so their lines say who wrote them.
+
+httpx and httpcore log every request (method and full URL) at INFO and DEBUG: a line per job is noise at
+any volume, and a URL can carry credentials. Their loggers are held at WARNING in every process.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from neurondb.paths import ensure_private_dir
 
 FORMAT = "%(asctime)s.%(msecs)03d [%(process)d] %(processName)s %(levelname)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 
 def setup(process_name: str, log_file: Path | None = None, level: int = logging.INFO,
@@ -40,4 +44,6 @@ def setup(process_name: str, log_file: Path | None = None, level: int = logging.
         stream.setFormatter(formatter)
         root.addHandler(stream)
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     return logging.getLogger("neurondb")

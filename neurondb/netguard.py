@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from neurondb.redaction import redact_url, redact_urls, shorten
 from neurondb.settings import parse_host_list
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -196,14 +197,13 @@ def check_url(url: str | httpx.URL, allowlist: str | Iterable[str] | Allowlist |
     Raises TargetRefused (bad scheme, forbidden address) or ResolveError (unknown host).
     """
     allow = Allowlist.parse(allowlist)
+    shown = shorten(redact_url(str(url)), 200)   # a URL may carry credentials: never quoted whole
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise TargetRefused(f"refused: invalid URL: {exc}") from None
-    if parsed.scheme not in ("http", "https"):
-        raise TargetRefused(f"refused: scheme {parsed.scheme or '(none)'!r} is not allowed (only http and https)")
-    if not parsed.host:
-        raise TargetRefused("refused: the URL has no host")
+        raise TargetRefused(f"refused: {shown!r} is not a valid URL: {redact_urls(str(exc))}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise TargetRefused(f"refused: {shown!r} is not an absolute http(s) URL (only http and https, with a host)")
     host = _normal_host(parsed.raw_host.decode("ascii"))
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     host_entry = allow.host_entry(host)

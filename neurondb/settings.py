@@ -32,6 +32,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from neurondb.paths import DataDir, write_private_file
+from neurondb.redaction import redact_urls
 
 PREFIX = "neurondb."
 INT_MAX = 2_147_483_647  # PostgreSQL integer GUCs are int32; keep the same ceiling
@@ -536,7 +537,8 @@ def _parse_number(setting: Setting, raw: str) -> int | float:
 def format_value(setting: Setting, value: object, *, with_unit: bool = False) -> str:
     """The text of a typed value: pg_settings' `setting` column by default (numbers in the setting's unit,
     no unit attached), or SHOW-style with the largest exact unit when `with_unit` ("5min", "1MB").
-    Either form parses back to the same value."""
+    Either form parses back to the same value, except that URLs inside a string value show with their userinfo
+    and query values masked (neurondb/redaction.py): these rows reach logs and `neurondb.settings`."""
     if setting.vartype == "bool":
         return "on" if value else "off"
     if setting.vartype == "integer":
@@ -552,7 +554,7 @@ def format_value(setting: Setting, value: object, *, with_unit: bool = False) ->
     if setting.vartype == "real":
         text = _fmt_real(value)
         return f"{text}{setting.unit}" if with_unit and setting.unit else text
-    return str(value)
+    return redact_urls(str(value))
 
 
 # ---------------------------------------------------------------------------------------------------

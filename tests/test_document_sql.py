@@ -85,9 +85,11 @@ def test_llm_aliases_and_status_view(fresh_dsn: str) -> None:
 @pytest.mark.parametrize(
     ("sql", "message"),
     [
-        ("INSERT INTO neurondb.neurondb_job_queue (job_type, status) VALUES ('x', 'done')", "status_check"),
+        ("INSERT INTO neurondb.neurondb_job_queue (job_type, status) VALUES ('x', 'done')",
+         "status: 'done' must be one of pending"),
         ("INSERT INTO neurondb.neurondb_job_queue (job_type, retry_count) VALUES ('x', -1)", "retry_count"),
-        ("INSERT INTO neurondb.neurondb_llm_jobs (operation) VALUES ('summarise')", "operation_check"),
+        ("INSERT INTO neurondb.neurondb_llm_jobs (operation) VALUES ('summarise')",
+         "operation: 'summarise' must be one of"),
         ("INSERT INTO neurondb.neurondb_query_metrics (index_name, k, latency_ms, recall) "
          "VALUES ('i', 10, 1, 1.5)", "recall"),
     ],

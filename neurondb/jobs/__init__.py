@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from neurondb.redaction import shown
 from neurondb.settings import Config
 
 
@@ -99,7 +100,7 @@ def resolve(name: str) -> JobType:
         return REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(j.name for j in set(REGISTRY.values())))
-        raise PermanentJobError(f"unknown job type {name!r} (known: {known})") from None
+        raise PermanentJobError(f"unknown job type {shown(name)} (known: {known})") from None
 
 
 def load_job_types(modules: list[str]) -> None:
@@ -115,20 +116,22 @@ def load_job_types(modules: list[str]) -> None:
 _TYPES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object", bool: "a boolean"}
 
 
-def require(payload: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+def require(payload: dict, key: str, kind: type | tuple[type, ...], default: Any = ..., *,
+            where: str = "payload") -> Any:
     """`payload[key]` checked against `kind`; a missing or mistyped field is a PermanentJobError that says
-    which field and what was expected."""
+    which field, what was expected and (shortened) what it got. `where` names the object in the message
+    ("documents[3]" for an item of a list)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    expected = " or ".join(_TYPES.get(k, k.__name__) for k in kinds)
     if key not in payload or payload[key] is None:
         if default is not ...:
             return default
-        raise PermanentJobError(f"payload is missing {key!r}")
+        raise PermanentJobError(f"{where} is missing {key!r} ({expected})")
     value = payload[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:
         ok = False
     else:
         ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
     if not ok:
-        expected = " or ".join(_TYPES.get(k, k.__name__) for k in kinds)
-        raise PermanentJobError(f"payload field {key!r} must be {expected}, got {type(value).__name__}")
+        raise PermanentJobError(f"{where} field {key!r} must be {expected}, got {type(value).__name__} {shown(value)}")
     return value

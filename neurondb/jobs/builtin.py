@@ -7,25 +7,31 @@ Payloads (JSON objects):
 - `rerank` (alias `reranking`): `{"query": TEXT, "documents": [TEXT | {"id", "text"}], "top_n"?, "model"?}`;
   the result is `{"ranking": [{"index", "id", "score"}, ...]}`, best first.
 - `cache_refresh`: `{"cache": "llm" | "embedding" | "result", "name"?: RESULT_CACHE_NAME, "keys"?: [...],
-  "older_than"?: SECONDS, "action"?: "expire" | "refresh"}`. `expire` removes matching entries (and every
-  entry past its expiry); `refresh` recomputes result-cache entries from the job type + payload recorded in
-  their `source`. LLM and embedding results are recomputed on their next use, so they only expire.
-- `http_call`: `{"url", "method"?: "GET", "headers"?: {...}, "json"? | "body"?, "timeout"?: SECONDS,
-  "expected_status"?: [200, ...]}`; the result is `{"status", "headers", "body"}` (body cut at
-  neurondb.http_max_response_size). Loopback, private, link-local and metadata addresses are refused unless
-  allowed by neurondb.http_allowlist.
+  "older_than"?: SECONDS (0 to 3,153,600,000, i.e. 100 years), "action"?: "expire" | "refresh"}`. `expire`
+  removes matching entries (and every entry past its expiry); `refresh` recomputes result-cache entries from
+  the job type + payload recorded in their `source`. LLM and embedding results are recomputed on their next
+  use, so they only expire.
+- `http_call`: `{"url": ABSOLUTE_HTTP_OR_HTTPS_URL, "method"?: "GET", "headers"?: {...}, "json"? | "body"?,
+  "timeout"?: SECONDS, "expected_status"?: [200, ...]}`; the result is `{"status", "headers", "body"}` (body
+  cut at neurondb.http_max_response_size). Loopback, private, link-local and metadata addresses are refused
+  unless allowed by neurondb.http_allowlist. Error messages show the URL with its userinfo and query values
+  masked (neurondb.redaction), since a URL may carry credentials.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from psycopg.types.json import Jsonb
 
 from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve
+from neurondb.redaction import redact_url, redact_urls, shorten, shown
 
 MAX_DOCUMENTS = 10_000
+MAX_AGE_S = 100 * 365 * 86_400   # older_than bound: a century, well inside PostgreSQL's interval (1e308 s is not)
 
 UPSERT_VECTORS = """
 INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, tenant_id, content, embedding, metadata)
@@ -45,15 +51,30 @@ def _documents(payload: dict) -> list[dict]:
             raise PermanentJobError("payload field 'documents' is empty")
         if len(docs) > MAX_DOCUMENTS:
             raise PermanentJobError(f"payload has {len(docs)} documents; at most {MAX_DOCUMENTS} per job")
+        names = [f"documents[{i}]" for i in range(len(docs))]
     else:
-        docs = [payload]
-    for i, doc in enumerate(docs):
+        docs, names = [payload], ["payload"]
+    for doc, where in zip(docs, names, strict=True):
         if not isinstance(doc, dict):
-            raise PermanentJobError(f"documents[{i}] must be an object with doc_id and text")
-        require(doc, "doc_id", (str, int))
-        require(doc, "text", str)
-        require(doc, "metadata", dict, default={})
+            raise PermanentJobError(f"{where} must be an object with doc_id and text, got {shown(doc)}")
+        if str(require(doc, "doc_id", (str, int), where=where)) == "":
+            raise PermanentJobError(f"{where} field 'doc_id' must not be empty")
+        require(doc, "text", str, where=where)
+        require(doc, "metadata", dict, default={}, where=where)
     return docs
+
+
+@contextmanager
+def _provider_errors() -> Iterator[None]:
+    """A provider's failure as a JobError (retried) or PermanentJobError carrying its own message, so a
+    job's error_message reads "provider: 'x' is not one of: ..." or "openai: HTTP 429: ...", not the
+    exception's class name."""
+    from neurondb.providers import ProviderError
+
+    try:
+        yield
+    except ProviderError as exc:
+        raise (JobError if exc.retryable else PermanentJobError)(str(exc)) from None
 
 
 def _pg_array(vector: np.ndarray) -> str:
@@ -66,13 +87,15 @@ def embed(ctx: JobContext, payload: dict) -> dict:
 
     index = require(payload, "index", str)
     docs = _documents(payload)
+    asked = require(payload, "model", str, default=None)
     row = ctx.conn.execute("SELECT dim, provider, model_name FROM neurondb.neurondb_indexes WHERE index_name = %s",
                            (index,)).fetchone()
     if row is None:
-        raise PermanentJobError(f"index {index!r} does not exist (create it with `neurondb index create`)")
+        raise PermanentJobError(f"index {shown(index)} does not exist (create it with `neurondb index create`)")
     dim, provider, model = row
-    embedder = embedder_for(ctx.config, model=payload.get("model") or model, provider=provider)
-    vectors = np.asarray(embedder.embed([d["text"] for d in docs]), dtype=np.float32)
+    with _provider_errors():
+        embedder = embedder_for(ctx.config, model=asked or model, provider=provider)
+        vectors = np.asarray(embedder.embed([d["text"] for d in docs]), dtype=np.float32)
     if vectors.shape != (len(docs), dim):
         raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned vectors of shape "
                                 f"{vectors.shape}; index {index!r} expects {dim} dimensions")
@@ -97,6 +120,7 @@ def rerank(ctx: JobContext, payload: dict) -> dict:
     docs = require(payload, "documents", list)
     if len(docs) > MAX_DOCUMENTS:
         raise PermanentJobError(f"payload has {len(docs)} documents; at most {MAX_DOCUMENTS} per job")
+    model = require(payload, "model", str, default=None)
     ids: list[Any] = []
     texts: list[str] = []
     for i, doc in enumerate(docs):
@@ -107,10 +131,11 @@ def rerank(ctx: JobContext, payload: dict) -> dict:
             ids.append(doc.get("id", i))
             texts.append(doc["text"])
         else:
-            raise PermanentJobError(f"documents[{i}] must be a string or an object with a text field")
+            raise PermanentJobError(f"documents[{i}] must be a string or an object with a text field, got {shown(doc)}")
     top_n = require(payload, "top_n", int, default=None)
-    reranker = reranker_for(ctx.config, model=payload.get("model"))
-    order = reranker.rerank(query, texts, top_n)
+    with _provider_errors():
+        reranker = reranker_for(ctx.config, model=model)
+        order = reranker.rerank(query, texts, top_n)
     return {"model": reranker.model, "ranking": [{"index": i, "id": ids[i], "score": float(s)} for i, s in order]}
 
 
@@ -151,7 +176,10 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
     keys = require(payload, "keys", list, default=None)
     older_than = require(payload, "older_than", float, default=None)
     if action not in ("expire", "refresh"):
-        raise PermanentJobError(f"payload field 'action' must be 'expire' or 'refresh', got {action!r}")
+        raise PermanentJobError(f"payload field 'action' must be 'expire' or 'refresh', got {shown(action)}")
+    if older_than is not None and not 0 <= older_than <= MAX_AGE_S:
+        raise PermanentJobError(f"payload field 'older_than' must be a number of seconds between 0 and {MAX_AGE_S}, "
+                                f"got {shown(older_than)}")
     params = {"keys": [str(k) for k in keys] if keys is not None else None, "older_than": older_than}
     if cache in ("llm", "embedding"):
         if action == "refresh":
@@ -159,7 +187,7 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
         ctx.defer(EXPIRE_LLM, {**params, "operation": "embedding" if cache == "embedding" else None})
         return {"cache": cache, "action": action}
     if cache != "result":
-        raise PermanentJobError(f"unknown cache {cache!r} (known: llm, embedding, result)")
+        raise PermanentJobError(f"payload field 'cache' must be llm, embedding or result, got {shown(cache)}")
     params["name"] = require(payload, "name", str)
     if action == "expire":
         ctx.defer(EXPIRE_RESULTS, params)
@@ -178,6 +206,27 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
+def _absolute_http_url(url: str) -> bool:
+    """Whether `url` is absolute with scheme http or https and a host: anything else ("", "example.com/x",
+    "ftp://...") is refused before a request is attempted, with a message saying so."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
+def _statuses(payload: dict) -> list[int] | None:
+    expected = require(payload, "expected_status", list, default=None)
+    if expected is not None and not all(isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599
+                                        for s in expected):
+        raise PermanentJobError(f"payload field 'expected_status' must be a list of HTTP statuses (100 to 599), "
+                                f"got {shown(expected)}")
+    return expected
+
+
 @job_type("http_call")
 def http_call(ctx: JobContext, payload: dict) -> dict:
     import httpx
@@ -185,9 +234,12 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
     from neurondb.netguard import NetguardError, guarded_client, read_bounded
 
     url = require(payload, "url", str)
+    where = shorten(redact_url(url), 200)     # the URL as every message shows it
+    if not _absolute_http_url(url):
+        raise PermanentJobError(f"payload field 'url': {where!r} is not an absolute http(s) URL")
     method = require(payload, "method", str, default="GET").upper()
     if method not in METHODS:
-        raise PermanentJobError(f"payload field 'method' must be one of {', '.join(METHODS)}, got {method!r}")
+        raise PermanentJobError(f"payload field 'method' must be one of {', '.join(METHODS)}, got {shown(method)}")
     headers = require(payload, "headers", dict, default={})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise PermanentJobError("payload field 'headers' must map strings to strings")
@@ -196,8 +248,8 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
     body = require(payload, "body", str, default=None)
     timeout = require(payload, "timeout", float, default=10.0)
     if not 0 < timeout <= 300:
-        raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {timeout}")
-    expected = require(payload, "expected_status", list, default=None)
+        raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {shown(timeout)}")
+    expected = _statuses(payload)
     limit = int(ctx.config.get("neurondb.http_max_response_size")) * 1024
     try:
         with guarded_client(str(ctx.config.get("neurondb.http_allowlist") or ""), timeout) as client, \
@@ -208,13 +260,15 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
             raise
         raise PermanentJobError(str(exc)) from None
     except httpx.InvalidURL as exc:
-        raise PermanentJobError(f"invalid url {url!r}: {exc}") from None
+        raise PermanentJobError(f"payload field 'url': {where!r} is not a valid URL: {redact_urls(str(exc))}") from None
+    except httpx.TooManyRedirects:
+        raise PermanentJobError(f"{method} {where}: more redirects than the 5 allowed") from None
     except (httpx.TimeoutException, httpx.TransportError) as exc:
-        raise JobError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+        raise JobError(f"{method} {where}: {type(exc).__name__}: {redact_urls(str(exc))}") from None
     status = response.status_code
     ok = status in expected if expected else 200 <= status < 300
     if not ok:
-        message = f"{method} {url} answered {status}" + (f", expected one of {expected}" if expected else "")
+        message = f"{method} {where} answered {status}" + (f", expected one of {expected}" if expected else "")
         if 400 <= status < 500 and status not in (408, 429):
             raise PermanentJobError(message)
         raise JobError(message)

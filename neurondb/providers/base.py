@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from neurondb.redaction import redact_urls, shown
+
 MAX_MESSAGE = 500  # characters of a provider message kept; a whole HTML error page helps nobody
 
 # Failures that no retry can fix even when a server reports them with a 5xx (Ollama and llama.cpp have
@@ -59,16 +61,18 @@ class Secret:
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with every known secret, any `Bearer <token>` and anything shaped like an OpenAI key replaced.
+    """`text` with every known secret, any `Bearer <token>`, anything shaped like an OpenAI key and the
+    userinfo and query values of any URL in it (neurondb.redaction) replaced.
 
     Servers do echo keys back (OpenAI's 401 quotes a masked key; a misconfigured proxy may quote the
-    whole Authorization header), and error text flows into job rows, so it is scrubbed before it is kept.
+    whole Authorization header or the URL asked for), and error text flows into job rows, so it is
+    scrubbed before it is kept.
     """
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "[redacted]")
     text = _BEARER.sub(r"\1[redacted]", text)
-    return _OPENAI_KEY.sub("sk-[redacted]", text)
+    return redact_urls(_OPENAI_KEY.sub("sk-[redacted]", text))
 
 
 class ProviderError(Exception):
@@ -78,7 +82,8 @@ class ProviderError(Exception):
     server's requested wait in seconds (from Retry-After / retry-after-ms) or None, `provider` the provider
     name ("openai", "local", ...), `code` the provider's machine-readable error code when it gave one
     (e.g. "context_length_exceeded"), `message` the provider's own message. str() is
-    "<provider>: HTTP <status>: <message>" so that a job's error_message says who failed and how.
+    "<provider>: HTTP <status>: <message>" so that a job's error_message says who failed and how; with
+    provider "" (no provider could be chosen, e.g. an unknown provider name) it is the message alone.
     """
 
     def __init__(
@@ -98,7 +103,7 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.code = code
         where = f"{provider}: HTTP {status}" if status is not None else provider
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {message}" if where else message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle as cls(*args); keyword-only fields would be lost crossing a process boundary.
@@ -294,5 +299,5 @@ def check_top_n(provider: str, top_n: int | None, count: int) -> int:
     if top_n is None:
         return count
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-        raise invalid_input(provider, f"top_n must be a non-negative integer, got {top_n!r}")
+        raise invalid_input(provider, f"top_n must be a non-negative integer, got {shown(top_n)}")
     return min(top_n, count)

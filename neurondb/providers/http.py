@@ -24,7 +24,6 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -45,6 +44,7 @@ from neurondb.providers.base import (
     invalid_response,
     redact,
 )
+from neurondb.redaction import redact_url, shown
 
 DEFAULT_ENDPOINTS = {
     "openai": "https://api.openai.com",
@@ -140,7 +140,7 @@ class HttpRequest(NamedTuple):
 
     def __repr__(self) -> str:
         shown = {k: ("***" if k.lower() == "authorization" else v) for k, v in self.headers.items()}
-        return f"HttpRequest(method={self.method!r}, url={display_url(self.url)!r}, headers={shown!r})"
+        return f"HttpRequest(method={self.method!r}, url={redact_url(self.url)!r}, headers={shown!r})"
 
 
 class RawResponse(NamedTuple):
@@ -158,16 +158,6 @@ class EmbeddingBatch(NamedTuple):
     prompt_tokens: int | None
 
 
-def display_url(url: str) -> str:
-    """`url` without user:password and query, for reprs and error messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
 def _api_base(endpoint: str) -> str:
     """Base URL without a trailing / or /v1: both "http://h:8000" and the OpenAI SDK's habit
     "http://h:8000/v1" are accepted, and the paths below add /v1 themselves."""
@@ -179,7 +169,7 @@ def transport_error(provider: str, exc: httpx.HTTPError | httpx.InvalidURL, url:
                     timeout: float) -> ProviderError:
     """The ProviderError for a request that got no HTTP answer. Timeouts, refused or dropped connections
     and other network failures are retryable; a malformed request or redirect loop is not."""
-    shown = display_url(url)
+    shown = redact_url(url)
     detail = redact(str(exc)) or type(exc).__name__
     if isinstance(exc, httpx.InvalidURL):
         return ProviderError(f"invalid endpoint URL {shown}: {detail}", retryable=False, provider=provider,
@@ -235,7 +225,7 @@ class HttpProvider:
 
     def __repr__(self) -> str:
         key = "set" if self._key is not None else "none"
-        return (f"{type(self).__name__}(provider={self.name!r}, endpoint={display_url(self.endpoint)!r}, "
+        return (f"{type(self).__name__}(provider={self.name!r}, endpoint={redact_url(self.endpoint)!r}, "
                 f"model={self.model!r}, api_key={key})")
 
     def _headers(self) -> dict[str, str]:
@@ -305,7 +295,7 @@ class HttpProvider:
 def _style(provider: str, style: str | None, allowed: tuple[str, ...], default: str) -> str:
     chosen = style or default
     if chosen not in allowed:
-        raise invalid_input(provider, f"unknown API style {chosen!r}; expected one of {', '.join(allowed)}")
+        raise invalid_input(provider, f"unknown API style {shown(chosen)}; expected one of {', '.join(allowed)}")
     return chosen
 
 
@@ -391,17 +381,19 @@ def check_params(provider: str, params: Mapping[str, Any] | None) -> dict[str, A
         if name in _NUMBER_PARAMS:
             lo, hi = _NUMBER_PARAMS[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise invalid_input(provider, f"parameter {name} must be a number in {lo:g}..{hi:g}, got {value!r}")
+                raise invalid_input(provider,
+                                    f"parameter {name} must be a number in {lo:g}..{hi:g}, got {shown(value)}")
         elif name in _INT_PARAMS:
             if isinstance(value, bool) or not isinstance(value, int) or (name == "max_tokens" and value < 1):
-                raise invalid_input(provider, f"parameter {name} must be {_INT_PARAMS[name]}, got {value!r}")
+                raise invalid_input(provider, f"parameter {name} must be {_INT_PARAMS[name]}, got {shown(value)}")
         elif name == "stop":
             stops = [value] if isinstance(value, str) else value
             if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
-                raise invalid_input(provider, f"parameter stop must be a string or a list of strings, got {value!r}")
+                raise invalid_input(provider,
+                                    f"parameter stop must be a string or a list of strings, got {shown(value)}")
             value = stops
         else:
-            raise invalid_input(provider, f"unknown parameter {name!r}; allowed: {', '.join(COMPLETION_PARAMS)}")
+            raise invalid_input(provider, f"unknown parameter {shown(name)}; allowed: {', '.join(COMPLETION_PARAMS)}")
         checked[name] = value
     return checked
 

@@ -32,6 +32,7 @@ from neurondb.providers.http import (
     resolve_api_key,
 )
 from neurondb.providers.local import BM25Reranker, HashEmbedder
+from neurondb.redaction import shown
 from neurondb.settings import LLM_PROVIDERS, LlmRoute, parse_llm_routes
 
 LOCAL = "local"
@@ -108,7 +109,7 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
     if provider:
         chosen = provider.strip().lower()
         if chosen not in LLM_PROVIDERS:
-            raise _error(f"unknown provider {provider!r}; providers are {', '.join(LLM_PROVIDERS)}")
+            raise _error(f"provider: {shown(provider)} is not one of: {', '.join(LLM_PROVIDERS)}", "")
         # A route to the same provider still says where that provider lives for this model.
         endpoint = route.endpoint if route and route.provider == chosen else ""
     else:
@@ -151,7 +152,7 @@ def _local_embedder(model: str) -> Embedder:
 
         onnx.require()
         return onnx.OnnxMiniLMEmbedder()
-    raise _error(f"unknown local embedding model {model!r}; local models are hash-384 (or hash-N) and "
+    raise _error(f"unknown local embedding model {shown(model)}; local models are hash-384 (or hash-N) and "
                  "all-MiniLM-L6-v2 (with neurondb[onnx])")
 
 
@@ -171,7 +172,7 @@ def reranker_for(config: ConfigLike, model: str | None = None, provider: str | N
     route = resolve(config, "rerank", model, provider)
     if route.provider == LOCAL:
         if route.model.lower() != "bm25":
-            raise _error(f"unknown local rerank model {route.model!r}; the local reranker is bm25")
+            raise _error(f"unknown local rerank model {shown(route.model)}; the local reranker is bm25")
         return BM25Reranker()
     return RerankClient(route.provider, model=route.model, endpoint=route.endpoint,
                         api_key=_api_key(config, route.provider) or "", timeout=_timeout(config, timeout))

@@ -204,9 +204,7 @@ class Worker:
         values being in force (read before the files, so a later reload is never announced early)."""
         self.reload_requested = False
         generation = int(self.ctx.shared.control["config_generation"])
-        result = self.config.reload()
-        for name, old, new in result.changed:
-            self.log.info("parameter %s changed from %s to %s", name, old, new)
+        result = self.config.reload()     # the supervisor logs each change once, with secrets in URLs masked
         self._publish_settings()
         self.on_reload(result)
         self.slot["config_generation_seen"] = generation

@@ -51,7 +51,7 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
-from neurondb.db import UndecodableJson, decode_json
+from neurondb.db import UndecodableJson, decode_json, json_loads
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
 from neurondb.providers.base import invalid_input
@@ -407,7 +407,7 @@ class LLMWorker(Worker):
             # generic plan for the batch updates (a join with unnest() of any length) was a nested loop
             # that took 7 s for 2,000 outcomes where the custom plan takes 0.5 s.
             self._aconn.prepare_threshold = None
-            set_json_loads(orjson.loads, self._aconn)    # cached vectors come back as JSON
+            set_json_loads(json_loads, self._aconn)    # cached vectors come back as JSON
         return self._aconn
 
     def _drop_async_connection(self) -> None:

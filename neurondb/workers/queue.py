@@ -35,7 +35,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
-from neurondb.db import UndecodableJson, decode_json
+from neurondb.db import UndecodableJson, decode_json, first_line
 from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
 from neurondb.queries import query
 from neurondb.settings import parse_module_list
@@ -262,7 +262,7 @@ class QueueWorker(Worker):
                     except psycopg.OperationalError:
                         raise
                     except psycopg.Error as exc:
-                        o.status, o.error = "failed", f"storing the result failed: {str(exc).strip()[:MAX_ERROR]}"
+                        o.status, o.error = "failed", f"storing the result failed: {first_line(exc)[:MAX_ERROR]}"
             mine = [o for o in outcomes if o.job_id in owned]
             done = [o for o in mine if o.status == "completed"]
             retry = [o for o in mine if o.status == "retry"]
