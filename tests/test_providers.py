@@ -419,6 +419,11 @@ def test_registry_routes_and_endpoint(tmp_path: Path, monkeypatch: pytest.Monkey
     assert resolve(config, "embed", "x", provider="ollama") == ("ollama", "http://127.0.0.1:11434", "x")
     assert resolve(config, "embed", "bge-m3", provider="tei") == ("tei", "http://127.0.0.1:8080", "bge-m3")
     assert resolve(config, "embed", "bge-m3", provider="openai") == ("openai", "http://127.0.0.1:8001", "bge-m3")
+    # A job or an index (any database login writes them) may not pick a provider the operator did not enable:
+    # it would be a host reached with the operator's key (issue 9, defect 10).
+    refused = _error_of(lambda: embedder_for(config, "x", provider="jina"))
+    assert str(refused).startswith("provider: 'jina' is not enabled on this installation (enabled: cohere, local, "
+                                   "ollama, openai, tei)"), str(refused)
     comp = completer_for(config, "llama3")
     assert isinstance(comp, OpenAICompleter) and comp.style == "ollama" and "api_key=none" in repr(comp)
     openai = completer_for(config)

@@ -2,7 +2,10 @@
 
 Resolution of (operation, model, provider) -> Route(provider, endpoint, model):
   1. an explicit `provider` argument wins (a job that names its provider; a route for the model to that
-     same provider still gives the endpoint);
+     same provider still gives the endpoint), if the operator enabled that provider: `local`, the
+     configured llm_provider, or one named in llm_routes. A job row or an index is written by any
+     database login, and a provider it could pick freely would be a host the service reaches with the
+     operator's API key that the operator never chose;
   2. else the first neurondb.llm_routes entry matching the model: an exact name before any prefix
      pattern ("gpt-*"), the longest prefix first;
   3. else neurondb.llm_provider (default `local`).
@@ -105,11 +108,17 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
         raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
     configured = str(config.get("neurondb.llm_provider"))
     name = model or str(config.get("neurondb.llm_model") or "")
-    route = match_route(parse_llm_routes(str(config.get("neurondb.llm_routes") or "")), name) if name else None
+    routes = parse_llm_routes(str(config.get("neurondb.llm_routes") or ""))
+    route = match_route(routes, name) if name else None
     if provider:
         chosen = provider.strip().lower()
         if chosen not in LLM_PROVIDERS:
             raise _error(f"provider: {shown(provider)} is not one of: {', '.join(LLM_PROVIDERS)}", "")
+        enabled = sorted({LOCAL, configured, *(r.provider for r in routes)})
+        if chosen not in enabled:
+            raise _error(f"provider: {shown(provider)} is not enabled on this installation (enabled: "
+                         f"{', '.join(enabled)}); the operator enables a provider with neurondb.llm_provider or "
+                         "neurondb.llm_routes in neurondb.conf", "")
         # A route to the same provider still says where that provider lives for this model.
         endpoint = route.endpoint if route and route.provider == chosen else ""
     else:
