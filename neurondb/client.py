@@ -5,11 +5,11 @@ graph walk); one query to PostgreSQL then turns the graph's labels into document
 that a hit is a live row of the right tenant even when the graph lags its table by a moment.
 
 Hybrid search: with `text`, candidates come from the vector index (the text's embedding, or `vector` when
-given) and from PostgreSQL full-text search (`ts_rank_cd` over `content_tsv`), 4 x k of each. Each list's
-scores are min-max normalised over its candidates to [0, 1] (vector similarity is 1 - distance for cosine
-and ip, 1 / (1 + distance) for l2; a candidate missing from a list scores 0 there), and a candidate's
-score is `w * vector + (1 - w) * text` with w = `hybrid_weight` (default: the index's). w = 1 is a pure
-vector search of the text's embedding.
+given) and from PostgreSQL full-text search (`ts_rank_cd` over `content_tsv`), 4 x k of each, combined by
+`neurondb.hybrid.combine` (min-max normalised scores, `w * vector + (1 - w) * text`, w = `hybrid_weight`,
+default the index's). The full-text query also records both candidate lists under the search's query id
+(`hits.query_id`), so that `feedback()` on its results lets neuranmon learn the index's weight. w = 1 is a
+pure vector search of the text's embedding.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from neurondb import db
+from neurondb import caches, db, hybrid
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex, tenant_code
 from neurondb.instance import Instance
@@ -55,6 +55,15 @@ class Hit:
     tenant_id: str
     content: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Hits(list):
+    """The hits of one search, best first, with the search's `query_id`: pass it to `Client.feedback` (or
+    INSERT it into neurondb.neurondb_feedback) to say which documents were relevant."""
+
+    def __init__(self, hits: list[Hit], query_id: int) -> None:
+        super().__init__(hits)
+        self.query_id = query_id
 
 
 class Client:
@@ -108,17 +117,29 @@ class Client:
         return arrays
 
     def embed_query(self, info: dict, text: str) -> np.ndarray:
-        from neurondb.providers.registry import embedder_for
+        """The query text's embedding by the index's provider; through the query-embedding cache
+        (neurondb/caches.py) when that provider is a remote one, so a repeated query costs no provider call."""
+        from neurondb.providers.registry import LOCAL, embedder_for, resolve
 
         key = f"{info['provider']}/{info['model_name']}"
         if key not in self._embedders:
-            self._embedders[key] = embedder_for(Config.load(self.instance.datadir), model=info["model_name"],
-                                                provider=info["provider"])
-        return np.asarray(self._embedders[key].embed([text])[0], dtype=np.float32)
+            config = Config.load(self.instance.datadir)
+            route = resolve(config, "embed", info["model_name"], info["provider"])
+            self._embedders[key] = (embedder_for(config, model=info["model_name"], provider=info["provider"]),
+                                    route, float(config.get("neurondb.llm_cache_ttl")),
+                                    int(config.get("neurondb.llm_cache_max_entries")) > 0)
+        embedder, route, ttl_s, cache_on = self._embedders[key]
+
+        def embed(t: str) -> np.ndarray:
+            return np.asarray(embedder.embed([t])[0], dtype=np.float32)
+
+        if route.provider == LOCAL or not cache_on:
+            return embed(text)
+        return caches.query_embedding(self.conn, route.provider, route.model, text, embed, ttl_s)
 
     def search(self, index: str, vector: Any = None, text: str | None = None, k: int = 10, ef: int | None = None,
                tenant: str | None = None, hybrid_weight: float | None = None,
-               with_content: bool = False) -> list[Hit]:
+               with_content: bool = False) -> Hits:
         """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc).
 
         Arguments are checked before anything is searched: a wrong type or range raises SearchError
@@ -141,17 +162,19 @@ class Client:
         weight = 1.0 if text is None else float(info["hybrid_weight"] if hybrid_weight is None else hybrid_weight)
         q = self.embed_query(info, text) if vector is None else _query_vector(vector, index, info["dim"])
         arrays = self._graph(index)
-        ef_used = arrays.ef_search if ef is None else ef
         pool = k if weight >= 1.0 else k * CANDIDATES
-        labels, dist = hnsw.search(arrays, q, pool, max(ef_used, pool), tenant_code(tenant))
+        ef_used = max(arrays.ef_search if ef is None else ef, pool)
+        labels, dist = hnsw.search(arrays, q, pool, ef_used, tenant_code(tenant))
+        vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
         scores = self._similarity(dist, info["metric"])
+        query_id = random.getrandbits(63)
         if weight < 1.0:
-            labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool)
-        hits = self._documents(index, labels, scores, tenant, k, with_content)
+            labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id)
+        hits = Hits(self._documents(index, labels, scores, tenant, k, with_content), query_id)
         query_type = "vector" if text is None else ("text" if weight >= 1.0 else "hybrid")
         self._record(Sample(index=index, query_type=query_type, k=k, ef=ef_used,
                             latency_ms=(time.perf_counter() - started) * 1000, result_count=len(hits),
-                            tenant=tenant, hybrid_weight=None if text is None else weight), q, labels[:k])
+                            tenant=tenant, hybrid_weight=None if text is None else weight), q, vector_labels)
         return hits
 
     @staticmethod
@@ -160,16 +183,24 @@ class Client:
         return 1.0 / (1.0 + d) if metric == "l2" else 1.0 - d
 
     def _hybrid(self, index: str, labels: np.ndarray, scores: np.ndarray, text: str, tenant: str | None,
-                weight: float, pool: int) -> tuple[np.ndarray, np.ndarray]:
-        ranked = self.conn.execute(query("index", "text_candidates"),
-                                   {"text": text, "index": index, "tenant": tenant, "limit": pool}).fetchall()
-        vec = dict(zip(labels.tolist(), _minmax(scores).tolist(), strict=True))
-        txt = dict(zip([r[0] for r in ranked], _minmax(np.array([r[1] for r in ranked], np.float64)).tolist(),
-                       strict=True))
-        ids = list(vec.keys() | txt.keys())
-        combined = np.array([weight * vec.get(i, 0.0) + (1 - weight) * txt.get(i, 0.0) for i in ids])
-        order = np.argsort(-combined, kind="stable")
-        return np.array(ids, np.int64)[order], combined[order]
+                weight: float, pool: int, k: int, query_id: int) -> tuple[np.ndarray, np.ndarray]:
+        ranked = self.conn.execute(query("index", "text_candidates_recorded"), {
+            "text": text, "index": index, "tenant": tenant, "limit": pool, "query_id": query_id, "k": k,
+            "weight": weight, "vector_ids": labels.tolist(), "vector_scores": scores.tolist()}).fetchall()
+        return hybrid.combine(labels.tolist(), scores, [r[0] for r in ranked],
+                              np.array([r[1] for r in ranked], np.float64), weight)
+
+    def feedback(self, query_id: int, doc_id: str, relevance: float = 1.0) -> None:
+        """Report how relevant `doc_id` was for the search that returned `query_id` (0 = not relevant, up to
+        10; 1 = relevant). neuranmon learns each index's hybrid weight from these (neurondb/hybrid.py)."""
+        if not isinstance(query_id, int) or isinstance(query_id, bool):
+            raise SearchError(f"query_id must be the integer a search returned (hits.query_id), not {_shown(query_id)}")
+        if not isinstance(doc_id, str) or not doc_id:
+            raise SearchError(f"doc_id must be a non-empty string, not {_shown(doc_id)}")
+        if not (_is_real(relevance) and 0.0 <= relevance <= 10.0):
+            raise SearchError(f"relevance must be a number between 0 and 10, not {_shown(relevance)}")
+        self.conn.execute(query("index", "feedback"), {"query_id": query_id, "doc_id": doc_id,
+                                                       "relevance": float(relevance)})
 
     def _documents(self, index: str, labels: np.ndarray, scores: np.ndarray, tenant: str | None, k: int,
                    with_content: bool) -> list[Hit]:
@@ -256,13 +287,6 @@ def _query_vector(vector: Any, index: str, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise SearchError("query vector contains NaN or infinite values")
     return q
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    if x.size == 0:
-        return x
-    lo, hi = float(x.min()), float(x.max())
-    return np.ones_like(x) if hi - lo < 1e-12 else (x - lo) / (hi - lo)
 
 
 def connect(data_dir: str | None = None, dsn: str | None = None) -> Client:

@@ -196,3 +196,85 @@ def test_query_metrics_older_than_the_retention_are_deleted(tmp_path: Path, fres
         assert "removed 12000 query samples" in svc.datadir.log_file.read_text()
     finally:
         svc.close()
+
+
+def test_hybrid_weight_moves_to_what_the_feedback_favours(tmp_path: Path, fresh_dsn: str,
+                                                         conn: psycopg.Connection) -> None:
+    """Labelled so that the best weight is known: the relevant documents of each query are its vector's nearest
+    neighbours and never contain the query's word, while the word matches only distractors. Feedback on the
+    searches' results should move the weight from 0.5 up towards pure vector search, with nDCG rising."""
+    dim, queries = 16, 25
+    rng = np.random.default_rng(7)
+    conn.execute("SELECT neurondb.create_index('notes', %s, 'l2')", (dim,))
+    centres = rng.standard_normal((queries, dim)).astype(np.float32) * 3
+    rows = [(f"rel{j}_{i}", "alpha beta", (c + 0.01 * rng.standard_normal(dim)).tolist())
+            for j, c in enumerate(centres) for i in range(3)]
+    words = [" ".join(["zebra"] * (1 + i % 7) + ["gamma"] * (i % 5)) for i in range(300)]   # varied ts_rank
+    rows += [(f"noise{i}", w, (rng.standard_normal(dim) * 3).tolist()) for i, w in enumerate(words)]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, content, embedding) "
+                        "VALUES ('notes', %s, %s, %s)", rows)
+    svc = Service(tmp_path / "data", fresh_dsn, TUNER)
+    svc.start()
+    try:
+        with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+            wait_for(lambda: _searchable(client, "notes", centres[0]), 60.0, "the index to load")
+            for j, c in enumerate(centres):
+                hits = client.search("notes", vector=c, text="zebra", k=5)
+                assert isinstance(hits.query_id, int)
+                for i in range(3):
+                    client.feedback(hits.query_id, f"rel{j}_{i}", 1.0)
+            with pytest.raises(SearchError, match="relevance must be a number between 0 and 10"):
+                client.feedback(hits.query_id, "rel0_0", 11)
+
+            def moved() -> tuple | None:
+                return conn.execute("SELECT old_hybrid_weight, new_hybrid_weight, ndcg_before, ndcg_after "
+                                    "FROM neurondb.neurondb_tuning_history WHERE index_name = 'notes' "
+                                    "AND new_hybrid_weight <> old_hybrid_weight").fetchone()
+            old, new, before, after = wait_for(moved, 30.0, "the hybrid weight to move")
+            assert old == 0.5 and new > 0.5 and after > before, (old, new, before, after)
+            assert conn.execute("SELECT hybrid_weight FROM neurondb.neurondb_indexes "
+                                "WHERE index_name = 'notes'").fetchone()[0] == new
+    finally:
+        svc.close()
+
+
+def _searchable(client: neurondb.client.Client, index: str, vector: np.ndarray) -> bool:
+    try:
+        return len(client.search(index, vector, k=1)) == 1
+    except SearchError:
+        return False
+
+
+def test_query_embeddings_are_cached_and_the_cache_rotated(tmp_path: Path, fresh_dsn: str,
+                                                          conn: psycopg.Connection) -> None:
+    """A text search on an index served by a remote provider calls the provider once per distinct query; the
+    entries expire with llm_cache_ttl and neuranmon removes them, recording it in neurondb.cache_status."""
+    from tests.fakeprovider import FakeProvider
+
+    with FakeProvider(dim=8) as fake:
+        conn.execute("SELECT neurondb.create_index('remote', 8, 'cosine', provider => 'openai', "
+                     "model_name => 'emb-test')")
+        conn.execute("INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, content, embedding) "
+                     "SELECT 'remote', 'd' || i, 'doc ' || i, array_fill(i::real, ARRAY[8]) "
+                     "FROM generate_series(1, 20) i")
+        svc = Service(tmp_path / "data", fresh_dsn, {**TUNER, "neurondb.llm_provider": "openai",
+                                                     "neurondb.llm_endpoint": fake.url,
+                                                     "neurondb.llm_cache_ttl": "2s"})
+        svc.start()
+        try:
+            with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+                wait_for(lambda: _searchable(client, "remote", np.ones(8)), 60.0, "the index to load")
+                before = fake.count("/v1/embeddings")
+                for _ in range(5):
+                    assert len(client.search("remote", text="the same question", k=3, hybrid_weight=1.0)) == 3
+                client.search("remote", text="another question", k=3, hybrid_weight=1.0)
+                assert fake.count("/v1/embeddings") - before == 2
+                def expired() -> bool:
+                    row = conn.execute("SELECT expired FROM neurondb.cache_status WHERE cache_name = 'llm'").fetchone()
+                    return row is not None and row[0] >= 2
+                wait_for(expired, 20.0, "neuranmon to expire the cached query embeddings")
+                client.search("remote", text="the same question", k=3, hybrid_weight=1.0)
+                assert fake.count("/v1/embeddings") - before == 3       # expired: asked again
+        finally:
+            svc.close()

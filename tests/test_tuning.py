@@ -119,3 +119,20 @@ def test_fixed_factor_baseline_is_the_documents_rule() -> None:
     assert tuning.fixed_factor(64, 20.0, 0.97, t, 512, 10) == 42      # latency over, recall met: down
     assert tuning.fixed_factor(64, 5.0, 0.90, t, 512, 10) == 96       # recall under, latency met: up
     assert tuning.fixed_factor(64, 20.0, 0.90, t, 512, 10) == 64      # both missed: the document does nothing
+
+
+def test_combine_and_ndcg_of_the_hybrid_rule() -> None:
+    from neurondb import hybrid
+
+    ids, scores = hybrid.combine([1, 2, 3], np.array([0.9, 0.5, 0.1]), [3, 4], np.array([2.0, 1.0]), 0.5)
+    # min-max per list: vector 1 -> 1, 2 -> 0.5, 3 -> 0; text 3 -> 1, 4 -> 0; a missing side scores 0.
+    assert dict(zip(ids.tolist(), scores.tolist(), strict=True)) == {1: 0.5, 2: 0.25, 3: 0.5, 4: 0.0}
+    assert ids.tolist()[:2] == [1, 3]                       # ties keep the vector list's order
+    q = hybrid.JudgedQuery(k=2, vector_ids=[1, 2, 3], vector_scores=np.array([0.9, 0.5, 0.1]), text_ids=[3, 4],
+                           text_ranks=np.array([2.0, 1.0]), relevance={3: 1.0, 9: 1.0})
+    assert hybrid.ndcg(q, 0.0) == 1.0                       # doc 9 is no candidate: not counted against a weight
+    assert hybrid.ndcg(q, 1.0) < 1.0
+    few = hybrid.best_weight([q] * (hybrid.MIN_JUDGED - 1), 1.0)
+    assert few.weight == 1.0 and "judged hybrid queries" in few.reason
+    enough = hybrid.best_weight([q] * hybrid.MIN_JUDGED, 1.0)
+    assert enough.weight < 1.0 and enough.after > enough.before

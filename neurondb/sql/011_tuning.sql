@@ -51,6 +51,9 @@ CREATE TABLE neurondb.neurondb_tuning_state (
     predicted_p95_ms  double precision,
     queries           integer,
     curve             jsonb,                -- [{ef, recall, low, high, kernel_ms}, ...] measured this cycle
+    ndcg              double precision,     -- mean nDCG@k of the judged hybrid queries at the current weight
+    judged            integer,              -- judged hybrid queries that counted
+    weight_decision   text,
     evaluated_at      timestamptz NOT NULL DEFAULT now()
 );
 
@@ -68,6 +71,7 @@ CREATE VIEW neurondb.tuning_status AS
            t.reason AS last_decision,
            t.recall, t.recall_low, t.measured_recall, t.p50_ms, t.p95_ms, t.p99_ms, t.predicted_p95_ms,
            t.queries, t.evaluated_at,
+           i.hybrid_weight, t.ndcg, t.judged, t.weight_decision,
            (SELECT max(h.recorded_at) FROM neurondb.neurondb_tuning_history h
              WHERE h.index_name = i.index_name) AS last_change_at
       FROM neurondb.neurondb_indexes i

@@ -51,6 +51,7 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
+from neurondb import caches
 from neurondb.db import UndecodableJson, decode_json, json_loads
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
@@ -71,8 +72,6 @@ POLL_S = 0.02                # while a slot is free, look for new work (NOTIFY v
 FLUSH_DELAY_S = 0.02         # outcomes wait at most this long to be written with others
 FLUSH_MAX = 128              # ... or until this many are waiting
 MAINTENANCE_EVERY = 5.0      # lease-expiry sweep, tenant shares
-CACHE_EVERY = 10.0           # cache expiry and LRU eviction
-EVICT_BATCH = 500            # entries deleted per statement when the cache is over its bound
 EMBED_MAX_TOKENS = 50_000    # estimated tokens per embedding request
 RPS_BURST_S = 0.1            # a requests/s bucket holds this many seconds of requests
 TPM_BURST_S = 10.0           # a tokens/min bucket holds this many seconds of tokens
@@ -223,9 +222,8 @@ class LLMWorker(Worker):
         self._waiter: asyncio.Future | None = None
         self._result = BatchResult()
         self._next_maintenance = 0.0
-        self._next_cache = time.monotonic() + CACHE_EVERY
         self._next_lease = 0.0
-        self._cache_estimate = 0          # entries, as last counted plus what we added since
+        self._cache_estimate: int | None = None   # entries, as last counted plus what we added since
         self._unsettled = False           # a batch ended abnormally: see _settle
         self.running = RunningJobs(self.slot)   # jobs with a call in flight, for the supervisor
 
@@ -954,7 +952,7 @@ class LLMWorker(Worker):
         for job_id in hand_back:
             self._held.pop(job_id, None)
             self.running.discard(job_id)
-        self._cache_estimate += len(puts)
+        self._cache_estimate = (self._cache_estimate or 0) + len(puts)
 
     async def _write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome], hand_back: dict[int, float],
                      puts: list[dict[str, Any]], now: float) -> None:
@@ -1006,26 +1004,16 @@ class LLMWorker(Worker):
                                  f"; {len(failed)} out of retries failed: {failed}" if failed else "")
             self._tenant_shares = {t: float(s) for t, s in self.conn.execute(query("llm", "tenant_shares"))}
         limit = int(self._setting("llm_cache_max_entries"))
-        if now >= self._next_cache or (limit > 0 and self._cache_estimate > limit):
-            self._next_cache = now + CACHE_EVERY
+        if self._cache_estimate is None or (limit > 0 and self._cache_estimate > limit):
             self._cache_maintenance(limit)
 
     def _cache_maintenance(self, limit: int) -> None:
-        """Expired entries out, then the least recently used ones while over the bound, in small batches
-        (each a short statement of its own: the workers using the cache never wait long)."""
-        while self.conn.execute(query("llm", "cache_expire"), {"limit": EVICT_BATCH}).rowcount == EVICT_BATCH:
-            pass
-        count = self.conn.execute(query("llm", "cache_count")).fetchone()[0]
-        evicted = 0
-        while limit > 0 and count > limit and not self.shutdown:
-            n = self.conn.execute(query("llm", "cache_evict"), {"limit": min(EVICT_BATCH, count - limit)}).rowcount
-            if n == 0:
-                break
-            count -= n
-            evicted += n
-        if evicted:
-            self.log.info("LLM cache: evicted %d least recently used entries (bound %d)", evicted, limit)
-        self._cache_estimate = count
+        """Enforce the cache's bounds now (neurondb/caches.py): neuranmon does it every cycle; this worker at
+        start and when its own writes took the cache past its bound in between."""
+        rotation = caches.rotate(self.conn, limit, lambda: bool(self.shutdown))
+        if rotation.evicted:
+            self.log.info("LLM cache: evicted %d least recently used entries (bound %d)", rotation.evicted, limit)
+        self._cache_estimate = rotation.entries
 
     def _plan_wakeup(self) -> None:
         """Idle: wake for the next delayed job (a retry, maybe another worker's) before the naptime ends."""

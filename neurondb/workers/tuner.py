@@ -23,6 +23,7 @@ first time, up to the ring's size; `scripts/bench_tuner_memory.py` shows it leve
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 
@@ -30,7 +31,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from neurondb import tuning
+from neurondb import caches, hybrid, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
 from neurondb.queries import query
@@ -42,6 +43,9 @@ SYNC_EVERY = 1.0             # header ef_search follows the catalog at least thi
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_FIRST = 5.0        # the first sweep after start: a restarted service catches up at once
 RETENTION_BATCH = 5000
+# What neurondb.query_metrics_retention bounds: (query, what its rows are, for the log).
+RETAINED = (("delete_old_metrics", "query samples"), ("delete_old_hybrid_queries", "hybrid candidate lists"),
+            ("delete_old_feedback", "feedback rows"), ("delete_old_rotations", "cache rotation rows"))
 
 
 def exact_recall(arrays: hnsw.HnswArrays, s: Sample) -> float | None:
@@ -64,6 +68,7 @@ class TunerWorker(Worker):
         self.windows: dict[str, tuning.Window] = {}
         self.truth: dict[str, tuple[tuple[int, int], dict[int, np.ndarray]]] = {}   # per graph version
         self.states: dict[str, str] = {}
+        self._cache_entries = -1
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._next_sync = 0.0
         self._next_tune = time.monotonic() + self.naptime
@@ -83,6 +88,7 @@ class TunerWorker(Worker):
             if now >= self._next_tune:
                 self._next_tune = now + self.naptime
                 self._tune(catalog)
+                self._rotate_caches()
         return BatchResult(processed=flushed, more=flushed >= 1000)
 
     # -- samples --------------------------------------------------------------------------------------
@@ -186,7 +192,26 @@ class TunerWorker(Worker):
                 decision = tuning.decide(curve, window, current, targets, max_ef)
             if decision.ef != current and not self._set_ef(name, arrays, current, decision.ef):
                 continue     # the operator changed or pinned it meanwhile: their value is the new start
-            self._record_decision(row, window, curve, decision)
+            self._record_decision(row, window, curve, decision, self._tune_weight(row, size))
+
+    def _tune_weight(self, row: dict, limit: int) -> hybrid.WeightChoice | None:
+        """The hybrid weight that best ranks the recent judged hybrid searches (neurondb/hybrid.py); applied
+        unless the index is pinned or the operator changed the weight meanwhile. None: no judged search."""
+        judged = [hybrid.JudgedQuery(k=r[0], vector_ids=r[1], vector_scores=np.array(r[2], np.float64),
+                                     text_ids=r[3], text_ranks=np.array(r[4], np.float64),
+                                     relevance=dict(zip(r[5], r[6], strict=True)))
+                  for r in self.conn.execute(query("tuner", "judged_hybrid_queries"),
+                                             {"index": row["index_name"], "limit": limit})]
+        if not judged:
+            return None
+        current = float(row["hybrid_weight"])
+        choice = hybrid.best_weight(judged, current)
+        if row["tuning"] == "pinned" or choice.weight == current:
+            return dataclasses.replace(choice, weight=current)
+        if self.conn.execute(query("tuner", "set_weight"), {"index": row["index_name"], "old": current,
+                                                            "new": choice.weight}).fetchone() is None:
+            return dataclasses.replace(choice, weight=current, reason="weight changed by the operator meanwhile")
+        return choice
 
     def _set_ef(self, name: str, arrays: hnsw.HnswArrays, old: int, new: int) -> bool:
         if self.conn.execute(query("tuner", "set_ef"), {"index": name, "old": old, "new": new}).fetchone() is None:
@@ -196,7 +221,7 @@ class TunerWorker(Worker):
         return True
 
     def _record_decision(self, row: dict, window: tuning.Window, curve: tuning.Curve | None,
-                decision: tuning.Decision) -> None:
+                         decision: tuning.Decision, weight: hybrid.WeightChoice | None = None) -> None:
         """The state row every cycle; a history row and a log line when the ef or the state changed."""
         name, old = row["index_name"], int(row["ef_search"])
         lat = window.percentiles()
@@ -209,19 +234,42 @@ class TunerWorker(Worker):
             "p99": lat.get("p99"), "predicted_p95": decision.p95_ms, "queries": len(window.queries),
             "curve": Jsonb([{"ef": p.ef, "recall": p.recall, "low": p.low, "high": p.high, "kernel_ms": p.kernel_ms}
                             for p in curve.measured()]) if curve else None,
+            "ndcg": weight.after if weight else None, "judged": weight.judged if weight else None,
+            "weight_decision": weight.reason if weight else None,
         }
+        old_weight = float(row["hybrid_weight"])
+        new_weight = weight.weight if weight else old_weight
         self.conn.execute(query("tuner", "upsert_state"), figures)
-        if decision.ef == old and self.states.get(name) == decision.state:
+        if decision.ef == old and self.states.get(name) == decision.state and new_weight == old_weight:
             return
         self.states[name] = decision.state
         self.conn.execute(query("tuner", "insert_history"), {
             **figures, "old_ef": old, "new_ef": decision.ef, "recall_high": point.high if point else None,
-            "old_weight": row["hybrid_weight"], "new_weight": row["hybrid_weight"], "ndcg_before": None,
-            "ndcg_after": None})
+            "old_weight": old_weight, "new_weight": new_weight, "ndcg_before": weight.before if weight else None,
+            "ndcg_after": weight.after if weight else None,
+            "reason": decision.reason if new_weight == old_weight else f"{decision.reason}; {weight.reason}"})
+        if new_weight != old_weight:
+            self.log.info("index %s: %s", name, weight.reason)
         recall_text = f"recall {point.recall:.3f} (lower bound {point.low:.3f})" if point else "no recall yet"
         p95 = f"p95 {lat['p95']:.2f} ms" if "p95" in lat else "no latency yet"
         change = f"ef_search {old} -> {decision.ef}" if decision.ef != old else f"ef_search stays {old}"
         self.log.info("index %s: %s [%s]: %s; %s, %s", name, change, decision.state, decision.reason, recall_text, p95)
+
+    # -- caches ---------------------------------------------------------------------------------------
+
+    def _rotate_caches(self) -> None:
+        """The LLM and query-embedding cache within its TTL and size (neurondb/caches.py); recorded in
+        neurondb_cache_rotation (view neurondb.cache_status) when anything changed."""
+        limit = int(self.config.get("neurondb.llm_cache_max_entries"))
+        rotation = caches.rotate(self.conn, limit, lambda: bool(self.shutdown))
+        if rotation.expired or rotation.evicted or rotation.entries != self._cache_entries:
+            self.conn.execute(query("tuner", "record_rotation"), {
+                "cache": "llm", "expired": rotation.expired, "evicted": rotation.evicted,
+                "entries": rotation.entries, "max_entries": limit})
+        if rotation.expired or rotation.evicted:
+            self.log.info("LLM cache: %d expired and %d least recently used entries removed, %d left (bound %d)",
+                          rotation.expired, rotation.evicted, rotation.entries, limit)
+        self._cache_entries = rotation.entries
 
     # -- retention ------------------------------------------------------------------------------------
 
@@ -231,16 +279,17 @@ class TunerWorker(Worker):
         self._next_retention = time.monotonic() + min(RETENTION_EVERY, max(1.0, retention / 10))
         if retention <= 0:
             return
-        total = 0
-        while not self.shutdown:
-            n = self.conn.execute(query("tuner", "delete_old_metrics"),
-                                  {"retention_s": retention, "limit": RETENTION_BATCH}).rowcount
-            total += n
-            self._beat()
-            if n < RETENTION_BATCH:
-                break
-        if total:
-            self.log.info("retention: removed %d query samples older than %.0f s", total, retention)
+        for name, what in RETAINED:
+            total = 0
+            while not self.shutdown:
+                n = self.conn.execute(query("tuner", name), {"retention_s": retention,
+                                                             "limit": RETENTION_BATCH}).rowcount
+                total += n
+                self._beat()
+                if n < RETENTION_BATCH:
+                    break
+            if total:
+                self.log.info("retention: removed %d %s older than %.0f s", total, what, retention)
 
     def on_stop(self) -> None:
         for idx in self.indexes.values():

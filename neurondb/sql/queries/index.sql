@@ -108,12 +108,27 @@ ON CONFLICT (index_name) DO UPDATE SET
 SELECT id, doc_id, tenant_id, content, metadata FROM neurondb.neurondb_vectors
  WHERE id = ANY(%(ids)s) AND index_name = %(index)s AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s);
 
--- name: text_candidates
--- Full-text candidates for hybrid search, best first by ts_rank_cd.
-SELECT id, ts_rank_cd(content_tsv, q) AS rank
-  FROM neurondb.neurondb_vectors, plainto_tsquery('english', %(text)s) AS q
- WHERE index_name = %(index)s AND content_tsv @@ q AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
- ORDER BY rank DESC LIMIT %(limit)s;
+-- name: text_candidates_recorded
+-- Full-text candidates for hybrid search, best first by ts_rank_cd; in the same round trip, both raw
+-- candidate lists are recorded under the search's query id, so that neuranmon can re-score this search at
+-- any hybrid weight once the application judges its results.
+WITH ranked AS (
+    SELECT id, ts_rank_cd(content_tsv, q) AS rank
+      FROM neurondb.neurondb_vectors, plainto_tsquery('english', %(text)s) AS q
+     WHERE index_name = %(index)s AND content_tsv @@ q AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
+     ORDER BY rank DESC LIMIT %(limit)s
+), recorded AS (
+    INSERT INTO neurondb.neurondb_hybrid_queries
+           (query_id, index_name, k, hybrid_weight, vector_ids, vector_scores, text_ids, text_ranks)
+    SELECT %(query_id)s, %(index)s, %(k)s, %(weight)s, %(vector_ids)s::bigint[], %(vector_scores)s::float8[],
+           coalesce(array_agg(id ORDER BY rank DESC), '{}'), coalesce(array_agg(rank ORDER BY rank DESC), '{}')
+      FROM ranked
+    ON CONFLICT (query_id) DO NOTHING
+)
+SELECT id, rank FROM ranked ORDER BY rank DESC;
+
+-- name: feedback
+INSERT INTO neurondb.neurondb_feedback (query_id, doc_id, relevance) VALUES (%(query_id)s, %(doc_id)s, %(relevance)s);
 
 -- name: vectors_by_id
 SELECT id, embedding FROM neurondb.neurondb_vectors WHERE id = ANY(%(ids)s) AND index_name = %(index)s;
