@@ -407,7 +407,8 @@ def _read_report(path: Path) -> dict | None:
 @click.option("--watch", is_flag=True, help="Live view, refreshed every second until Ctrl-C.")
 @instance_options
 def status(inst: Instance, as_json: bool, watch: bool) -> None:
-    """Supervisor, workers and queues. Exit 0 healthy, 1 a worker is FATAL, 3 not running."""
+    """Supervisor, workers, queues, and indexes with their tuning. Exit 0 healthy, 1 a worker is FATAL, 3 not
+    running."""
     from neurondb.status import read_status
     from neurondb.tui import render
     from neurondb.tui import watch as live
@@ -635,6 +636,12 @@ def index_stats(inst: Instance, name: str, as_json: bool) -> None:
     console.print(table)
 
 
+# The options' values are checked as settings' are, with the same one-line messages; --ef's range is the
+# catalog's, --target-latency's the global target's.
+_TUNE_EF = Setting("--ef", "integer", None, "sighup", "ef_search of the index", min=1, max=4096)
+_TUNE_LATENCY = dataclasses.replace(lookup("neurondb.neuranmon_target_latency"), name="--target-latency", aliases=())
+
+
 def _tune_ef(raw: str) -> int:
     return int(parse_value(_TUNE_EF, raw))
 
@@ -659,12 +666,6 @@ def _tune_latency(raw: str) -> float | None:
     if raw.strip().lower() == "default":
         return None
     return float(parse_value(_TUNE_LATENCY, raw))
-
-
-# The options' values are checked as settings' are, with the same one-line messages; --ef's range is the
-# catalog's, --target-latency's the global target's.
-_TUNE_EF = Setting("--ef", "integer", None, "sighup", "ef_search of the index", min=1, max=4096)
-_TUNE_LATENCY = dataclasses.replace(lookup("neurondb.neuranmon_target_latency"), name="--target-latency", aliases=())
 
 
 def _number(value: float | None, spec: str = ".3f", unit: str = "") -> str:

@@ -75,19 +75,19 @@ def test_tune_shows_and_changes_the_tuning(tmp_path: Path, fresh_dsn: str) -> No
             assert ix["recall"] is not None and ix["p95_ms"] is not None and ix["target_recall"] == 0.95, ix
             assert "ef_search" in svc.cli("status").stdout
 
-            out = svc.cli("index", "tune", "docs", "--ef", "64", "--pin", "--target-recall", "0.98",
+            # 60 and 17 are on no rung of the tuner's ladder (tuning.ef_ladder): the tuner cannot have set them.
+            out = svc.cli("index", "tune", "docs", "--ef", "60", "--pin", "--target-recall", "0.98",
                           "--target-latency", "20ms").stdout
-            assert re.search(r"ef_search \d+ -> 64; tuning auto -> pinned; target_recall global -> 0.98; "
+            assert re.search(r"ef_search \d+ -> 60; tuning auto -> pinned; target_recall global -> 0.98; "
                              r"target_latency_ms global -> 20 ms", out), out
-            assert catalog(conn) == (64, "pinned", 0.98, 20.0)
-            wait_for(lambda: header_ef(svc) == 64, 2.0, "--ef to reach the graph's header")
+            assert catalog(conn) == (60, "pinned", 0.98, 20.0)
+            wait_for(lambda: header_ef(svc) == 60, 2.0, "--ef to reach the graph's header")
             assert "0.98 (this index's own)" in svc.cli("index", "tune", "docs").stdout
 
             svc.cli("index", "tune", "docs", "--unpin", "--target-recall", "default", "--target-latency", "0.5s")
             assert catalog(conn)[1:] == ("auto", None, 500.0)
             svc.cli("index", "tune", "docs", "--target-latency", "default")
             assert catalog(conn)[1:] == ("auto", None, None)
-            # 17 is on no rung of the tuner's ladder: the change printed is the operator's.
             out = svc.cli("index", "tune", "docs", "--ef", "17").stdout
             assert re.search(r"ef_search \d+ -> 17 \(the tuner's new starting point\)", out), out
         finally:
