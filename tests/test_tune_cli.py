@@ -73,13 +73,16 @@ def test_tune_shows_and_changes_the_tuning(tmp_path: Path, fresh_dsn: str) -> No
             assert ix["name"] == "docs" and ix["tuning"] == "auto" and ix["ef_search"] >= 10, ix
             assert ix["tuning_state"] in ("converged", "exploring", "unattainable"), ix
             assert ix["recall"] is not None and ix["p95_ms"] is not None and ix["target_recall"] == 0.95, ix
-            assert "ef_search" in svc.cli("status").stdout
+            # A latency target below any search's: the conflict is said in status.
+            svc.cli("index", "tune", "docs", "--target-latency", "0.1ms")
+            wait_for(lambda: "docs: SLO unattainable: recall 0.950 needs ef" in svc.cli("status").stdout, 10.0,
+                     "status to show the conflict")
 
             # 60 and 17 are on no rung of the tuner's ladder (tuning.ef_ladder): the tuner cannot have set them.
             out = svc.cli("index", "tune", "docs", "--ef", "60", "--pin", "--target-recall", "0.98",
                           "--target-latency", "20ms").stdout
             assert re.search(r"ef_search \d+ -> 60; tuning auto -> pinned; target_recall global -> 0.98; "
-                             r"target_latency_ms global -> 20 ms", out), out
+                             r"target_latency_ms 0.1 ms -> 20 ms", out), out
             assert catalog(conn) == (60, "pinned", 0.98, 20.0)
             wait_for(lambda: header_ef(svc) == 60, 2.0, "--ef to reach the graph's header")
             assert "0.98 (this index's own)" in svc.cli("index", "tune", "docs").stdout
