@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import fnmatch
 import functools
 import logging
+import math
 import os
 import select
 import signal
@@ -24,7 +26,8 @@ from neurondb import db, log
 from neurondb.instance import Instance
 from neurondb.migrate import MigrationError
 from neurondb.paths import DataDir, resolve_data_dir
-from neurondb.settings import Config, SettingError, lookup, reset_auto, set_auto
+from neurondb.queries import query
+from neurondb.settings import Config, Setting, SettingError, lookup, parse_value, reset_auto, set_auto, shorten
 
 if TYPE_CHECKING:
     from neurondb.status import Status
@@ -404,7 +407,8 @@ def _read_report(path: Path) -> dict | None:
 @click.option("--watch", is_flag=True, help="Live view, refreshed every second until Ctrl-C.")
 @instance_options
 def status(inst: Instance, as_json: bool, watch: bool) -> None:
-    """Supervisor, workers and queues. Exit 0 healthy, 1 a worker is FATAL, 3 not running."""
+    """Supervisor, workers, queues, and indexes with their tuning. Exit 0 healthy, 1 a worker is FATAL, 3 not
+    running."""
     from neurondb.status import read_status
     from neurondb.tui import render
     from neurondb.tui import watch as live
@@ -577,7 +581,7 @@ def dlq_replay(inst: Instance, job_type: str | None, tenant: str | None, dlq_ids
 
 @main.group()
 def index() -> None:
-    """Vector indexes: create, list, stats, drop, rebuild."""
+    """Vector indexes: create, list, stats, tune, drop, rebuild."""
 
 
 @index.command("create")
@@ -629,6 +633,130 @@ def index_stats(inst: Instance, name: str, as_json: bool) -> None:
     table = Table("statistic", "value")
     for key, value in row.items():
         table.add_row(key, "" if value is None else str(value))
+    console.print(table)
+
+
+# The options' values are checked as settings' are, with the same one-line messages; --ef's range is the
+# catalog's, --target-latency's the global target's.
+_TUNE_EF = Setting("--ef", "integer", None, "sighup", "ef_search of the index", min=1, max=4096)
+_TUNE_LATENCY = dataclasses.replace(lookup("neurondb.neuranmon_target_latency"), name="--target-latency", aliases=())
+
+
+def _tune_ef(raw: str) -> int:
+    return int(parse_value(_TUNE_EF, raw))
+
+
+def _tune_recall(raw: str) -> float | None:
+    """--target-recall: a number in (0, 1] (the column's constraint), or `default` for the global setting."""
+    if raw.strip().lower() == "default":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:        # NaN fails too
+        raise SettingError(f'invalid value for parameter "--target-recall": "{shorten(raw)}": expected a number '
+                           'in (0, 1], or "default" (neurondb.neuranmon_target_recall)')
+    return value
+
+
+def _tune_latency(raw: str) -> float | None:
+    """--target-latency: a time as the global setting takes it (bare numbers are ms; us, ms, s, ...), or
+    `default`."""
+    if raw.strip().lower() == "default":
+        return None
+    return float(parse_value(_TUNE_LATENCY, raw))
+
+
+def _number(value: float | None, spec: str = ".3f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def _tuning_rows(row: dict) -> list[tuple[str, str]]:
+    """neurondb.tuning_status of one index, as an operator reads it."""
+    ef = str(row["catalog_ef_search"])
+    if row["catalog_ef_search"] != row["ef_search"]:
+        ef += f" (the graph last reported {row['ef_search']}; the running service applies it within 2 s)"
+    replayed = "recall (replayed)" if row["evaluated_ef_search"] is None else \
+        f"recall (replayed at ef {row['evaluated_ef_search']})"
+    mode = {"auto": "auto (neuranmon tunes ef_search)", "pinned": "pinned (neuranmon leaves ef_search alone)"}
+
+    def target(value: float | None, own: bool, spec: str, unit: str, setting: str) -> str:
+        return _number(value, spec, unit) + (" (this index's own)" if own else f" (global {setting})")
+
+    return [
+        ("ef_search", ef),
+        ("tuning", mode[row["tuning"]]),
+        ("target recall", target(row["target_recall"], row["own_target_recall"], "g", "",
+                                 "neurondb.neuranmon_target_recall")),
+        ("target latency", target(row["target_latency_ms"], row["own_target_latency"], "g", " ms p95",
+                                  "neurondb.neuranmon_target_latency")),
+        ("state", row["state"]),
+        ("last decision", row["last_decision"] or "-"),
+        (replayed, f"{_number(row['recall'])} (95 % lower bound {_number(row['recall_low'])})"),
+        ("recall (real searches)", _number(row["measured_recall"])),
+        ("latency (real searches)", "  ".join(f"{p} {_number(row[f'{p}_ms'], '.2f', ' ms')}"
+                                              for p in ("p50", "p95", "p99"))),
+        ("predicted p95", _number(row["predicted_p95_ms"], ".2f", " ms")),
+        ("queries measured", "-" if row["queries"] is None else str(row["queries"])),
+        ("evaluated at", "-" if row["evaluated_at"] is None else str(row["evaluated_at"])),
+        ("last change", "-" if row["last_change_at"] is None else str(row["last_change_at"])),
+    ]
+
+
+def _tune_changes(row: dict) -> list[str]:
+    """What `neurondb index tune` changed, from the old and new values the update returned."""
+    def shown(value: object, unit: str = "") -> str:
+        return "global" if value is None else f"{value:g}{unit}" if isinstance(value, float) else str(value)
+
+    changes = []
+    for column, unit in (("ef_search", ""), ("tuning", ""), ("target_recall", ""), ("target_latency_ms", " ms")):
+        old, new = row[f"old_{column}"], row[column]
+        if old != new:
+            changes.append(f"{column} {shown(old, unit)} -> {shown(new, unit)}")
+    if row["old_ef_search"] != row["ef_search"] and row["tuning"] == "auto":
+        changes[0] += " (the tuner's new starting point)"
+    return changes
+
+
+@index.command("tune")
+@click.argument("name")
+@click.option("--ef", "ef", metavar="N", help="Set ef_search (1..4096); on an auto index the tuner starts from it.")
+@click.option("--pin/--unpin", "pin", default=None,
+              help="Pinned: the tuner leaves ef_search alone; unpinned: it tunes it (tuning = auto).")
+@click.option("--target-recall", metavar="X|default", help="This index's recall@k target, 0 < X <= 1; "
+              "`default`: neurondb.neuranmon_target_recall.")
+@click.option("--target-latency", metavar="TIME|default", help="This index's p95 latency target (20ms, 0.5s; "
+              "bare numbers are ms); `default`: neurondb.neuranmon_target_latency.")
+@click.option("--json", "as_json", is_flag=True)
+@instance_options
+def index_tune(inst: Instance, name: str, ef: str | None, pin: bool | None, target_recall: str | None,
+               target_latency: str | None, as_json: bool) -> None:
+    """Show how neuranmon tunes index NAME (neurondb.tuning_status); with options, change it first."""
+    change = {"index": name, "ef": None if ef is None else _tune_ef(ef),
+              "tuning": None if pin is None else "pinned" if pin else "auto",
+              "set_recall": target_recall is not None,
+              "recall": None if target_recall is None else _tune_recall(target_recall),
+              "set_latency": target_latency is not None,
+              "latency_ms": None if target_latency is None else _tune_latency(target_latency)}
+    changed: list[str] = []
+    with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        if ef is not None or pin is not None or target_recall is not None or target_latency is not None:
+            updated = cur.execute(query("tune_cli", "tune"), change).fetchone()
+            if updated is None:
+                raise click.ClickException(f"no index {name!r}")
+            changed = _tune_changes(updated)
+        row = cur.execute(query("tune_cli", "tuning_of"), {"index": name}).fetchone()
+    if row is None:
+        raise click.ClickException(f"no index {name!r}")
+    if as_json:
+        click.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    if changed:
+        click.echo(f"index {name}: " + "; ".join(changed))
+    table = Table("tuning", "value")
+    for key, value in _tuning_rows(row):
+        table.add_row(key, value)
     console.print(table)
 
 

@@ -1,5 +1,6 @@
 """What `neurondb status` reports: the supervisor and each worker as shared memory shows them, plus queue
-depths from PostgreSQL. Reading never blocks the service: no lock is taken, slots are read as they are."""
+depths and each index's size and tuning from PostgreSQL. Reading never blocks the service: no lock is
+taken, slots are read as they are."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import psycopg
 
 from neurondb import db
 from neurondb.paths import DataDir
+from neurondb.queries import query
 from neurondb.shm import names
 from neurondb.shm.control import SharedState
 from neurondb.supervisor import pid_alive, read_pid
@@ -47,13 +49,24 @@ class TenantStatus:
 
 @dataclass
 class IndexStatus:
+    """One index: its size and the writer's task, and the auto-tuner's view (neurondb.tuning_status)."""
+
     name: str
     vectors: int
     graph_nodes: int | None
     pending_changes: int | None
-    ef_search: int | None
+    ef_search: int | None          # in effect (the graph's header as last published)
     task: str | None
     task_progress: float | None
+    tuning: str                    # auto | pinned
+    tuning_state: str              # waiting, exploring, converged, unattainable, pinned
+    target_recall: float | None
+    target_latency_ms: float | None
+    recall: float | None           # replayed recall@k at the ef the tuner last decided on
+    recall_low: float | None       # its one-sided 95 % lower confidence bound
+    measured_recall: float | None  # recall@k of the real searches' own results
+    p95_ms: float | None           # real searches, client-observed
+    last_decision: str | None
 
 
 @dataclass
@@ -121,9 +134,8 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                     "SELECT status, count(*) FROM neurondb.neurondb_job_queue GROUP BY status").fetchall())
                 status.llm_jobs = dict(conn.execute(
                     "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs GROUP BY status").fetchall())
-                status.indexes = [IndexStatus(*row) for row in conn.execute(
-                    "SELECT index_name, vectors, graph_nodes, pending_changes, ef_search, task, task_progress"
-                    " FROM neurondb.vector_stats ORDER BY index_name")]
+                with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+                    status.indexes = [IndexStatus(**row) for row in cur.execute(query("tune_cli", "index_status"))]
         except (psycopg.Error, db.NotInitialized) as exc:
             status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return status

@@ -18,6 +18,8 @@ from neurondb.status import Status
 SPARK = "▁▂▃▄▅▆▇█"
 STATE_STYLE = {"running": "green", "idle": "green", "starting": "yellow", "stopping": "yellow",
                "crashed": "red", "fatal": "bold red", "stopped": "dim"}
+TUNING_STYLE = {"converged": "green", "exploring": "yellow", "unattainable": "bold red", "pinned": "cyan",
+                "waiting": "dim"}
 
 
 def sparkline(values: deque[float] | list[float]) -> str:
@@ -38,7 +40,8 @@ def seconds(value: float | None) -> str:
 
 
 def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Group:
-    """The status as rich renderables: a header line, the workers table, queue depths."""
+    """The status as rich renderables: a header line, the workers table, tenants, indexes with their
+    tuning, queue depths."""
     if not status.running:
         return Group(Text(f"neurondb is not running (data directory {status.data_dir})", style="bold red"))
     header = Text.assemble(
@@ -71,13 +74,20 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
             tenants.add_row(*row)
         parts.append(tenants)
     if status.indexes:
-        indexes = Table("index", "vectors", "in graph", "pending", "ef_search", "task")
+        indexes = Table("index", "vectors", "in graph", "pending", "ef_search", "tuning", "state", "recall",
+                        "p95", "task")
         for ix in status.indexes:
             task = f"{ix.task} {ix.task_progress:.0%}" if ix.task and ix.task_progress is not None else (ix.task or "")
             indexes.add_row(ix.name, str(ix.vectors), "-" if ix.graph_nodes is None else str(ix.graph_nodes),
                             "-" if ix.pending_changes is None else str(ix.pending_changes),
-                            "-" if ix.ef_search is None else str(ix.ef_search), Text(task, style="yellow"))
+                            "-" if ix.ef_search is None else str(ix.ef_search), ix.tuning,
+                            Text(ix.tuning_state, style=TUNING_STYLE.get(ix.tuning_state, "")),
+                            "-" if ix.recall is None else f"{ix.recall:.3f}",
+                            "-" if ix.p95_ms is None else f"{ix.p95_ms:.2f} ms", Text(task, style="yellow"))
         parts.append(indexes)
+        # The tuner's conflict ("SLO unattainable: ..."), said where the operator looks.
+        parts.extend(Text(f"{ix.name}: {ix.last_decision}", style="red") for ix in status.indexes
+                     if ix.tuning_state == "unattainable" and ix.last_decision)
     if status.database_error:
         parts.append(Text(f"database: {status.database_error}", style="red"))
     else:
