@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,7 +90,15 @@ class Run:
     path: list[int] = field(default_factory=list)
     queries: int | None = None         # sampled queries of the converged decision
     cycle_s: float | None = None       # median time between the tuner's cycles
+    cpu_s: float | None = None         # neuranmon's CPU seconds per cycle over the run
     note: str = ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:
@@ -213,6 +222,8 @@ class Bench:
         if not first:
             self.conn.execute("UPDATE neurondb.neurondb_indexes SET ef_search = %s WHERE index_name = %s",
                               (start, INDEX))
+        pid = next(w.pid for w in self.scratch.status().workers if w.kind == "neuranmon")
+        cpu0 = cpu_seconds(pid)
         t0 = time.monotonic()
         next_poll = 0.0
         searches = 0
@@ -239,6 +250,7 @@ class Bench:
         mine = cycles[counted:]
         gaps = [(b.at - c.at).total_seconds() for c, b in itertools.pairwise(cycles)]
         run.cycle_s = median(gaps)
+        run.cpu_s = (cpu_seconds(pid) - cpu0) / max(1, len(cycles))
         run.path = [start] + [c.ef for c in mine if c.ef != c.seen]
         run.ef = int(self.conn.execute("SELECT ef_search FROM neurondb.neurondb_indexes WHERE index_name = %s",
                                        (INDEX,)).fetchone()[0])
@@ -371,9 +383,10 @@ class Bench:
                       + (f"  [{r.note}]" if r.note else ""))
             tuner = [r for r in self.runs if r.strategy == "neuranmon"]
             if tuner and tuner[0].cycle_s:
-                print(f"(neuranmon cycles were {median([r.cycle_s for r in tuner if r.cycle_s]):.1f} s apart, "
-                      f"naptime {a.naptime} s; fixed-factor cycles are simulated, each one naptime in the service; "
-                      f"its sample: {self.runs[-1].queries} queries per cycle)")
+                print(f"(neuranmon cycles were {median([r.cycle_s for r in tuner if r.cycle_s]):.1f} s apart "
+                      f"(naptime {a.naptime} s) and took {median([r.cpu_s for r in tuner if r.cpu_s]):.2f} CPU s each "
+                      f"(its sample drain included); fixed-factor cycles are simulated, each one naptime in the "
+                      f"service, on {self.runs[-1].queries} queries per cycle)")
             print("\n## verdicts")
             for strategy in ("neuranmon", "fixed-factor"):
                 runs = [r for r in self.runs if r.strategy == strategy]
