@@ -91,6 +91,8 @@ class Run:
     queries: int | None = None         # sampled queries of the converged decision
     cycle_s: float | None = None       # median time between the tuner's cycles
     cpu_s: float | None = None         # neuranmon's CPU seconds per cycle over the run
+    searches: int = 0                  # client searches made during the run
+    cpu_ms_per_search: float | None = None   # neuranmon's CPU per client search (drain + tuning)
     note: str = ""
 
 
@@ -250,7 +252,8 @@ class Bench:
         mine = cycles[counted:]
         gaps = [(b.at - c.at).total_seconds() for c, b in itertools.pairwise(cycles)]
         run.cycle_s = median(gaps)
-        run.cpu_s = (cpu_seconds(pid) - cpu0) / max(1, len(cycles))
+        cpu = cpu_seconds(pid) - cpu0
+        run.cpu_s, run.searches, run.cpu_ms_per_search = cpu / max(1, len(cycles)), searches, cpu * 1000 / searches
         run.path = [start] + [c.ef for c in mine if c.ef != c.seen]
         run.ef = int(self.conn.execute("SELECT ef_search FROM neurondb.neurondb_indexes WHERE index_name = %s",
                                        (INDEX,)).fetchone()[0])
@@ -384,9 +387,10 @@ class Bench:
             tuner = [r for r in self.runs if r.strategy == "neuranmon"]
             if tuner and tuner[0].cycle_s:
                 print(f"(neuranmon cycles were {median([r.cycle_s for r in tuner if r.cycle_s]):.1f} s apart "
-                      f"(naptime {a.naptime} s) and took {median([r.cpu_s for r in tuner if r.cpu_s]):.2f} CPU s each "
-                      f"(its sample drain included); fixed-factor cycles are simulated, each one naptime in the "
-                      f"service, on {self.runs[-1].queries} queries per cycle)")
+                      f"(naptime {a.naptime} s) and took {median([r.cpu_s for r in tuner if r.cpu_s]):.2f} CPU s each, "
+                      f"{median([r.cpu_ms_per_search for r in tuner if r.cpu_ms_per_search]):.2f} CPU ms per client "
+                      f"search (draining the ring included); fixed-factor cycles are simulated, each one naptime "
+                      f"in the service, on {self.runs[-1].queries} queries per cycle)")
             print("\n## verdicts")
             for strategy in ("neuranmon", "fixed-factor"):
                 runs = [r for r in self.runs if r.strategy == strategy]
