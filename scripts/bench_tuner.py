@@ -61,6 +61,7 @@ from neurondb.shm.control import SharedState
 INDEX = "b"
 QPS_TARGET = 0.9
 CYCLES_TARGET = 3
+KERNEL_S = 1.0               # kernel QPS: whole batches for at least this long per measurement
 POLL_S = 0.3                 # state-row polling while searching (cycles are >= 1 s apart)
 
 
@@ -89,6 +90,8 @@ class Run:
     held: bool | None = None           # ef unchanged over the settle cycles
     path: list[int] = field(default_factory=list)
     queries: int | None = None         # sampled queries of the converged decision
+    tuner_recall: float | None = None  # the tuner's replayed recall at its ef, on those queries
+    tuner_low: float | None = None     # and its lower confidence bound
     cycle_s: float | None = None       # median time between the tuner's cycles
     cpu_s: float | None = None         # neuranmon's CPU seconds per cycle over the run
     searches: int = 0                  # client searches made during the run
@@ -264,14 +267,15 @@ class Bench:
         run.waiting = sum(1 for c in mine[:converged_at] if c.state == "waiting")
         run.cycles = converged_at + 1 - run.waiting
         run.seconds = (done.at - since).total_seconds()
-        run.queries = done.queries
+        run.queries, run.tuner_recall, run.tuner_low = done.queries, done.recall, done.recall_low
         run.held = all(c.ef == done.ef for c in mine[converged_at:])
         if not run.held:
             run.note = f"moved after converging: {[(c.state, c.ef, c.reason) for c in mine[converged_at:]]}"
         elif run.ef != done.ef:
             run.note = f"catalog ef {run.ef} != converged ef {done.ef}"
         log(f"neuranmon from {start}: {' -> '.join(map(str, run.path))} in {run.cycles} decision cycle(s) "
-            f"(+{run.waiting} waiting), {run.seconds:.1f} s, {searches} searches; last reason: {done.reason}")
+            f"(+{run.waiting} waiting), {run.seconds:.1f} s, {searches} searches; decided on {done.queries} sampled "
+            f"queries: recall {done.recall:.4f}, lower bound {done.recall_low:.4f}; last reason: {done.reason}")
         return run
 
     # -- the document's strategy ----------------------------------------------------------------------
@@ -319,9 +323,11 @@ class Bench:
                 for q in self.queries:
                     self.client.search(INDEX, q, k=self.k, ef=ef)
                 client[ef].append(len(self.queries) / (time.perf_counter() - t))
-                t = time.perf_counter()
-                hnsw.search_many(self.graph(), self.queries, self.k, max(ef, self.k))
-                kernel[ef].append(len(self.queries) / (time.perf_counter() - t))
+                t, done = time.perf_counter(), 0
+                while done == 0 or time.perf_counter() - t < KERNEL_S:    # one batch is too short to time
+                    hnsw.search_many(self.graph(), self.queries, self.k, max(ef, self.k))
+                    done += len(self.queries)
+                kernel[ef].append(done / (time.perf_counter() - t))
         self.qps = {ef: {"client": median(client[ef]), "kernel": median(kernel[ef])} for ef in efs}
 
     # -- the whole run --------------------------------------------------------------------------------
@@ -372,14 +378,14 @@ class Bench:
             print(f"oracle ef: {self.oracle}")
         if self.runs:
             print(f"\n## convergence and QPS (QPS median of {a.repeats}; ratio = QPS at the final ef / QPS at the "
-                  f"oracle ef {self.oracle})")
-            print(f"{'strategy':13} {'start':>5} {'cycles':>6} {'waiting':>7} {'wall s':>6} {'final ef':>8} "
+                  f"oracle ef {self.oracle}; n = sampled queries per decision; recall = the oracle curve's)")
+            print(f"{'strategy':13} {'start':>5} {'cycles':>6} {'waiting':>7} {'wall s':>6} {'n':>5} {'final ef':>8} "
                   f"{'oracle':>6} {'recall':>7} {'client QPS':>10} {'ratio':>6} {'kernel QPS':>10} {'ratio':>6}  path")
             for r in self.runs:
                 qps = self.qps.get(r.ef or -1, {})
                 print(f"{r.strategy:13} {r.start:5d} {fmt(r.cycles, 'd'):>6} "
                       f"{r.waiting if r.strategy == 'neuranmon' else '-':>7} {fmt(r.seconds, '.1f'):>6} "
-                      f"{fmt(r.ef, 'd'):>8} {fmt(self.oracle, 'd'):>6} "
+                      f"{fmt(r.queries, 'd'):>5} {fmt(r.ef, 'd'):>8} {fmt(self.oracle, 'd'):>6} "
                       f"{fmt(self.recall.get(r.ef or -1), '.4f'):>7} {fmt(qps.get('client'), '.0f'):>10} "
                       f"{fmt(self.ratio(r.ef, 'client'), '.3f'):>6} {fmt(qps.get('kernel'), '.0f'):>10} "
                       f"{fmt(self.ratio(r.ef, 'kernel'), '.3f'):>6}  {'->'.join(map(str, r.path))}"
