@@ -104,7 +104,8 @@ class Client:
         try:
             return self._catalog[name]
         except KeyError:
-            raise SearchError(f"no index {name!r} (known: {', '.join(sorted(self._catalog)) or 'none'})") from None
+            known = ", ".join(shorten(n, 64) for n in sorted(self._catalog)[:20]) or "none"
+            raise SearchError(f"no index {shorten(repr(name), 80)} (known: {known})") from None
 
     def _graph(self, name: str) -> hnsw.HnswArrays:
         shared = self._shared_state()

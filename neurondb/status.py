@@ -81,6 +81,7 @@ class Status:
     queue: dict[str, int] = field(default_factory=dict)
     llm_jobs: dict[str, int] = field(default_factory=dict)
     indexes: list[IndexStatus] = field(default_factory=list)
+    caches: dict[str, dict[str, int]] = field(default_factory=dict)   # neuranmon's rotation (cache_status)
     database_error: str | None = None
 
     @property
@@ -136,6 +137,8 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                     "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs GROUP BY status").fetchall())
                 with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
                     status.indexes = [IndexStatus(**row) for row in cur.execute(query("tune_cli", "index_status"))]
+                    status.caches = {row.pop("cache_name"): {k: int(v or 0) for k, v in row.items()}
+                                     for row in cur.execute(query("tune_cli", "cache_status"))}
         except (psycopg.Error, db.NotInitialized) as exc:
             status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return status

@@ -94,6 +94,9 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
         for title, counts in (("queue", status.queue), ("llm jobs", status.llm_jobs)):
             line = "  ".join(f"{k} {counts.get(k, 0)}" for k in ("pending", "processing", "completed", "failed"))
             parts.append(Text(f"{title:9} {line}"))
+        for name, c in status.caches.items():
+            parts.append(Text(f"{name + ' cache':9} {c['entries']} entries (bound {c['max_entries']}), "
+                              f"{c['expired']} expired and {c['evicted']} evicted by neuranmon"))
     return Group(*parts)
 
 

@@ -111,14 +111,18 @@ class Window:
     added: int = 0
 
     def add(self, vector: np.ndarray | None, k: int, tenant: str | None, latency_ms: float, ef: int,
-            query_type: str, recall: float | None = None) -> None:
+            query_type: str, recall: float | None = None) -> SampledQuery | None:
+        """Add one search; the SampledQuery kept for replay when it has a vector."""
+        added = None
         if vector is not None:
             self.added += 1
-            self.queries.append(SampledQuery(vector.astype(np.float32), k, tenant, self.added))
+            added = SampledQuery(vector.astype(np.float32), k, tenant, self.added)
+            self.queries.append(added)
         if recall is not None:
             self.recalls.append(recall)
         self.latencies.append((latency_ms, ef, query_type))
         self.resize(self.size)
+        return added
 
     def resize(self, size: int) -> None:
         self.size = size

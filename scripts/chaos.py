@@ -500,9 +500,13 @@ def copy_rows(ch: Chaos, index: str, docs: list[str], vectors: np.ndarray) -> No
 
 
 def pending_changes(ch: Chaos, index: str) -> int | None:
-    """Changes of `index` the writer has not applied yet (None while the server is away)."""
-    rows = ch.try_sql("SELECT count(*) FROM neurondb.neurondb_vector_changes WHERE index_name = %s "
-                      "AND applied_snapshot IS NULL", (index,))
+    """Changes of `index` the writer has not applied yet, by the installation's recorded position in the
+    change log (neurondb_index_consumers; all of them while it has none). None while the server is away."""
+    rows = ch.try_sql(
+        "SELECT count(*) FROM neurondb.neurondb_vector_changes c "
+        "LEFT JOIN neurondb.neurondb_index_consumers k USING (index_name) "
+        "WHERE c.index_name = %s AND (k.applied IS NULL OR (c.xid >= pg_snapshot_xmin(k.applied) "
+        "AND NOT pg_visible_in_snapshot(c.xid, k.applied)))", (index,))
     return rows[0][0] if rows is not None else None
 
 

@@ -141,3 +141,7 @@ ALTER TABLE neurondb.neurondb_vectors
     DROP CONSTRAINT neurondb_vectors_doc_id_check,
     ADD CONSTRAINT neurondb_vectors_doc_id_check CHECK (CASE WHEN doc_id <> ''
         THEN true ELSE neurondb.check_failed('doc_id', doc_id, 'must not be empty') END);
+
+-- A vector row for an index that does not exist: the foreign key's name says what is required.
+ALTER TABLE neurondb.neurondb_vectors
+    RENAME CONSTRAINT neurondb_vectors_index_name_fkey TO neurondb_vectors_index_name_must_be_a_registered_index;

@@ -48,17 +48,6 @@ RETAINED = (("delete_old_metrics", "query samples"), ("delete_old_hybrid_queries
             ("delete_old_feedback", "feedback rows"), ("delete_old_rotations", "cache rotation rows"))
 
 
-def exact_recall(arrays: hnsw.HnswArrays, s: Sample) -> float | None:
-    """recall@k of the labels a search returned, against brute force over the live nodes it could return."""
-    assert s.vector is not None and s.labels is not None
-    if s.vector.size != arrays.dim:
-        return None
-    truth = tuning.exact_truth(arrays, [tuning.SampledQuery(s.vector, s.k, s.tenant)])[0]
-    if truth.size == 0:
-        return None
-    return np.intersect1d(truth, s.labels[: s.k]).size / truth.size
-
-
 class TunerWorker(Worker):
     kind = "neuranmon"
 
@@ -97,11 +86,18 @@ class TunerWorker(Worker):
         samples = self.ring.drain()
         if not samples:
             return 0
-        recalls = [self._recall(s) if s.vector is not None else None for s in samples]
         size = int(self.config.get("neurondb.neuranmon_sample_size"))
-        for s, r in zip(samples, recalls, strict=True):
+        truths = self._sample_truths(samples)
+        recalls: list[float | None] = []
+        for s, truth in zip(samples, truths, strict=True):
+            recall = None
+            if truth is not None and truth.size:
+                recall = np.intersect1d(truth, s.labels[: s.k]).size / truth.size
+            recalls.append(recall)
             window = self.windows.setdefault(s.index, tuning.Window(size=size))
-            window.add(s.vector, s.k, s.tenant, s.latency_ms, s.ef, s.query_type, r)
+            added = window.add(s.vector, s.k, s.tenant, s.latency_ms, s.ef, s.query_type, recall)
+            if added is not None and truth is not None:
+                self._remember(s.index, added.seq, truth)
         self.conn.execute(query("tuner", "insert_metrics"), {
             "index": [s.index for s in samples], "type": [s.query_type for s in samples],
             "k": [s.k for s in samples], "ef": [s.ef for s in samples],
@@ -118,9 +114,39 @@ class TunerWorker(Worker):
             idx = self.indexes[name] = SharedIndex(self.ctx.shared, name)
         return idx.arrays()
 
-    def _recall(self, s: Sample) -> float | None:
-        arrays = self._graph(s.index)
-        return exact_recall(arrays, s) if arrays is not None else None
+    def _sample_truths(self, samples: list[Sample]) -> list[np.ndarray | None]:
+        """The exact result of every sample that kept its vector, one batched brute force per index (per
+        query it would copy the live vectors each time: 14 ms a query at 50k x 128 instead of 0.6 ms)."""
+        out: list[np.ndarray | None] = [None] * len(samples)
+        by_index: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            if s.vector is not None and s.labels is not None:
+                by_index.setdefault(s.index, []).append(i)
+        for name, idxs in by_index.items():
+            arrays = self._graph(name)
+            if arrays is None:
+                continue
+            ok = [i for i in idxs if samples[i].vector.size == arrays.dim]
+            queries = [tuning.SampledQuery(samples[i].vector, samples[i].k, samples[i].tenant) for i in ok]
+            for i, truth in zip(ok, tuning.exact_truth(arrays, queries), strict=True):
+                out[i] = truth
+        return out
+
+    def _remember(self, name: str, seq: int, truth: np.ndarray) -> None:
+        """Keep a sample's exact result for the tuning cycle, valid while the graph stays this version."""
+        arrays = self._graph(name)
+        if arrays is None:
+            return
+        version = self._version(arrays)
+        cached_version, cache = self.truth.get(name, ((-1, -1), {}))
+        if cached_version != version:
+            cache = {}
+        cache[seq] = truth
+        self.truth[name] = (version, cache)
+
+    @staticmethod
+    def _version(arrays: hnsw.HnswArrays) -> tuple[int, int]:
+        return int(arrays.header[hnsw.H_GENERATION]), int(arrays.header[hnsw.H_MUTATIONS])
 
     # -- ef_search ------------------------------------------------------------------------------------
 
@@ -151,7 +177,7 @@ class TunerWorker(Worker):
 
     def _exact(self, name: str, arrays: hnsw.HnswArrays, window: tuning.Window) -> list[np.ndarray]:
         """Exact results of the window's queries, computed again only for queries new to this graph version."""
-        version = (int(arrays.header[hnsw.H_GENERATION]), int(arrays.header[hnsw.H_MUTATIONS]))
+        version = self._version(arrays)
         cached_version, cache = self.truth.get(name, ((-1, -1), {}))
         if cached_version != version:
             cache = {}

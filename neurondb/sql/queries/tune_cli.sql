@@ -38,3 +38,7 @@ SELECT v.index_name AS name, v.vectors, v.graph_nodes, v.pending_changes, t.ef_s
   FROM neurondb.vector_stats v
   JOIN neurondb.tuning_status t USING (index_name)
  ORDER BY v.index_name;
+
+-- name: cache_status
+-- The LLM / query-embedding cache as neuranmon last rotated it (`neurondb status`).
+SELECT cache_name, entries, max_entries, expired, evicted FROM neurondb.cache_status ORDER BY cache_name;
