@@ -35,10 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from benchlib import OUTCOMES, BenchError, Scratch, code_version, guarded, install_sigterm_handler, log, p95
 
@@ -46,8 +45,6 @@ from neurondb import db
 from neurondb.shm import names
 from neurondb.status import Status, WorkerStatus, pid_alive
 from neurondb.supervisor import read_pid
-
-T = TypeVar("T")
 
 DEFAULT_RESTART_INTERVAL_MS = 500   # the setting's built-in default: what an installation gets
 CRASH_WINDOW_MS = 1000              # the minimum `neurondb.worker_crash_window` allows
@@ -125,16 +122,6 @@ class Bench(Scratch):
             if m and m.group(3) == process and m.group(5).startswith(message):
                 return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
         return None
-
-    def wait_for(self, predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BenchError(f"timed out after {timeout:g}s waiting for {what}\n{self.log_tail()}")
-            time.sleep(interval)
 
     def wait_healthy(self, timeout: float = 15.0) -> Status:
         def check() -> Status | None:

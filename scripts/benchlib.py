@@ -20,12 +20,14 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from neurondb.paths import DataDir, write_private_file
 from neurondb.shm import names
 from neurondb.status import Status, pid_alive, read_status
 from neurondb.supervisor import read_pid
+
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -162,6 +164,17 @@ class Scratch:
     def status(self) -> Status:
         """Worker state the way `neurondb status` reads it (shared memory only: no database round trip)."""
         return read_status(self.datadir, with_database=False)
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
+        """Poll until `predicate()` is truthy; BenchError with the log tail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise BenchError(f"timed out after {timeout:g}s waiting for {what}\n{self.log_tail()}")
+            time.sleep(interval)
 
     def log_tail(self, lines: int = 25) -> str:
         """The end of the service's log, for error messages: it usually says why."""

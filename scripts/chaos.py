@@ -186,16 +186,6 @@ class Chaos(Scratch):
         self.seen_pids.update(p for p in [s.supervisor_pid, *(w.pid for w in s.workers)] if p)
         return s
 
-    def wait(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BenchError(f"timed out after {timeout:g}s waiting for {what}\n{self.log_tail()}")
-            time.sleep(interval)
-
     def healthy(self) -> bool:
         s = self.status()
         return s.running and bool(s.workers) and all(
@@ -205,7 +195,7 @@ class Chaos(Scratch):
         self.settings = {}
         self.write_conf(**{**BASE_SETTINGS, **settings})
         self.cli("start")
-        self.wait(self.healthy, 60, "every worker to be healthy")
+        self.wait_for(self.healthy, 60, "every worker to be healthy")
 
     def workers(self, kind: str) -> list[int]:
         return [w.pid for w in self.status().workers if w.kind == kind and w.pid and w.state in ("idle", "running")]
@@ -274,7 +264,7 @@ def enqueue_records(ch: Chaos, first: int, n: int, file: Path, batch: int = 500)
 def kill_worker(ch: Chaos, run: QueueRun, rng: random.Random) -> None:
     pids = ch.workers("neuranq")
     if not pids:
-        pids = ch.wait(lambda: ch.workers("neuranq"), 15, "a queue worker to kill")
+        pids = ch.wait_for(lambda: ch.workers("neuranq"), 15, "a queue worker to kill")
     pid = rng.choice(pids)
     owner = lease_owner(pid)
     in_flight = (ch.try_sql(f"SELECT count(*) FROM {QUEUE} WHERE status = 'processing' AND lease_owner = %s",
@@ -309,7 +299,7 @@ def kill_supervisor(ch: Chaos, run: QueueRun) -> None:
             raise BenchError(f"`neurondb start` still refused 60 s after a supervisor SIGKILL: {text.strip()}")
         time.sleep(0.2)
     run.start_accept_s.append(launched - killed)
-    ch.wait(ch.healthy, 60, "the restarted service to be healthy")
+    ch.wait_for(ch.healthy, 60, "the restarted service to be healthy")
     run.start_healthy_s.append(time.monotonic() - killed)
 
 
@@ -522,7 +512,7 @@ def wait_applied(ch: Chaos, index: str, timeout: float) -> float | None:
 
 def defrag_pid(ch: Chaos) -> int | None:
     try:
-        return ch.wait(lambda: (ch.workers("neurandefrag") or [None])[0], 15, "neurandefrag to run")
+        return ch.wait_for(lambda: (ch.workers("neurandefrag") or [None])[0], 15, "neurandefrag to run")
     except BenchError:
         return None
 
@@ -1001,7 +991,7 @@ def fuzz_phase(ch: Chaos, report: Report, rng: random.Random, n_cases: int, time
     good_l: list[int] = []
     rounds: list[tuple[str, list[Case], float, tuple[list[int], list[int]]]] = []
     with neurondb.connect(data_dir=str(ch.root)) as client:
-        ch.wait(lambda: _loaded(client), 30, "the fuzz index to be loaded")
+        ch.wait_for(lambda: _loaded(client), 30, "the fuzz index to be loaded")
         for label, batch in (("round 1", cases), ("round 2 (undecodable JSON)", undecodable)):
             t0 = time.monotonic()
             round_q: list[int] = []

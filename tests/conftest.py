@@ -69,6 +69,13 @@ def fresh_dsn(pg_admin_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test's fresh database (a test module may override it)."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
 def document_text() -> str:
     if not DOCUMENT.exists():
         pytest.skip(f"source document not found at {DOCUMENT}")

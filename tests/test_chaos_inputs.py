@@ -31,12 +31,6 @@ FINISHED = "SELECT count(*) FROM neurondb.{table} WHERE job_id = ANY(%s) AND sta
 
 
 @pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
     svc = Service(tmp_path / "data", fresh_dsn, getattr(request, "param", {}))
     svc.start()

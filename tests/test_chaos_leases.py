@@ -24,12 +24,6 @@ DEEP = "'{\"query\":\"q\",\"documents\":' || repeat('[', 1100) || repeat(']', 11
 
 
 @pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
     svc = Service(tmp_path / "data", fresh_dsn, {**JOBS, **getattr(request, "param", {})})
     svc.start()

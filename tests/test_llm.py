@@ -30,12 +30,6 @@ FINISHED = ("SELECT count(*) FROM neurondb.neurondb_llm_jobs WHERE job_id = ANY(
 
 
 @pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture
 def fake() -> Iterator[FakeProvider]:
     with FakeProvider(dim=8) as server:
         yield server

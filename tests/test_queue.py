@@ -23,12 +23,6 @@ JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
 
 
 @pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        yield c
-
-
-@pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
     settings = {**JOBS, **getattr(request, "param", {})}
     svc = Service(tmp_path / "data", fresh_dsn, settings)

@@ -4,7 +4,6 @@ indexes left alone, operator updates and restarts honoured, and the query-metric
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,6 @@ from tests.test_hnsw import exact
 N, DIM, K = 4000, 32, 10
 TARGET = 0.95
 TUNER = {"neurondb.neuranmon_naptime": "1s", "neurondb.neuranmon_target_recall": str(TARGET)}
-
-
-@pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        yield c
 
 
 def load(conn: psycopg.Connection, ef: int, tenants: int = 1) -> np.ndarray:
