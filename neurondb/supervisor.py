@@ -45,6 +45,7 @@ from neurondb.index import hnsw
 from neurondb.instance import Instance, publish_settings
 from neurondb.migrate import migrate
 from neurondb.paths import DataDir, write_private_file
+from neurondb.queries import query
 from neurondb.settings import (
     REGISTRY,
     Config,
@@ -84,6 +85,16 @@ RELOAD_REPORT = "neurondb.reload.json"   # in the data directory: the last reloa
 
 class SupervisorError(RuntimeError):
     """The supervisor cannot start; the message says why and what to do."""
+
+
+@dataclass
+class HandBack:
+    """Jobs of a dead worker still to be returned (the database was unreachable when it was reaped)."""
+
+    owner: str
+    ran: list[int] | None
+    reason: str
+    delayed: bool = False     # a first attempt failed (logged once)
 
 
 @dataclass
@@ -134,6 +145,8 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._conn: psycopg.Connection | None = None
         self._last_status = 0.0
+        self._owed: list[HandBack] = []
+        self._next_settle = 0.0
 
     # -- start ----------------------------------------------------------------------------------------
 
@@ -177,6 +190,7 @@ class Supervisor:
         self.dsn = self.instance.ensure_database()
         with db.connect(self.dsn, "supervisor") as conn:
             migrate(conn)
+            self._recover_orphans(conn)
         layout = worker_layout(self.config)
         self.shared = SharedState.create(self.prefix, n_slots=len(layout))
         self.ring = QueryRing.create(self.shared)
@@ -231,6 +245,7 @@ class Supervisor:
             while self.signals:
                 self._handle_signal(self.signals.pop(0))
             self._reap()
+            self._settle_hand_backs()
             if self.shutdown_mode:
                 if not any(c.pid for c in self.children):
                     return
@@ -370,18 +385,48 @@ class Supervisor:
         """Jobs the dead worker had claimed go back at once (not after their lease expires). Only the jobs it
         listed as running in its slot count an attempt, so a job that kills its worker every time ends
         failed after its retries, while the jobs claimed with it that never started are not charged."""
-        if self._conn is None:
+        self._owed.append(HandBack(lease_owner(pid), ran, reason))
+        self._settle_hand_backs()
+
+    def _settle_hand_backs(self) -> None:
+        """Make the owed hand-backs, oldest first. One the database refuses now (it restarted, the connection
+        is stale) stays owed and is retried from the loop a second later, with a fresh connection: the jobs
+        then come back within about a second of the server, not after their lease."""
+        if not self._owed or time.monotonic() < self._next_settle or not self._ensure_connection():
             return
-        owner = lease_owner(pid)
-        try:
-            for table in JOB_TABLES:
-                n, failed = release(self._conn, table, RetryPolicy.of(self.config, table), owner, ran, reason)
-                if n:
-                    log.warning("handed %d jobs of %s back to %s%s", n, owner, table,
-                                f"; {len(failed)} out of retries failed: {failed}" if failed else "")
-        except psycopg.Error as exc:
-            log.warning("could not hand back the jobs of %s now (their leases will expire): %s", owner, exc)
-            self._drop_connection()
+        while self._owed:
+            owed = self._owed[0]
+            try:
+                for table in JOB_TABLES:
+                    n, failed = release(self._conn, table, RetryPolicy.of(self.config, table), owed.owner, owed.ran,
+                                        owed.reason)
+                    if n:
+                        log.warning("handed %d jobs of %s back to %s%s", n, owed.owner, table,
+                                    f"; {len(failed)} out of retries failed: {failed}" if failed else "")
+            except psycopg.Error as exc:
+                if not owed.delayed:
+                    log.warning("could not hand back the jobs of %s yet (retrying every second): %s", owed.owner,
+                                db.first_line(exc))
+                    owed.delayed = True
+                self._next_settle = time.monotonic() + 1.0
+                self._drop_connection()
+                return
+            self._owed.pop(0)
+
+    def _recover_orphans(self, conn: psycopg.Connection) -> None:
+        """At start: jobs still leased to processes of this host that no longer exist (the workers of a
+        supervisor that was killed: they exit when they see it gone) come back now, no attempt counted (they
+        stopped because their supervisor did, not because of the job), instead of after their lease."""
+        host = socket.gethostname()
+        for table in JOB_TABLES:
+            owners = [r[0] for r in conn.execute(query("leases", "local_owners").format(table=table),
+                                                 {"prefix": f"{host}:%"})]
+            for owner in owners:
+                pid = owner.rpartition(":")[2]
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    n, _ = release(conn, table, RetryPolicy.of(self.config, table), owner, [], None)
+                    if n:
+                        log.warning("handed %d jobs of %s (gone since a previous run) back to %s", n, owner, table)
 
     def _check_heartbeats(self) -> None:
         timeout = float(self.config.get("neurondb.worker_heartbeat_timeout")) / 1000.0

@@ -22,8 +22,9 @@ all by default, or those named by --queue / --index / --fuzz:
    (the moment the next generation's segment appears in /dev/shm, i.e. while the grown graph is being
    written, until one such kill has left that segment unpublished; 0-250 ms after the commit from then
    on) and 0-250 ms after a tenth of the other commits. Checks: the change log
-   drains to 0, the graph's live labels are exactly the table's ids with the table's vectors, a sample of
-   rows finds itself as top-1 through `neurondb.connect().search`, no deleted document comes back, and
+   drains to 0, the graph's live labels are exactly the table's ids with the table's vectors, at least
+   99.5 % of a sample of rows find themselves as top-1 through `neurondb.connect().search` (at ef 128),
+   no deleted document comes back, and
    neurandefrag restarted exactly once per kill (no crash of its own).
 3. fuzz: >= 1,000 seeded bad inputs: queue rows (unknown types, non-object payloads, missing or mistyped
    fields of embed / rerank / cache_refresh / http_call, JSON nested 1,000-3,000 deep, huge strings,
@@ -641,7 +642,10 @@ def check_graph(ch: Chaos, report: Report, reader: SharedIndex, index: str, live
         for doc in gone:
             returned_deleted += any(h.doc_id == doc for h in client.search(index, vector=deleted[doc], k=10, ef=128))
     report.figure(phase, "self-search top-1 misses / searched", f"{misses} / {len(picked)}")
-    report.check(phase, "every sampled row is its own top-1", misses == 0, f"{misses} misses")
+    # An approximate index: a few rows may miss themselves even at ef 128 (tombstones of the deletes and
+    # updates stay in the graph until issue 11's maintenance); a damaged graph misses many.
+    report.check(phase, "at least 99.5 % of the sampled rows are their own top-1", misses <= len(picked) // 200,
+                 f"{misses} misses")
     report.check(phase, "no deleted document returned", returned_deleted == 0,
                  f"{returned_deleted} of {len(gone)} deleted returned")
 

@@ -236,3 +236,43 @@ def test_llm_lost_connection_hands_back_jobs_it_never_received(llm_service: Serv
     done = wait_finished(conn, "neurondb.neurondb_llm_jobs", lost, 10.0)
     assert [(r["status"], r["retry_count"]) for r in done] == [("completed", 0)] * 2
     assert llm_service.worker("neuranllm").pid == pid       # the worker lived through it
+
+
+# -- the supervisor's hand-back when the database is away, and after its own death -----------------------------
+
+def held_by(conn: psycopg.Connection, pid: int) -> int:
+    return conn.execute(f"SELECT count(*) FROM {QUEUE} WHERE status = 'processing' AND lease_owner = %s",
+                        (f"{socket.gethostname()}:{pid}",)).fetchone()[0]
+
+
+def test_hand_back_survives_a_stale_supervisor_connection(service: Service, conn: psycopg.Connection) -> None:
+    """The supervisor's connection died (as in a PostgreSQL restart) just before it reaps a SIGKILLed worker:
+    the hand-back is retried with a new connection, so the jobs come back in seconds, not after their 120 s
+    lease (the chaos run found 300 jobs held so)."""
+    ids = queue.enqueue_many(conn, "test.sleep", [{"seconds": 0.2}] * 40)
+    wait_for(lambda: conn.execute(f"SELECT count(*) FROM {QUEUE} WHERE status = 'processing'").fetchone()[0] >= 10,
+             10.0, "neuranq to claim a batch")
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE application_name = 'neurondb supervisor' AND datname = current_database()")
+    pid = service.worker("neuranq").pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: held_by(conn, pid) == 0, 5.0, "the killed worker's jobs to be handed back")
+    assert {r["status"] for r in wait_finished(conn, QUEUE, ids, 30.0)} == {"completed"}
+
+
+def test_jobs_of_a_killed_supervisors_workers_come_back_at_start(service: Service,
+                                                                conn: psycopg.Connection) -> None:
+    """Supervisor and queue worker SIGKILLed together (nobody left to hand the jobs back): the next start finds
+    the jobs leased to a dead process of this host and returns them at once, no attempt counted."""
+    ids = queue.enqueue_many(conn, "test.sleep", [{"seconds": 0.2}] * 40)
+    wait_for(lambda: conn.execute(f"SELECT count(*) FROM {QUEUE} WHERE status = 'processing'").fetchone()[0] >= 10,
+             10.0, "neuranq to claim a batch")
+    worker, supervisor = service.worker("neuranq").pid, service.supervisor_pid
+    os.kill(worker, signal.SIGKILL)
+    os.kill(supervisor, signal.SIGKILL)
+    assert held_by(conn, worker) > 0
+    service.start()
+    wait_for(lambda: held_by(conn, worker) == 0, 5.0, "the orphaned jobs to be handed back at start")
+    done = wait_finished(conn, QUEUE, ids, 30.0)
+    assert {r["status"] for r in done} == {"completed"}
+    assert max(r["retry_count"] for r in done) <= 1       # the one running when killed may count its attempt

@@ -57,3 +57,9 @@ UPDATE {table}
 UPDATE {table}
    SET lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
  WHERE job_id = ANY(%(ids)s) AND status = 'processing' AND lease_owner = %(owner)s;
+
+-- name: local_owners
+-- Owners on this host (%(prefix)s: the host name, ":" and a LIKE wildcard) that still hold claimed jobs:
+-- at start, the supervisor hands back those of processes that no longer exist (the workers of a
+-- predecessor that was killed).
+SELECT DISTINCT lease_owner FROM {table} WHERE status = 'processing' AND lease_owner LIKE %(prefix)s;
