@@ -13,9 +13,11 @@ import psycopg
 import pytest
 
 import neurondb
-from neurondb.index.store import index_key
+from neurondb.index import hnsw
+from neurondb.index.store import IndexSpec, IndexWriter, index_key
 from neurondb.shm import names
 from neurondb.shm.control import SharedState
+from neurondb.shm.names import instance_prefix, unlink_all
 from neurondb.shm.segment import Segment, generation_name
 from tests.service import Service, wait_for
 from tests.test_index import DIM, LOAD, graph_labels, insert, table_ids
@@ -148,3 +150,30 @@ def test_two_installations_on_one_database_each_see_every_change(tmp_path: Path,
     b.start()
     wait_logged(b, lambda: graph_labels(b) == table_ids(conn), LOAD, "B to rebuild")
     assert "rebuilding from PostgreSQL" in b.log_tail(100)
+
+
+def test_writer_repairs_what_its_own_failed_write_left(tmp_path: Path) -> None:
+    """A write that raises half-way (a bug, an OverflowError) leaves the lock dirty and maybe the writer flag
+    set, as a death there would; the same writer process repairs it before its next write instead of going on
+    with a half-written graph and a label map out of step."""
+    prefix = instance_prefix(tmp_path)
+    state = SharedState.create(prefix, 1)
+    try:
+        writer = IndexWriter(state, IndexSpec("t", 8, "l2"))
+        vectors = np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)
+        with writer.lock, writer.lock.writing():
+            writer.upsert(np.arange(100), vectors, np.full(100, -1, np.int32))
+        with writer.lock:
+            with pytest.raises(RuntimeError), writer.lock.writing():
+                writer.arrays.header[hnsw.H_WRITER] = writer.arrays.count + 1     # an insert in progress
+                writer.ids.pop(5)                                               # the map half-updated
+                raise RuntimeError("failed half-way")
+            assert writer.lock.dirty
+            writer.refresh()
+            assert not writer.lock.dirty and not hnsw.needs_repair(writer.arrays) and writer.ids[5] >= 0
+            labels, _ = hnsw.search(writer.arrays, vectors[5], 1)
+            assert labels.tolist() == [5]
+        writer.close()
+    finally:
+        state.close()
+        unlink_all(prefix)

@@ -125,9 +125,15 @@ class IndexWriter:
 
     def refresh(self) -> None:
         """Follow a generation another process published (a rebuild from the CLI) before writing again,
-        and remove the generations a killed writer left behind."""
+        remove the generations a killed writer left behind, and repair what a write of this process that
+        raised half-way left (the lock stays dirty then, as if the writer had died there)."""
         if int(self.counter) != self._generation:
             self.attach_current()
+        elif self.arrays is not None and (self.lock.dirty or hnsw.needs_repair(self.arrays)):
+            if hnsw.needs_repair(self.arrays):
+                hnsw.repair(self.arrays)
+            self._index_labels()        # the label map may be ahead of or behind the graph
+            self.lock.mark_clean()
         self.sweep()
 
     def sweep(self) -> None:
