@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from neurondb import llm, queue
+from neurondb.supervisor import pid_alive
 from neurondb.workers.leases import RetryPolicy, recover_expired
 from tests.fakeprovider import FakeProvider
 from tests.service import Service, wait_for
@@ -276,3 +277,18 @@ def test_jobs_of_a_killed_supervisors_workers_come_back_at_start(service: Servic
     done = wait_finished(conn, QUEUE, ids, 30.0)
     assert {r["status"] for r in done} == {"completed"}
     assert max(r["retry_count"] for r in done) <= 1       # the one running when killed may count its attempt
+
+
+def test_workers_hand_back_their_jobs_when_the_supervisor_dies(llm_service: Service, conn: psycopg.Connection,
+                                                              fake: FakeProvider) -> None:
+    """SIGKILL of the supervisor: its LLM worker sees it gone, stops as a fast shutdown does (calls in flight
+    abandoned, jobs in hand back to pending at once) and exits; nothing waits for the next start or a lease."""
+    fake.set_delay(3000)
+    ids = llm.submit_many(conn, "completion", [f"job {i}" for i in range(10)])
+    processing = "SELECT count(*) FROM neurondb.neurondb_llm_jobs WHERE status = 'processing'"
+    wait_for(lambda: fake.count() >= 2 and conn.execute(processing).fetchone()[0] == 10, 5, "calls in flight")
+    worker = llm_service.worker("neuranllm").pid
+    os.kill(llm_service.supervisor_pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(worker), 5.0, "the LLM worker to exit")
+    assert conn.execute(processing).fetchone()[0] == 0
+    assert all(r["status"] == "pending" for r in rows(conn, "neurondb.neurondb_llm_jobs", ids))

@@ -9,8 +9,9 @@ Signals, as in PostgreSQL: SIGTERM = finish the current batch then exit 0 (smart
 batch, handing its jobs back, then exit 0 (fast); SIGQUIT = exit at once (immediate); SIGHUP = re-read the
 settings at the next safe point. Handlers only set flags and the latch: all work happens in the loop.
 
-A worker exits when the supervisor dies: it holds the read end of a pipe whose write end only the
-supervisor has, so the pipe turns readable (EOF) the moment the supervisor is gone.
+A worker exits (status 1, after handing back what it holds, as a fast shutdown does) when the supervisor
+dies: it holds the read end of a pipe whose write end only the supervisor has, so the pipe turns readable
+(EOF) the moment the supervisor is gone.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Worker:
         self.slot = ctx.shared.slot(ctx.slot)
         self.shutdown: str | None = None      # None, "smart" or "fast"
         self.reload_requested = False
+        self.orphaned = False                 # the supervisor died: stopping on our own
         self._conn: psycopg.Connection | None = None
         self._db_down = False
         self._reconnect_delay = RECONNECT_MIN
@@ -251,8 +253,11 @@ class Worker:
         while True:
             self._beat()
             if self._supervisor_gone():
-                self.log.warning("supervisor is gone; exiting")
-                return 1
+                # Nobody will reap us or hand our jobs back: stop as a fast shutdown does (claimed jobs go back
+                # to pending at once), then exit non-zero.
+                self.log.warning("supervisor is gone; handing back the jobs in hand and exiting")
+                self.shutdown, self.orphaned = "fast", True
+                break
             if self.reload_requested:
                 self._reload()
             if self.shutdown:
@@ -271,9 +276,9 @@ class Worker:
         except Exception:
             self.log.exception("error while stopping")
         self._drop_connection()
-        self.log.info("stopped (%s shutdown)", self.shutdown)
+        self.log.info("stopped (%s shutdown)", "supervisor gone" if self.orphaned else self.shutdown)
         self._set_state("stopped")
-        return 0
+        return 1 if self.orphaned else 0
 
     def _one_batch(self) -> bool:
         """Run a batch, keeping the worker alive through database outages and bugs; True if more work waits."""
