@@ -87,6 +87,30 @@ def init(inst: Instance) -> None:
 
 
 @main.command()
+@click.option("--print", "print_sql", is_flag=True, required=True,
+              help="Print the SQL to standard output (the only action: nothing is applied).")
+@click.option("--pending", is_flag=True,
+              help="Only the migrations this installation's database has not applied yet (reads "
+                   "neurondb.schema_migrations; the server must be running). Default: all of them, in order, "
+                   "for an empty database, without connecting anywhere.")
+@instance_options
+def schema(inst: Instance, print_sql: bool, pending: bool) -> None:
+    """Print the SQL `neurondb init` would apply, for DBAs who apply migrations themselves: one psql script
+    that records each migration in neurondb.schema_migrations, so a later `init` finds it applied."""
+    from neurondb import migrate
+
+    migrations = migrate.available()
+    if pending:
+        try:
+            with inst.connect("schema") as conn:
+                migrations = migrate.pending(migrate.applied_checksums(conn))
+        except psycopg.OperationalError as exc:
+            raise click.ClickException(f"cannot read the applied migrations: {str(exc).strip().splitlines()[-1]}"
+                                       ) from None
+    click.echo(migrate.script(migrations), nl=False)
+
+
+@main.command()
 @instance_options
 def dsn(inst: Instance) -> None:
     """Print the DSN of this installation's database (it contains the password: keep it private)."""
@@ -129,7 +153,7 @@ def run(inst: Instance, demo: bool) -> None:
         live(lambda: read_status(inst.datadir, inst.explicit_dsn))
     finally:
         stop.set()
-        _stop_service(inst, "fast", timeout=90.0)
+        _stop_service(inst, "fast", timeout=90.0, with_db=True)
 
 
 @main.group("db")
@@ -237,6 +261,7 @@ def _daemonize_supervisor(inst: Instance, timeout: float = 60.0) -> int:
         wait_for_previous(inst.datadir, say=click.echo)
     except SupervisorError as exc:
         raise click.ClickException(str(exc)) from None
+    _say_if_compiling()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -301,20 +326,41 @@ def _log_level(inst: Instance) -> int:
 @click.option("--foreground", is_flag=True, help="Stay in the foreground, logging to stderr too.")
 @instance_options
 def start(inst: Instance, foreground: bool) -> None:
-    """Start the supervisor and its workers (and the embedded PostgreSQL if needed)."""
+    """Start the supervisor and its workers (and the embedded PostgreSQL if it is not running)."""
     from neurondb.supervisor import Supervisor, SupervisorError, wait_for_previous
 
     inst.datadir.init()
     Config.load(inst.datadir)   # refuse bad settings here, with file:line, before forking anything
+    if not foreground:
+        _start_daemon(inst)
+        return
     try:
-        if foreground:
-            wait_for_previous(inst.datadir, say=click.echo)
-            log.setup("supervisor", inst.datadir.log_file, level=_log_level(inst))
-            raise SystemExit(Supervisor(inst).run())
+        wait_for_previous(inst.datadir, say=click.echo)
+        log.setup("supervisor", inst.datadir.log_file, level=_log_level(inst))
+        _say_if_compiling()
+        raise SystemExit(Supervisor(inst).run())
+    except SupervisorError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _start_daemon(inst: Instance) -> None:
+    """`neurondb start` without --foreground, also the second half of `neurondb restart`."""
+    from neurondb.supervisor import SupervisorError
+
+    try:
         pid = _daemonize_supervisor(inst)
     except SupervisorError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"neurondb started (supervisor pid {pid}, data directory {inst.datadir.root})")
+
+
+def _say_if_compiling() -> None:
+    """The first start after an install compiles the index kernels (about 12 s, silent otherwise); the
+    supervisor is forked from this process, so the kernels loaded here are the ones it uses."""
+    from neurondb.index import hnsw
+
+    if not hnsw.kernels_cached():
+        click.echo("compiling the index kernels (first start only)...")
 
 
 def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
@@ -341,9 +387,9 @@ def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
     return False
 
 
-def _stop_service(inst: Instance, mode: str, timeout: float) -> None:
-    """Signal the supervisor, wait until every process of the installation is gone, then stop the embedded
-    PostgreSQL (the service started it; nothing of this data directory keeps running)."""
+def _stop_service(inst: Instance, mode: str, timeout: float, with_db: bool) -> None:
+    """Signal the supervisor and wait until every process of the installation is gone; `with_db` then stops
+    the embedded PostgreSQL too (otherwise it keeps running, so the next start is a warm one)."""
     from neurondb.status import pid_alive
     from neurondb.supervisor import SHUTDOWN_SIGNALS, read_pid
 
@@ -356,18 +402,39 @@ def _stop_service(inst: Instance, mode: str, timeout: float) -> None:
         click.echo(f"neurondb stopped ({mode})")
     else:
         click.echo("neurondb is not running")
-    if inst.embedded and inst.datadir.pgdata.exists():
+    if with_db and inst.embedded and inst.datadir.pgdata.exists():
         inst.server().stop("fast")
+        click.echo("embedded PostgreSQL stopped")
+
+
+_MODE_OPTION = click.option(
+    "-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast", show_default=True,
+    help="smart: finish current batches; fast: hand batches back; immediate: kill at once.")
+_TIMEOUT_OPTION = click.option("-t", "--timeout", default=90.0, show_default=True,
+                               help="Seconds to wait for the stop.")
 
 
 @main.command()
-@click.option("-m", "--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast", show_default=True,
-              help="smart: finish current batches; fast: hand batches back; immediate: kill at once.")
-@click.option("-t", "--timeout", default=90.0, show_default=True, help="Seconds to wait for the stop.")
+@_MODE_OPTION
+@_TIMEOUT_OPTION
+@click.option("--with-db", is_flag=True, help="Also stop the embedded PostgreSQL (fast), after the workers.")
 @instance_options
-def stop(inst: Instance, mode: str, timeout: float) -> None:
-    """Stop the supervisor and its workers, then the embedded PostgreSQL."""
-    _stop_service(inst, mode, timeout)
+def stop(inst: Instance, mode: str, timeout: float, with_db: bool) -> None:
+    """Stop the supervisor and its workers; the embedded PostgreSQL keeps running unless --with-db."""
+    _stop_service(inst, mode, timeout, with_db)
+
+
+@main.command()
+@_MODE_OPTION
+@_TIMEOUT_OPTION
+@instance_options
+def restart(inst: Instance, mode: str, timeout: float) -> None:
+    """Stop the supervisor and its workers, then start them again (like pg_ctl restart; also when not
+    running). The embedded PostgreSQL keeps running; settings of context postmaster take effect."""
+    inst.datadir.init()
+    Config.load(inst.datadir)   # a bad setting refuses the restart before anything is stopped
+    _stop_service(inst, mode, timeout, with_db=False)
+    _start_daemon(inst)
 
 
 @main.command()

@@ -239,7 +239,7 @@ def test_workers_reconnect_when_postgres_restarts() -> None:
         assert all(w.restarts == 0 for w in status.workers), [(w.name, w.restarts) for w in status.workers]
         assert "database unavailable" in service.log_tail(200)
         assert service.cli("status").returncode == 0
-        service.cli("stop")
+        service.cli("stop", "--with-db")
         assert not server.is_running()
     finally:
         service.close()

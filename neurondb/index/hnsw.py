@@ -1180,6 +1180,17 @@ def compact(arrays: HnswArrays, capacity: int | None = None, buffer=None) -> Hns
     return rebuild(arrays, capacity, buffer=buffer)
 
 
+def kernels_cached() -> bool:
+    """Whether numba's disk cache holds machine code for this version of the kernels, i.e. `warmup` will
+    load (under a second) rather than compile (about 12 s): false after an install or an upgrade. Reads
+    numba's cache index (private attributes); if those ever change, says true rather than guess."""
+    try:
+        return any(obj._cache._cache_file._load_index() for obj in globals().values()
+                   if isinstance(obj, numba.core.registry.CPUDispatcher))
+    except AttributeError:
+        return True
+
+
 def warmup(dim: int = 8, readonly: bool = False) -> None:
     """Load (or compile, the first time) every kernel, e.g. in the supervisor before it forks workers:
     the children then inherit the machine code and never compile. `readonly` also prepares searches
