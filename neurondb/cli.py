@@ -11,6 +11,7 @@ import math
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from neurondb.instance import Instance
 from neurondb.migrate import MigrationError
 from neurondb.paths import DataDir, resolve_data_dir
 from neurondb.queries import query
-from neurondb.settings import Config, Setting, SettingError, lookup, parse_value, reset_auto, set_auto, shorten
+from neurondb.settings import PREFIX, Config, Setting, SettingError, lookup, parse_value, reset_auto, set_auto, shorten
 
 if TYPE_CHECKING:
     from neurondb.status import Status
@@ -62,12 +63,59 @@ def instance_options(func: Callable[..., Any]) -> Callable[..., Any]:
                   help="Use this PostgreSQL server instead of the embedded one (also $NEURONDB_DSN).")
     @functools.wraps(func)
     def wrapper(data_dir: str | None, dsn: str | None, **kwargs: Any) -> Any:
-        return func(Instance(DataDir(resolve_data_dir(data_dir)), dsn), **kwargs)
+        inst = Instance(DataDir(resolve_data_dir(data_dir)), dsn)
+        try:
+            return func(inst, **kwargs)
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is not None:   # the server answered (a timeout, a lock): not an unreachable server
+                raise
+            raise click.ClickException(_unreachable(inst, exc)) from exc
 
     return expected_errors(wrapper)
 
 
-@click.group()
+def _unreachable(inst: Instance, exc: psycopg.OperationalError) -> str:
+    """What to tell an operator whose command could not reach (or lost) the database, and how to fix it."""
+    reason = db.first_line(exc).rsplit("failed: ", 1)[-1]
+    root = inst.datadir.root
+    if not inst.embedded:
+        dsn = db.redact(db.resolve_dsn(inst.datadir, inst.explicit_dsn))
+        return (f"cannot reach the PostgreSQL server at {dsn}: {reason} (check that it runs and accepts "
+                f"connections, or give another --dsn)")
+    server = inst.server()
+    if not server.is_running():
+        return (f"the embedded PostgreSQL of {root} is stopped: start it with `neurondb db start -D {root}` "
+                f"(the database alone) or `neurondb start -D {root}` (the service)")
+    return (f"cannot reach the embedded PostgreSQL of {root}: {reason} (`neurondb db status -D {root}` tells "
+            f"whether it runs; its log is {server.log_file})")
+
+
+class _Main(click.Group):
+    """The `neurondb` group: every click error, the commands' own and click's usage errors alike, is shown
+    as one line `error: ...` on stderr (exit 1, 2 for usage), rather than click's multi-line usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:   # a bare `neurondb jobs`: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="neurondb")
 def main() -> None:
     """neurondb: background workers for PostgreSQL (queue, auto-tuner, index maintenance, LLM jobs)."""
@@ -193,6 +241,17 @@ def config() -> None:
     """Settings, like PostgreSQL's GUCs: show, set (ALTER SYSTEM), reset."""
 
 
+def _setting(name: str) -> Setting:
+    """The setting NAME names on the command line, where the `neurondb.` prefix may be left out (the files
+    and `neurondb.alter_system()` keep requiring it, as PostgreSQL does for an extension's settings)."""
+    if not name.strip().lower().startswith(PREFIX):
+        try:
+            return lookup(PREFIX + name.strip())
+        except SettingError:
+            pass
+    return lookup(name)
+
+
 @config.command("show")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -223,7 +282,7 @@ def config_show(inst: Instance, pattern: str | None, as_json: bool) -> None:
 def config_set(inst: Instance, name: str, value: str) -> None:
     """Write NAME = VALUE to neurondb.auto.conf after validating it (like ALTER SYSTEM SET)."""
     inst.datadir.init()
-    setting = set_auto(inst.datadir, name, value)
+    setting = set_auto(inst.datadir, _setting(name).name, value)
     how = ("`neurondb reload` applies it" if setting.context == "sighup"
            else "takes effect at the next `neurondb start` (context postmaster)")
     click.echo(f"{setting.name} = '{value}' written to {inst.datadir.auto_conf}; {how}")
@@ -234,15 +293,16 @@ def config_set(inst: Instance, name: str, value: str) -> None:
 @instance_options
 def config_reset(inst: Instance, name: str) -> None:
     """Remove NAME from neurondb.auto.conf (like ALTER SYSTEM RESET)."""
-    setting = reset_auto(inst.datadir, name)
+    setting = reset_auto(inst.datadir, _setting(name).name)
     click.echo(f"{setting.name} removed from {inst.datadir.auto_conf}")
 
 
 @config.command("describe")
 @click.argument("name")
+@expected_errors
 def config_describe(name: str) -> None:
     """Describe one setting: type, unit, default, range, context, whether SQL may set it."""
-    s = lookup(name)
+    s = _setting(name)
     who = "" if s.sql_settable else ", not settable from SQL"
     click.echo(f"{s.name} ({s.vartype}{', unit ' + s.unit if s.unit else ''}, context {s.context}{who})")
     click.echo(f"  {s.short_desc}")
@@ -545,8 +605,12 @@ def jobs_enqueue(inst: Instance, job_type: str, payload: str | None, tenant: str
 
     run_at = datetime.now(timezone.utc) + timedelta(seconds=delay) if delay else None
     with inst.connect("cli") as conn:
-        click.echo(queue.enqueue(conn, job_type, _json_arg(payload, "PAYLOAD"), tenant_id=tenant, priority=priority,
-                                 run_at=run_at, max_retries=max_retries, dedupe_key=dedupe_key))
+        try:
+            job_id = queue.enqueue(conn, job_type, _json_arg(payload, "PAYLOAD"), tenant_id=tenant,
+                                   priority=priority, run_at=run_at, max_retries=max_retries, dedupe_key=dedupe_key)
+        except psycopg.errors.ProgramLimitExceeded as exc:   # the queue is full (neurondb.neuranq_queue_depth)
+            raise click.ClickException(f"{db.first_line(exc)} ({exc.diag.message_hint})") from None
+    click.echo(job_id)
 
 
 @jobs.command("show")

@@ -73,9 +73,10 @@ class Instance:
         config = Config.load(self.datadir)
         embedded = self.embedded
         dsn = self.ensure_database()
-        if not embedded and self.explicit_dsn:
-            write_private_file(self.datadir.dsn_file, dsn + "\n")
         with db.connect(dsn, "init") as conn:
+            # Recorded only once it answers: a wrong --dsn must not replace the DSN of a working installation.
+            if not embedded and self.explicit_dsn:
+                write_private_file(self.datadir.dsn_file, dsn + "\n")
             applied = migrate(conn)
             publish_settings(conn, config)
         return InitReport(dsn, embedded, applied, time.monotonic() - started)

@@ -170,7 +170,7 @@ def test_api_and_cli_show_the_clear_message(conn: psycopg.Connection, tmp_path: 
         llm.submit(conn, "completion", input_text="x", max_retries=101)
     out = Service(tmp_path / "data", fresh_dsn).cli("index", "create", "Bad-Name", "--dim", "8", check=False)
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1].startswith("Error: index_name: 'Bad-Name' must"), out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: index_name: 'Bad-Name' must"), out.stderr
 
 
 # -- defect 13: search arguments ------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_tune_refuses_bad_values_in_one_line(tmp_path: Path, fresh_dsn: str) -> 
         assert catalog(conn) == before
         for args in (("nope",), ("nope", "--pin")):
             result = run_cli("index", "tune", *args, data_dir=d)
-            assert result.returncode == 1 and result.stderr.strip() == "Error: no index 'nope'", result.stderr
+            assert result.returncode == 1 and result.stderr.strip() == "error: no index 'nope'", result.stderr
         assert run_cli("index", "tune", "docs", "--ef", data_dir=d).returncode == 2     # usage: no value
         shown = run_cli("index", "tune", "docs", data_dir=d)     # no service has measured it yet
         assert shown.returncode == 0 and "waiting" in shown.stdout, shown.stdout
