@@ -529,7 +529,7 @@ def jobs_cancel(inst: Instance, job_id: int) -> None:
 @click.argument("job_id", type=int)
 @instance_options
 def jobs_retry(inst: Instance, job_id: int) -> None:
-    """Run a failed job again, with fresh retries."""
+    """Run a failed job again, with fresh retries (its dead letter is marked replayed)."""
     from neurondb import queue
 
     with inst.connect("cli") as conn:

@@ -55,7 +55,7 @@ def cancel(conn: psycopg.Connection, job_id: int) -> bool:
 
 
 def retry(conn: psycopg.Connection, job_id: int) -> bool:
-    """Run a failed job again with fresh retries; False if it is not failed."""
+    """Run a failed job again with fresh retries, its dead letter marked replayed; False if it is not failed."""
     return conn.execute(query("queue", "retry_job"), {"job_id": job_id}).fetchone() is not None
 
 

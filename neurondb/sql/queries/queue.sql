@@ -147,12 +147,23 @@ UPDATE neurondb.neurondb_job_queue
 RETURNING job_id;
 
 -- name: retry_job
--- Run a failed job again from scratch: its retries start over, its attempt history stays.
-UPDATE neurondb.neurondb_job_queue
-   SET status = 'pending', retry_count = 0, run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-       completed_at = NULL, started_at = NULL
- WHERE job_id = %(job_id)s AND status = 'failed'
-RETURNING job_id;
+-- Run a failed job again from scratch: its retries start over, its attempt history stays. Its dead letter
+-- is marked replayed (by this same job): a later `dlq replay` must not run it a second time, and if it
+-- fails again its new dead letter is then the only one.
+WITH retried AS (
+    UPDATE neurondb.neurondb_job_queue
+       SET status = 'pending', retry_count = 0, run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+           completed_at = NULL, started_at = NULL
+     WHERE job_id = %(job_id)s AND status = 'failed'
+    RETURNING job_id
+),
+replayed AS (
+    UPDATE neurondb.neurondb_dead_letter d
+       SET replayed_at = now(), replayed_job_id = r.job_id
+      FROM retried r
+     WHERE d.job_id = r.job_id AND d.replayed_at IS NULL
+)
+SELECT job_id FROM retried;
 
 -- name: dlq_list
 SELECT dlq_id, job_id, job_type, tenant_id, retry_count, error_message, failed_at, replayed_at, replayed_job_id

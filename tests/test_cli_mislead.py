@@ -1,0 +1,48 @@
+"""Commands that misled their user (issue 14), against the real service: each test failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from neurondb import queue
+from tests.service import Service, wait_for
+
+JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes", "neurondb.neuranq_retry_delay": "10ms"}
+
+
+@pytest.fixture
+def service(tmp_path: Path, fresh_dsn: str) -> Iterator[Service]:
+    svc = Service(tmp_path / "data", fresh_dsn, JOBS)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def wait_status(conn: psycopg.Connection, job_id: int, status: str) -> None:
+    def reached() -> bool:
+        found = queue.get(conn, job_id)
+        return found is not None and found["status"] == status
+    wait_for(reached, 10.0, f"job {job_id} to be {status}", interval=0.05)
+
+
+def test_retry_of_a_dead_letter_that_fails_again_leaves_one_dead_letter(service: Service,
+                                                                         conn: psycopg.Connection) -> None:
+    job_id = queue.enqueue(conn, "test.fail", max_retries=0)
+    wait_status(conn, job_id, "failed")
+    assert [d["job_id"] for d in queue.dlq_list(conn)] == [job_id]
+
+    assert "queued again" in service.cli("jobs", "retry", str(job_id)).stdout
+    # The retried job's dead letter is settled by the retry: replaying now would run the job twice.
+    assert queue.dlq_list(conn) == []
+    wait_status(conn, job_id, "failed")
+    [dead] = queue.dlq_list(conn)
+    assert dead["job_id"] == job_id
+    assert "replayed 1 dead letters" in service.cli("jobs", "dlq", "replay").stdout
+    n = conn.execute("SELECT count(*) FROM neurondb.neurondb_job_queue WHERE job_id <> %s", (job_id,)).fetchone()[0]
+    assert n == 1
