@@ -46,3 +46,21 @@ def test_retry_of_a_dead_letter_that_fails_again_leaves_one_dead_letter(service:
     assert "replayed 1 dead letters" in service.cli("jobs", "dlq", "replay").stdout
     n = conn.execute("SELECT count(*) FROM neurondb.neurondb_job_queue WHERE job_id <> %s", (job_id,)).fetchone()[0]
     assert n == 1
+
+
+def test_fatal_worker_shows_its_own_error_and_the_restart_hint(tmp_path: Path, fresh_dsn: str) -> None:
+    svc = Service(tmp_path / "data", fresh_dsn, {"neurondb.neuranq_job_modules": "nosuchmodule",
+                                                "neurondb.worker_max_crashes": "2"})
+    try:
+        svc.cli("start")
+        wait_for(lambda: any(w.state == "fatal" for w in svc.status().workers if w.name.startswith("neuranq")),
+                 10.0, "the queue worker to turn FATAL")
+        [fatal] = [w for w in svc.status().workers if w.state == "fatal"]
+        assert "No module named 'nosuchmodule'" in fatal.last_error
+        assert "2 crashes" in fatal.last_error
+        assert "No module named 'nosuchmodule'" in svc.cli("status", "--json", check=False).stdout
+        # The module list is a postmaster setting: a reload keeps the old value, only a restart applies it.
+        [line] = [ln for ln in svc.log_tail(200).splitlines() if "marked FATAL" in ln]
+        assert "No module named 'nosuchmodule'" in line and "neurondb stop" in line
+    finally:
+        svc.close()
