@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from neurondb import queue
+from neurondb.settings import REGISTRY, SettingError, parse_value
 from tests.service import Service, wait_for
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes", "neurondb.neuranq_retry_delay": "10ms"}
@@ -64,3 +65,40 @@ def test_fatal_worker_shows_its_own_error_and_the_restart_hint(tmp_path: Path, f
         assert "No module named 'nosuchmodule'" in line and "neurondb stop" in line
     finally:
         svc.close()
+
+
+BAD_VALUES = [
+    ("neurondb.neuranq_naptime", "50"),
+    ("neurondb.neuranq_naptime", "fast"),
+    ("neurondb.neuranq_naptime", "2.5"),
+    ("neurondb.neuranq_naptime", "3 parsecs"),
+    ("neurondb.neuranq_naptime", "1e999"),
+    ("neurondb.neuranq_queue_depth", "5ms"),
+    ("neurondb.neuranq_enabled", "maybe"),
+    ("neurondb.neuranmon_priority", "speed"),
+    ("neurondb.neuranmon_target_recall", "1.5"),
+    ("neurondb.llm_model", "two\nlines"),
+]
+
+
+def test_alter_system_refuses_a_bad_value_at_once_as_config_set_does(service: Service,
+                                                                     conn: psycopg.Connection) -> None:
+    for name, raw in BAD_VALUES:
+        with pytest.raises(SettingError) as expected:
+            parse_value(REGISTRY[name], raw)
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+            conn.execute("SELECT neurondb.alter_system(%s, %s)", (name, raw))
+        assert refused.value.diag.message_primary == str(expected.value)
+    assert conn.execute("SELECT count(*) FROM neurondb.neurondb_settings_requests").fetchone()[0] == 0
+
+
+def test_alter_system_takes_what_config_set_takes(service: Service, conn: psycopg.Connection) -> None:
+    for name, raw in [("neurondb.neuranq_naptime", " 1.5s "), ("neurondb.neuranq_enabled", "OF"),
+                      ("neurondb.job_retention", "1500ms"), ("neurondb.neuranmon_priority", "Latency"),
+                      ("neurondb.neuronmon_target_latency", "2.5"), ("neurondb.http_max_response_size", "2MB")]:
+        parse_value(REGISTRY[name.replace("neuronmon", "neuranmon")], raw)
+        assert "queued" in conn.execute("SELECT neurondb.alter_system(%s, %s)", (name, raw)).fetchone()[0]
+    service.cli("reload")
+    settings = dict(conn.execute("SELECT name, setting FROM neurondb.settings").fetchall())
+    assert settings["neurondb.neuranq_naptime"] == "1500" and settings["neurondb.job_retention"] == "2"
+    assert settings["neurondb.http_max_response_size"] == "2048"
