@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
@@ -102,3 +105,25 @@ def test_alter_system_takes_what_config_set_takes(service: Service, conn: psycop
     settings = dict(conn.execute("SELECT name, setting FROM neurondb.settings").fetchall())
     assert settings["neurondb.neuranq_naptime"] == "1500" and settings["neurondb.job_retention"] == "2"
     assert settings["neurondb.http_max_response_size"] == "2048"
+
+
+def test_cancelled_jobs_end_cancelled_and_are_counted_apart(service: Service, conn: psycopg.Connection) -> None:
+    later = queue.enqueue(conn, "test.noop", run_at=datetime.now(UTC) + timedelta(hours=1))
+    running = queue.enqueue(conn, "test.sleep", {"seconds": 1.0})
+    wait_status(conn, running, "processing")
+    for job_id in (later, running):
+        assert service.cli("jobs", "cancel", str(job_id)).stdout.strip() == f"job {job_id} cancelled"
+    failing = queue.enqueue(conn, "test.fail", max_retries=0)
+    wait_status(conn, failing, "failed")
+    time.sleep(1.2)   # the cancelled run ends; its worker's outcome must not overwrite the cancellation
+    for job_id in (later, running):
+        found = queue.get(conn, job_id)
+        assert found is not None and found["status"] == "cancelled"
+        assert found["error_message"].startswith("cancelled by ")
+    assert [d["job_id"] for d in queue.dlq_list(conn)] == [failing]   # a cancellation is no dead letter
+    listed = service.cli("jobs", "list", "--status", "cancelled", "--json").stdout
+    assert sorted(j["job_id"] for j in orjson.loads(listed)) == [later, running]
+    counts = orjson.loads(service.cli("status", "--json", check=False).stdout)["queue"]
+    assert counts["cancelled"] == 2 and counts["failed"] == 1
+    assert "queued again" in service.cli("jobs", "retry", str(later)).stdout   # a cancelled job can run again
+    assert queue.get(conn, later)["status"] == "pending"

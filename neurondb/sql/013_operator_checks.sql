@@ -119,3 +119,38 @@ END $$;
 
 -- `jobs retry N` marks job N's dead letter replayed (sql/queries/queue.sql retry_job): found by job id.
 CREATE INDEX neurondb_dead_letter_job ON neurondb.neurondb_dead_letter (job_id) WHERE replayed_at IS NULL;
+
+-- A cancelled job ends `cancelled`, no longer `failed`: it did not fail, and counts of failures (status,
+-- llm_job_status, the document's failed-jobs query) must not include what an operator stopped on purpose.
+-- Jobs cancelled before this migration (failed with 'cancelled by <role>') take the new status; a cancelled
+-- job never had a dead letter.
+ALTER TABLE neurondb.neurondb_job_queue
+    DROP CONSTRAINT neurondb_job_queue_status_check,
+    DROP CONSTRAINT neurondb_job_queue_finished_has_completed_at,
+    ADD CONSTRAINT neurondb_job_queue_status_check CHECK (CASE
+        WHEN status IN ('pending', 'processing', 'completed', 'failed', 'cancelled') THEN true
+        ELSE neurondb.check_failed('status', status,
+                                   'must be one of pending, processing, completed, failed, cancelled') END),
+    ADD CONSTRAINT neurondb_job_queue_finished_has_completed_at CHECK (CASE
+        WHEN status NOT IN ('completed', 'failed', 'cancelled') OR completed_at IS NOT NULL THEN true
+        ELSE neurondb.check_failed('status', status, 'needs completed_at') END);
+
+ALTER TABLE neurondb.neurondb_llm_jobs
+    DROP CONSTRAINT neurondb_llm_jobs_status_check,
+    DROP CONSTRAINT neurondb_llm_jobs_finished_has_completed_at,
+    ADD CONSTRAINT neurondb_llm_jobs_status_check CHECK (CASE
+        WHEN status IN ('pending', 'processing', 'completed', 'failed', 'cancelled') THEN true
+        ELSE neurondb.check_failed('status', status,
+                                   'must be one of pending, processing, completed, failed, cancelled') END),
+    ADD CONSTRAINT neurondb_llm_jobs_finished_has_completed_at CHECK (CASE
+        WHEN status NOT IN ('completed', 'failed', 'cancelled') OR completed_at IS NOT NULL THEN true
+        ELSE neurondb.check_failed('status', status, 'needs completed_at') END);
+
+UPDATE neurondb.neurondb_job_queue SET status = 'cancelled'
+ WHERE status = 'failed' AND error_message LIKE 'cancelled by %'
+   AND NOT EXISTS (SELECT 1 FROM neurondb.neurondb_dead_letter d WHERE d.job_id = neurondb_job_queue.job_id);
+
+-- Retention (sql/queries/queue.sql delete_finished) removes cancelled jobs with the other finished ones.
+DROP INDEX neurondb.neurondb_job_queue_finished;
+CREATE INDEX neurondb_job_queue_finished ON neurondb.neurondb_job_queue (completed_at)
+    WHERE status IN ('completed', 'failed', 'cancelled');
