@@ -28,6 +28,7 @@ from neurondb.instance import Instance
 from neurondb.migrate import MigrationError
 from neurondb.paths import DataDir, resolve_data_dir
 from neurondb.queries import query
+from neurondb.queue import JOB_STATUSES
 from neurondb.settings import PREFIX, Config, Setting, SettingError, lookup, parse_value, reset_auto, set_auto, shorten
 
 if TYPE_CHECKING:
@@ -628,7 +629,7 @@ def jobs_show(inst: Instance, job_id: int) -> None:
 
 
 @jobs.command("list")
-@click.option("--status", type=click.Choice(["pending", "processing", "completed", "failed"]))
+@click.option("--status", type=click.Choice(JOB_STATUSES))
 @click.option("--type", "job_type")
 @click.option("--tenant")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
@@ -647,7 +648,7 @@ def jobs_list(inst: Instance, status: str | None, job_type: str | None, tenant: 
 @click.argument("job_id", type=int)
 @instance_options
 def jobs_cancel(inst: Instance, job_id: int) -> None:
-    """Cancel a pending or running job (it ends failed, 'cancelled by ...')."""
+    """Cancel a pending or running job: it ends cancelled ('cancelled by <role>'), without a dead letter."""
     from neurondb import queue
 
     with inst.connect("cli") as conn:
@@ -660,12 +661,12 @@ def jobs_cancel(inst: Instance, job_id: int) -> None:
 @click.argument("job_id", type=int)
 @instance_options
 def jobs_retry(inst: Instance, job_id: int) -> None:
-    """Run a failed job again, with fresh retries."""
+    """Run a failed or cancelled job again, with fresh retries (a dead letter of it is marked replayed)."""
     from neurondb import queue
 
     with inst.connect("cli") as conn:
         if not queue.retry(conn, job_id):
-            raise click.ClickException(f"job {job_id} does not exist or is not failed")
+            raise click.ClickException(f"job {job_id} does not exist or is neither failed nor cancelled")
     click.echo(f"job {job_id} queued again")
 
 

@@ -29,7 +29,7 @@ from neurondb.queries import query
 
 OPERATIONS = ("completion", "embedding", "reranking")
 ALIASES = {"complete": "completion", "embed": "embedding", "rerank": "reranking"}
-FINISHED = ("completed", "failed")
+FINISHED = ("completed", "failed", "cancelled")
 CACHE_KEY_VERSION = 1   # bump when the normalisation changes: old entries then simply stop matching
 
 

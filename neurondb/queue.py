@@ -15,6 +15,9 @@ from psycopg.types.json import Jsonb
 
 from neurondb.queries import query
 
+# The statuses of a job (queue and LLM tables), as their CHECK constraints allow them, in display order.
+JOB_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+
 
 def enqueue(conn: psycopg.Connection, job_type: str, payload: dict | None = None, *, tenant_id: str = "default",
             priority: int = 0, run_at: datetime | None = None, max_retries: int | None = None,
@@ -50,12 +53,13 @@ def list_jobs(conn: psycopg.Connection, *, status: str | None = None, job_type: 
 
 
 def cancel(conn: psycopg.Connection, job_id: int) -> bool:
-    """Cancel a pending or running job (it ends `failed`, 'cancelled by ...'); False if already finished."""
+    """Cancel a pending or running job (it ends `cancelled`, 'cancelled by <role>'); False if already finished."""
     return conn.execute(query("queue", "cancel"), {"job_id": job_id}).fetchone() is not None
 
 
 def retry(conn: psycopg.Connection, job_id: int) -> bool:
-    """Run a failed job again with fresh retries; False if it is not failed."""
+    """Run a failed or cancelled job again with fresh retries, a dead letter of it marked replayed; False if it
+    is neither."""
     return conn.execute(query("queue", "retry_job"), {"job_id": job_id}).fetchone() is not None
 
 

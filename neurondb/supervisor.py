@@ -342,7 +342,9 @@ class Supervisor:
         """Restart a crashed worker after the restart interval, doubling per recent crash; FATAL after too
         many. A crash while the worker ran jobs is charged to those jobs instead (each such run counts an
         attempt, so a job that kills its worker ends in the dead letters after its retries): it restarts after
-        the plain interval and never counts towards FATAL, so one poison job cannot stop the queue."""
+        the plain interval and never counts towards FATAL, so one poison job cannot stop the queue.
+        The error the dead process recorded in its slot (a module that fails to import) leads the slot's new
+        last error and the log line: the exit code alone does not say what to fix."""
         if self.shutdown_mode:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) %s", child.name, pid, how)
@@ -352,6 +354,9 @@ class Supervisor:
             log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
             return
         interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
+        slot = self.shared.read_slot(child.slot)
+        if slot["last_error"] and slot["last_error_at"] >= child.started_at:   # written by this process
+            how = f"{how}: {slot['last_error']}"
         if during_jobs:
             child.restart_at = time.monotonic() + interval
             child.restarts += 1
@@ -370,9 +375,10 @@ class Supervisor:
             child.fatal = True
             self.shared.set_state(child.slot, "fatal")
             self.shared.set_last_error(child.slot, f"{how}; {len(child.crashes)} crashes within {window:.0f}s")
-            log.error("%s worker (pid %d) %s: %d crashes within %.0f s, marked FATAL and not restarted "
-                      "(fix the cause, then `neurondb reload` retries it)", child.name, pid, how,
-                      len(child.crashes), window)
+            log.error("%s worker (pid %d) %s; %d crashes within %.0f s, marked FATAL and not restarted (fix "
+                      "the cause, then `neurondb reload` retries it; a fix to a postmaster setting, such as "
+                      "neurondb.neuranq_job_modules, applies only after `neurondb stop` and `neurondb start`)",
+                      child.name, pid, how, len(child.crashes), window)
             return
         delay = min(interval * 2 ** (len(child.crashes) - 1), MAX_BACKOFF)
         child.restart_at = time.monotonic() + delay

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from neurondb.queue import JOB_STATUSES
 from neurondb.status import Status
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -92,7 +93,7 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
         parts.append(Text(f"database: {status.database_error}", style="red"))
     else:
         for title, counts in (("queue", status.queue), ("llm jobs", status.llm_jobs)):
-            line = "  ".join(f"{k} {counts.get(k, 0)}" for k in ("pending", "processing", "completed", "failed"))
+            line = "  ".join(f"{k} {counts.get(k, 0)}" for k in JOB_STATUSES)
             parts.append(Text(f"{title:9} {line}"))
         for name, c in status.caches.items():
             parts.append(Text(f"{name + ' cache':9} {c['entries']} entries (bound {c['max_entries']}), "

@@ -135,7 +135,7 @@ INDEX = "INSERT INTO neurondb.neurondb_indexes (index_name, dim, metric, m, ef_c
     (f"{JOB} VALUES ('x', repeat('t', 100), 'pending', NULL, NULL, NULL)", "tenant_id: 'tttttttt"),
     (f"{JOB} VALUES ('x', '', 'pending', NULL, NULL, NULL)", "tenant_id: '' must be 1 to 64 characters"),
     (f"{JOB} VALUES ('x', 'default', 'done', NULL, NULL, NULL)",
-     "status: 'done' must be one of pending, processing, completed, failed"),
+     "status: 'done' must be one of pending, processing, completed, failed, cancelled"),
     (f"{JOB} VALUES ('x', 'default', 'pending', 500, NULL, NULL)", "max_retries: 500 must be"),
     (f"{JOB} VALUES ('x', 'default', 'processing', NULL, NULL, 'me')", "status: 'processing' needs"),
     (f"{JOB} VALUES ('x', 'default', 'completed', NULL, NULL, NULL)", "status: 'completed' needs completed_at"),

@@ -155,7 +155,7 @@ def test_cancel_and_retry(service: Service, conn: psycopg.Connection) -> None:
     later = queue.enqueue(conn, "test.noop", run_at=datetime.fromisoformat("2100-01-01T00:00:00+00:00"))
     assert "cancelled" in service.cli("jobs", "cancel", str(later)).stdout
     j = job(conn, later)
-    assert j["status"] == "failed" and j["error_message"].startswith("cancelled by")
+    assert j["status"] == "cancelled" and j["error_message"].startswith("cancelled by")
     assert service.cli("jobs", "cancel", str(later), check=False).returncode == 1
     service.cli("jobs", "retry", str(later))
     conn.execute("UPDATE neurondb.neurondb_job_queue SET run_at = now() WHERE job_id = %s", (later,))

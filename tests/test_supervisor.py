@@ -146,7 +146,11 @@ def test_reload_from_file_and_from_sql(make_service, fresh_dsn: str) -> None:
 
         # The DBA's path: ALTER SYSTEM + pg_reload_conf(), as neurondb functions.
         conn.execute("SELECT neurondb.alter_system('neurondb.neuranq_naptime', '450ms')")
-        conn.execute("SELECT neurondb.alter_system('neurondb.neuranq_batch_size', 'lots')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="neuranq_batch_size"):
+            conn.execute("SELECT neurondb.alter_system('neurondb.neuranq_batch_size', 'lots')")
+        # A request written around the function is refused by the supervisor when it applies it.
+        conn.execute("INSERT INTO neurondb.neurondb_settings_requests (name, value) "
+                     "VALUES ('neurondb.neuranq_batch_size', 'lots')")
         conn.execute("SELECT neurondb.reload_conf()")
         wait_for(lambda: service.worker("neuranq").naptime_ms == 450, 2.0, "the SQL reload to reach neuranq")
 

@@ -155,7 +155,7 @@ SELECT job_id, operation, model_name, provider, tenant_id, priority, status, inp
 
 -- name: unfinished
 SELECT count(*) FROM neurondb.neurondb_llm_jobs
- WHERE job_id = ANY(%(ids)s) AND status NOT IN ('completed', 'failed');
+ WHERE job_id = ANY(%(ids)s) AND status NOT IN ('completed', 'failed', 'cancelled');
 
 -- name: list_jobs
 SELECT job_id, operation, model_name, provider, tenant_id, status, retry_count, cache_hit,

@@ -99,7 +99,7 @@ SELECT job_id, job_type, payload, tenant_id, priority, retry_count, error_messag
 -- queue never sees a long lock or a big burst of dead tuples.
 DELETE FROM neurondb.neurondb_job_queue
  WHERE job_id IN (SELECT job_id FROM neurondb.neurondb_job_queue
-                   WHERE status IN ('completed', 'failed')
+                   WHERE status IN ('completed', 'failed', 'cancelled')
                      AND completed_at < now() - %(retention_s)s * interval '1 second'
                    ORDER BY completed_at LIMIT %(limit)s);
 
@@ -138,21 +138,32 @@ SELECT job_id, job_type, tenant_id, priority, status, retry_count, created_at, c
  ORDER BY job_id DESC LIMIT %(limit)s;
 
 -- name: cancel
--- A pending job is failed at once; a running one too, and its worker's outcome is then dropped (the worker
--- only records outcomes of jobs still leased to it). Finished jobs are left as they are.
+-- A pending job ends cancelled at once; a running one too, and its worker's outcome is then dropped (the
+-- worker only records outcomes of jobs still leased to it). Finished jobs are left as they are.
 UPDATE neurondb.neurondb_job_queue
-   SET status = 'failed', error_message = 'cancelled by ' || current_user, completed_at = now(),
+   SET status = 'cancelled', error_message = 'cancelled by ' || current_user, completed_at = now(),
        lease_expires_at = NULL, lease_owner = coalesce(lease_owner, 'cancelled')
  WHERE job_id = %(job_id)s AND status IN ('pending', 'processing')
 RETURNING job_id;
 
 -- name: retry_job
--- Run a failed job again from scratch: its retries start over, its attempt history stays.
-UPDATE neurondb.neurondb_job_queue
-   SET status = 'pending', retry_count = 0, run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-       completed_at = NULL, started_at = NULL
- WHERE job_id = %(job_id)s AND status = 'failed'
-RETURNING job_id;
+-- Run a failed or cancelled job again from scratch: its retries start over, its attempt history stays.
+-- A failed job's dead letter is marked replayed by this same job: a later `dlq replay` must not run it a
+-- second time, and if it fails again its new dead letter is then the only one.
+WITH retried AS (
+    UPDATE neurondb.neurondb_job_queue
+       SET status = 'pending', retry_count = 0, run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+           completed_at = NULL, started_at = NULL
+     WHERE job_id = %(job_id)s AND status IN ('failed', 'cancelled')
+    RETURNING job_id
+),
+replayed AS (
+    UPDATE neurondb.neurondb_dead_letter d
+       SET replayed_at = now(), replayed_job_id = r.job_id
+      FROM retried r
+     WHERE d.job_id = r.job_id AND d.replayed_at IS NULL
+)
+SELECT job_id FROM retried;
 
 -- name: dlq_list
 SELECT dlq_id, job_id, job_type, tenant_id, retry_count, error_message, failed_at, replayed_at, replayed_job_id
