@@ -380,10 +380,13 @@ def _log_level(inst: Instance) -> int:
 
 
 @main.command()
-@click.option("--foreground", is_flag=True, help="Stay in the foreground, logging to stderr too.")
+@click.option("--foreground", is_flag=True,
+              help="Stay in the foreground, logging to stderr too; speaks systemd's notify protocol when "
+                   "$NOTIFY_SOCKET is set (deploy/neurondb.service).")
 @instance_options
 def start(inst: Instance, foreground: bool) -> None:
     """Start the supervisor and its workers (and the embedded PostgreSQL if it is not running)."""
+    from neurondb.sdnotify import Notifier
     from neurondb.supervisor import Supervisor, SupervisorError, wait_for_previous
 
     inst.datadir.init()
@@ -395,7 +398,7 @@ def start(inst: Instance, foreground: bool) -> None:
         wait_for_previous(inst.datadir, say=click.echo)
         log.setup("supervisor", inst.datadir.log_file, level=_log_level(inst))
         _say_if_compiling()
-        raise SystemExit(Supervisor(inst).run())
+        raise SystemExit(Supervisor(inst, notifier=Notifier.from_env()).run())
     except SupervisorError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -516,6 +519,20 @@ def reload(inst: Instance) -> None:
     click.echo(f"configuration reloaded (generation {report['generation']})")
     for _level, text in report["lines"]:
         click.echo(f"  {text}")
+
+
+@main.command()
+@instance_options
+def logrotate(inst: Instance) -> None:
+    """Make every process reopen the log file (like pg_ctl logrotate): run it after renaming the file."""
+    from neurondb.status import pid_alive
+    from neurondb.supervisor import read_pid
+
+    pid = read_pid(inst.datadir.pid_file)
+    if not pid_alive(pid):
+        raise click.ClickException("neurondb is not running")
+    os.kill(pid, signal.SIGUSR1)
+    click.echo(f"neurondb signaled to reopen its log file {inst.datadir.log_file}")
 
 
 def _read_report(path: Path) -> dict | None:

@@ -3,6 +3,9 @@
 Each line carries time, process name, pid and level, like PostgreSQL's log_line_prefix '%m [%p] %b'.
 Forked workers call `setup()` again with their own name so their lines say who wrote them.
 
+`reopen()` is SIGUSR1's work (`neurondb logrotate`): after a rotation tool renamed the file, every process
+writes to a new file of the old name, its stderr too when stderr was the log file (the daemon's).
+
 httpx and httpcore log every request (method and full URL) at INFO and DEBUG: a line per job is noise at
 any volume, and a URL can carry credentials. Their loggers are held at WARNING in every process.
 """
@@ -33,9 +36,7 @@ def setup(process_name: str, log_file: Path | None = None, level: int = logging.
         handler.close()
     formatter = logging.Formatter(FORMAT, DATEFMT)
     if log_file is not None:
-        ensure_private_dir(log_file.parent)
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.close(fd)
+        _create_private(log_file)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
@@ -47,3 +48,27 @@ def setup(process_name: str, log_file: Path | None = None, level: int = logging.
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     return logging.getLogger("neurondb")
+
+
+def _create_private(log_file: Path) -> None:
+    """Create the log file readable by its owner only (logging would create it world-readable)."""
+    ensure_private_dir(log_file.parent)
+    os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+
+
+def reopen() -> None:
+    """Reopen this process's log file by name; stderr (fd 2) too when it was the same open file."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        path = Path(handler.baseFilename)
+        _create_private(path)
+        old = handler.setStream(open(path, "a", encoding="utf-8"))   # noqa: SIM115 - the handler owns it
+        if old is None:
+            continue
+        old_stat, err_stat = os.fstat(old.fileno()), os.fstat(2)
+        if (old_stat.st_dev, old_stat.st_ino) == (err_stat.st_dev, err_stat.st_ino):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 2)
+            os.close(fd)
+        old.close()

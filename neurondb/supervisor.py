@@ -15,6 +15,10 @@ and the worker processes, which it forks and watches:
   `neurondb.settings` and to the reload report `neurondb reload` prints, then bump the config generation
   (so whoever sees the new generation finds the outcome published) and forward SIGHUP to the workers.
 - SIGTERM smart / SIGINT fast / SIGQUIT immediate shutdown, forwarded as the same signals to the workers.
+- SIGUSR1 (`neurondb logrotate`): reopen the log file by name and forward SIGUSR1 to the workers, which do
+  the same.
+- under systemd (`start --foreground` with $NOTIFY_SOCKET, see sdnotify.py): READY=1 once every worker has
+  heartbeated, STOPPING=1 when a shutdown begins, WATCHDOG=1 from the loop every half $WATCHDOG_USEC.
 
 Signal handlers only queue the signal and write a byte to a pipe that wakes the loop; all work happens in
 the loop. The supervisor never takes a data lock: it reads worker slots as they are.
@@ -41,11 +45,13 @@ import psycopg
 import setproctitle
 
 from neurondb import db, inject
+from neurondb import log as logsetup
 from neurondb.index import hnsw
 from neurondb.instance import Instance, publish_settings
 from neurondb.migrate import migrate
 from neurondb.paths import DataDir, write_private_file
 from neurondb.queries import query
+from neurondb.sdnotify import Notifier
 from neurondb.settings import (
     REGISTRY,
     Config,
@@ -67,7 +73,7 @@ from neurondb.workers.leases import JOB_TABLES, RetryPolicy, release
 
 log = logging.getLogger("neurondb.supervisor")
 
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1)
 SHUTDOWN_SIGNALS = {signal.SIGTERM: "smart", signal.SIGINT: "fast", signal.SIGQUIT: "immediate"}
 WORKER_SIGNAL = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 # How long each shutdown mode waits for workers before escalating to the next one.
@@ -127,10 +133,13 @@ def lease_owner(pid: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, instance: Instance, ready_fd: int | None = None) -> None:
+    def __init__(self, instance: Instance, ready_fd: int | None = None, notifier: Notifier | None = None) -> None:
         self.instance = instance
         self.datadir = instance.datadir
         self.ready_fd = ready_fd
+        self.notifier = notifier
+        self._notified_ready = False
+        self._next_watchdog = 0.0
         self.prefix = names.instance_prefix(self.datadir.root)
         self.config: Config
         self.shared: SharedState
@@ -241,6 +250,7 @@ class Supervisor:
     def _loop(self) -> None:
         while True:
             self._sleep()
+            self._watchdog()
             self._drain_notifications()
             while self.signals:
                 self._handle_signal(self.signals.pop(0))
@@ -253,8 +263,27 @@ class Supervisor:
                 continue
             self._check_heartbeats()
             self._spawn_due()
+            self._notify_ready()
             if time.monotonic() - self._last_status >= STATUS_INTERVAL:
                 self._publish_status()
+
+    def _notify_ready(self) -> None:
+        """READY=1 to systemd once every worker not FATAL has heartbeated since it was started."""
+        if self.notifier is None or self._notified_ready:
+            return
+        if all(c.fatal or (c.pid and self.shared.slot(c.slot)["heartbeat"] > 0) for c in self.children):
+            self._notified_ready = True
+            self.notifier.notify("READY=1", f"STATUS={len(self.children)} workers running, database "
+                                            f"{db.redact(self.dsn)}", f"MAINPID={os.getpid()}")
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 every half $WATCHDOG_USEC, from the loop: a supervisor stuck anywhere stops sending."""
+        if self.notifier is None or self.notifier.watchdog_interval is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_watchdog:
+            self.notifier.notify("WATCHDOG=1")
+            self._next_watchdog = now + self.notifier.watchdog_interval
 
     def _sleep(self) -> None:
         fds = [self._wake_r]
@@ -280,6 +309,8 @@ class Supervisor:
             return  # reaped right after
         if signum == signal.SIGHUP:
             self.reload()
+        elif signum == signal.SIGUSR1:
+            self._reopen_log()
         elif signum in SHUTDOWN_SIGNALS:
             self._begin_shutdown(SHUTDOWN_SIGNALS[signal.Signals(signum)])
 
@@ -300,6 +331,7 @@ class Supervisor:
                 os.close(self._wake_w)
                 for signum in HANDLED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # its default kills; the worker installs its own
                 ctx = WorkerContext(kind=child.kind, name=child.name, slot=child.slot, datadir=self.datadir,
                                     dsn=self.dsn, config=self.config, shared=self.shared,
                                     latch=self.shared.latch(child.slot), death_fd=self._life_r)
@@ -468,6 +500,14 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
+    def _reopen_log(self) -> None:
+        """SIGUSR1: after logrotate renamed the log file, write to a new file of the old name; then the workers."""
+        logsetup.reopen()
+        log.info("log file reopened")
+        for child in self.children:
+            if child.pid:
+                self._kill(child.pid, signal.SIGUSR1)
+
     # -- reload ---------------------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -629,6 +669,8 @@ class Supervisor:
         if self.shutdown_mode and list(ESCALATE_AFTER).index(mode) <= list(ESCALATE_AFTER).index(self.shutdown_mode):
             return
         log.info("received %s shutdown request", mode)
+        if self.notifier is not None and self.shutdown_mode is None:
+            self.notifier.notify("STOPPING=1", f"STATUS={mode} shutdown")
         self.shutdown_mode = mode
         self.shutdown_started = time.monotonic()
         for child in self.children:

@@ -7,7 +7,8 @@ latch for at most the naptime. The latch is set by the supervisor, by a NOTIFY o
 
 Signals, as in PostgreSQL: SIGTERM = finish the current batch then exit 0 (smart); SIGINT = abort the
 batch, handing its jobs back, then exit 0 (fast); SIGQUIT = exit at once (immediate); SIGHUP = re-read the
-settings at the next safe point. Handlers only set flags and the latch: all work happens in the loop.
+settings at the next safe point; SIGUSR1 = reopen the log file (`neurondb logrotate`) at the next safe
+point. Handlers only set flags and the latch: all work happens in the loop.
 
 A worker exits (status 1, after handing back what it holds, as a fast shutdown does) when the supervisor
 dies: it holds the read end of a pipe whose write end only the supervisor has, so the pipe turns readable
@@ -82,6 +83,7 @@ class Worker:
         self.slot = ctx.shared.slot(ctx.slot)
         self.shutdown: str | None = None      # None, "smart" or "fast"
         self.reload_requested = False
+        self.reopen_log_requested = False
         self.orphaned = False                 # the supervisor died: stopping on our own
         self._conn: psycopg.Connection | None = None
         self._db_down = False
@@ -173,6 +175,11 @@ class Worker:
             self.reload_requested = True
             self.ctx.latch.set()
 
+        def on_usr1(signum: int, frame: object) -> None:
+            self.reopen_log_requested = True
+            self.ctx.latch.set()
+
+        signal.signal(signal.SIGUSR1, on_usr1)
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_int)
         signal.signal(signal.SIGHUP, on_hup)
@@ -229,9 +236,9 @@ class Worker:
     def main(self) -> int:
         """The process body; returns the exit status (0 = deliberate stop, not restarted)."""
         setproctitle.setproctitle(f"neurondb: {self.ctx.name} worker")
+        self._install_signals()   # first: a SIGUSR1 from now on reopens the log file opened below
         logsetup.setup(self.ctx.name, self.ctx.datadir.log_file, stderr=False,
                        level=logging.getLogger().level or logging.INFO)
-        self._install_signals()
         self.slot["pid"] = os.getpid()
         self.slot["started_at"] = time.time()
         self._publish_settings()
@@ -260,6 +267,10 @@ class Worker:
                 break
             if self.reload_requested:
                 self._reload()
+            if self.reopen_log_requested:
+                self.reopen_log_requested = False
+                logsetup.reopen()
+                self.log.info("log file reopened")
             if self.shutdown:
                 break
             if not self.enabled:
