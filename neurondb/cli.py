@@ -59,7 +59,8 @@ def instance_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """`-D/--data-dir` and `--dsn` on every command, as PostgreSQL's tools take -D."""
 
     @click.option("-D", "--data-dir", "data_dir", envvar="NEURONDB_DATA", type=click.Path(file_okay=False),
-                  help="Data directory (default: $NEURONDB_DATA, else ~/.local/share/neurondb).")
+                  help="Data directory (default: $NEURONDB_DATA, else /var/lib/neurondb as root, else "
+                       "$XDG_DATA_HOME/neurondb, normally ~/.local/share/neurondb).")
     @click.option("--dsn", envvar="NEURONDB_DSN",
                   help="Use this PostgreSQL server instead of the embedded one (also $NEURONDB_DSN).")
     @functools.wraps(func)
@@ -116,7 +117,7 @@ class _Main(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=_Main)
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})   # inherited by every command
 @click.version_option(package_name="neurondb")
 def main() -> None:
     """neurondb: background workers for PostgreSQL (queue, auto-tuner, index maintenance, LLM jobs)."""
@@ -227,7 +228,18 @@ def db_stop(inst: Instance, mode: str) -> None:
 @db_group.command("status")
 @instance_options
 def db_status(inst: Instance) -> None:
-    """Exit 0 when the embedded PostgreSQL runs, 3 when it does not (like pg_ctl status)."""
+    """Exit 0 when the embedded PostgreSQL runs, 3 when it does not (like pg_ctl status). With an external
+    database (--dsn, or recorded by `init --dsn`) there is no server to run here: say so and whether it
+    accepts a connection, exit 0 if it does and 1 if not."""
+    if not inst.embedded:
+        dsn = db.resolve_dsn(inst.datadir, inst.explicit_dsn)
+        try:
+            db.connect(dsn, "cli", connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            click.echo(f"external database {db.redact(dsn)}: cannot connect: {db.first_line(exc)}")
+            raise SystemExit(1) from None
+        click.echo(f"external database {db.redact(dsn)}: accepts connections")
+        raise SystemExit(0)
     running = inst.server().is_running()
     click.echo("running" if running else "stopped")
     raise SystemExit(0 if running else 3)
@@ -254,11 +266,18 @@ def _setting(name: str) -> Setting:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @instance_options
 def config_show(inst: Instance, pattern: str | None, as_json: bool) -> None:
-    """Show settings whose name matches PATTERN (a substring, or a glob with * and ?)."""
-    rows = Config.load(inst.datadir).rows()
+    """Show settings whose name matches PATTERN (a substring, or a glob with * and ? matched with or
+    without the `neurondb.` prefix). A bad line in the files is left out with a warning naming it."""
+    config, problems = Config.load_lenient(inst.datadir)
+    for problem in problems:
+        click.echo(f"warning: {problem.splitlines()[0]} (line ignored)", err=True)
+    rows = config.rows()
     if pattern:
-        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        rows = [r for r in rows if fnmatch.fnmatch(r["name"], glob)]
+        glob = pattern.lower() if any(c in pattern for c in "*?[") else f"*{pattern.lower()}*"
+        rows = [r for r in rows if fnmatch.fnmatchcase(r["name"], glob)
+                or fnmatch.fnmatchcase(r["name"].removeprefix(PREFIX), glob)]
+        if not rows:
+            raise click.ClickException(f"no setting matches {pattern!r} (`neurondb config show` lists them all)")
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
@@ -1031,17 +1050,22 @@ def llm_submit(inst: Instance, operation: str, input_text: str | None, model: st
                params: str | None, tenant: str, priority: int, max_retries: int | None,
                wait_s: float | None) -> None:
     """Submit an LLM job; prints its id. INPUT_TEXT is the prompt, the text to embed or the rerank query
-    ('-' reads it from standard input)."""
+    ('-' reads it from standard input). A job the configured provider cannot serve (a completion on the
+    default `local` provider) is refused before it is written, with the reason."""
     from neurondb import llm
+    from neurondb.providers import ProviderError
 
     if input_text == "-":
         input_text = click.get_text_stream("stdin").read()
+    config = Config.load(inst.datadir)
     with inst.connect("cli") as conn:
         try:
             job_id = llm.submit(conn, operation, model, input_text, system_prompt=system_prompt,
                                 input_texts=list(input_texts) or None, documents=list(documents) or None,
                                 parameters=_json_arg(params, "--params"), tenant_id=tenant, priority=priority,
-                                max_retries=max_retries, provider=provider)
+                                max_retries=max_retries, provider=provider, config=config)
+        except ProviderError as exc:
+            raise click.ClickException(str(exc)) from None
         except psycopg.errors.InvalidParameterValue as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from None
         if wait_s is None:

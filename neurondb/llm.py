@@ -13,12 +13,13 @@ commit (the insert sends a NOTIFY).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import orjson
 import psycopg
@@ -27,7 +28,12 @@ from psycopg.types.json import Jsonb
 
 from neurondb.queries import query
 
+if TYPE_CHECKING:
+    from neurondb.providers.registry import ConfigLike
+
 OPERATIONS = ("completion", "embedding", "reranking")
+# The provider registry's name of each operation (neurondb.providers.registry.SERVES).
+PROVIDER_OPERATIONS = {"completion": "complete", "embedding": "embed", "reranking": "rerank"}
 ALIASES = {"complete": "completion", "embed": "embedding", "rerank": "reranking"}
 FINISHED = ("completed", "failed", "cancelled")
 CACHE_KEY_VERSION = 1   # bump when the normalisation changes: old entries then simply stop matching
@@ -77,18 +83,28 @@ def submit(conn: psycopg.Connection, operation: str, model_name: str | None = No
            system_prompt: str | None = None, input_texts: Sequence[str] | None = None,
            documents: Sequence[str] | None = None, parameters: Mapping[str, Any] | None = None,
            tenant_id: str = "default", priority: int = 0, run_at: datetime | None = None,
-           max_retries: int | None = None, provider: str | None = None) -> int:
+           max_retries: int | None = None, provider: str | None = None, config: ConfigLike | None = None) -> int:
     """Submit one job (see `neurondb.llm_submit` in sql/005_llm.sql for the fields); its id.
 
     A job that cannot run (a completion without a prompt, a reranking without documents ...) is refused
-    here with psycopg's error carrying the database's message."""
-    return conn.execute(query("llm", "submit"), {
-        "operation": operation, "model_name": model_name, "input_text": input_text, "system_prompt": system_prompt,
-        "input_texts": list(input_texts) if input_texts is not None else None,
-        "documents": list(documents) if documents is not None else None, "parameters": Jsonb(dict(parameters or {})),
-        "tenant_id": tenant_id, "priority": priority, "run_at": run_at, "max_retries": max_retries,
-        "provider": provider,
-    }).fetchone()[0]
+    here with psycopg's error carrying the database's message. Given the service's `config`
+    (`neurondb.settings.Config.load(datadir)`), a job its provider cannot serve (a completion on the
+    default `local` provider, a provider not enabled ...) is then refused too, its insert rolled back,
+    with the ProviderError the worker would otherwise record in the job's error_message."""
+    # Checked: insert first (the input's own errors come first) in a transaction or savepoint to roll back.
+    with conn.transaction() if config is not None else contextlib.nullcontext():
+        job_id = conn.execute(query("llm", "submit"), {
+            "operation": operation, "model_name": model_name, "input_text": input_text,
+            "system_prompt": system_prompt, "input_texts": list(input_texts) if input_texts is not None else None,
+            "documents": list(documents) if documents is not None else None,
+            "parameters": Jsonb(dict(parameters or {})), "tenant_id": tenant_id, "priority": priority,
+            "run_at": run_at, "max_retries": max_retries, "provider": provider,
+        }).fetchone()[0]
+        if config is not None:
+            from neurondb.providers.registry import resolve  # the HTTP clients load only for a checked submit
+
+            resolve(config, PROVIDER_OPERATIONS[operation_name(operation)], model_name, provider)
+    return job_id
 
 
 _JOB_FIELDS = ("operation", "model_name", "provider", "tenant_id", "priority", "input_text", "system_prompt",

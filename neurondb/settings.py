@@ -718,6 +718,17 @@ class Config:
     def load(cls, datadir: DataDir) -> Config:
         """Defaults < neurondb.conf < neurondb.auto.conf. Any problem is fatal and all are reported at once,
         like PostgreSQL refusing to start on a bad postgresql.conf."""
+        config, problems = cls.load_lenient(datadir)
+        if problems:
+            count = f"{len(problems)} error{'s' if len(problems) > 1 else ''}"
+            raise SettingError(f"configuration contains {count}:\n" + "\n".join(f"  {p}" for p in problems),
+                               problems)
+        return config
+
+    @classmethod
+    def load_lenient(cls, datadir: DataDir) -> tuple[Config, list[str]]:
+        """The files' valid values over the defaults, and one "file:line: problem" per line left out: for
+        showing the settings of a data directory whose files have a mistake, which `load` refuses."""
         config = cls(datadir)
         read = _read_files(datadir)
         problems = [*read.syntax_errors, *(msg for _, msg in read.unknown)]
@@ -728,11 +739,7 @@ class Config:
                 problems.append(f"{entry.where}: {exc}")
                 continue
             config._state[name] = _State(value, "configuration file", str(entry.file), entry.line)
-        if problems:
-            count = f"{len(problems)} error{'s' if len(problems) > 1 else ''}"
-            raise SettingError(f"configuration contains {count}:\n" + "\n".join(f"  {p}" for p in problems),
-                               problems)
-        return config
+        return config, problems
 
     def get(self, name: str) -> object:
         """The value in force (aliases and any case accepted)."""

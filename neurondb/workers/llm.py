@@ -53,6 +53,7 @@ from psycopg.types.json import set_json_loads
 
 from neurondb import caches
 from neurondb.db import UndecodableJson, decode_json, json_loads
+from neurondb.llm import PROVIDER_OPERATIONS as OPERATIONS
 from neurondb.llm import cache_key
 from neurondb.providers import ProviderError, Route, resolve
 from neurondb.providers.base import invalid_input
@@ -78,7 +79,6 @@ TPM_BURST_S = 10.0           # a tokens/min bucket holds this many seconds of to
 HAND_BACK_S = 2.0            # a job that must wait longer for its tenant's tokens goes back to the table
 MIN_LEASE_MS = 60_000.0
 MAX_ERROR = 2000
-OPERATIONS = {"completion": "complete", "embedding": "embed", "reranking": "rerank"}
 RERANK_PARAMS = ("top_n",)
 
 
