@@ -55,6 +55,27 @@ def test_init_and_start_with_only_the_documented_privileges(tmp_path: Path, limi
         svc.close()
 
 
+def test_neuranq_logs_a_summary_of_a_burst(tmp_path: Path, fresh_dsn: str) -> None:
+    svc = Service(tmp_path / "data", fresh_dsn, {**JOBS, "neurondb.neuranq_log_summary_interval": "1s",
+                                                 "neurondb.neuranq_retry_delay": "10ms"})
+    svc.start()
+    try:
+        with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+            ids = [queue.enqueue(conn, "test.noop") for _ in range(5)]
+            ids.append(queue.enqueue(conn, "test.fail", {"fail_times": 1}, max_retries=2))
+            ids.append(queue.enqueue(conn, "test.fail", {"fail_times": 9}, max_retries=0))
+            wait_finished(conn, ids, 20.0)
+        summary = re.compile(r"neuranq.* INFO: in the last \d+ s: (\d+) jobs completed, (\d+) failed, (\d+) retried")
+
+        def totals() -> tuple[int, ...] | None:
+            found = [tuple(map(int, m.groups())) for m in summary.finditer(svc.datadir.log_file.read_text())]
+            sums = tuple(sum(column) for column in zip(*found, strict=True)) if found else None
+            return sums if sums == (6, 1, 1) else None
+        wait_for(totals, 5.0, "summary lines adding up to 6 completed, 1 failed, 1 retried", interval=0.2)
+    finally:
+        svc.close()
+
+
 def test_new_index_logs_no_warning_for_its_missing_snapshot(tmp_path: Path, fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("SELECT neurondb.create_index('docs', 4, 'l2')")
