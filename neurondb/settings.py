@@ -311,6 +311,9 @@ _SETTINGS = [
             unit="ms", min=0, max=3_600_000),
     Setting("neurondb.neuranq_retry_max_delay", "integer", 300000, "sighup",
             "Upper bound of the backoff delay before a failed job is retried.", unit="ms", min=0, max=DAY_MS),
+    Setting("neurondb.neuranq_log_summary_interval", "integer", 60, "sighup",
+            "How often each queue worker logs how many jobs it completed, failed and retried since its last "
+            "summary (only when it recorded any); 0 = never.", unit="s", min=0, max=86400),
     Setting("neurondb.neuranq_job_modules", "string", "", "postmaster",
             "Comma-separated Python modules imported by queue workers at start to register user job types.",
             check=parse_module_list, sql_settable=False),

@@ -109,6 +109,11 @@ class IndexSync:
                             "rebuilding from PostgreSQL", self.spec.name)
                 self.rebuild(conn, progress, locked=True)
                 return "rebuilt"
+            if not self.snapshot_path.exists():
+                # The normal case of a new index (or installation): nothing is wrong, hence INFO.
+                log.info("index %s: no snapshot yet; building from PostgreSQL", self.spec.name)
+                self.rebuild(conn, progress, locked=True)
+                return "rebuilt"
             try:
                 arrays, meta = snapshot.load(self.snapshot_path)
                 self._check_matches(arrays)

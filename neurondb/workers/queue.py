@@ -83,6 +83,8 @@ class QueueWorker(Worker):
         self._wake_at: float | None = None
         self._outcomes: list[Outcome] = []    # computed, not yet recorded
         self._unsettled = False               # a batch ended abnormally: see _settle
+        self._summary: Counter = Counter()    # outcomes recorded since the last summary line
+        self._summary_since = time.monotonic()
         self.running = RunningJobs(self.slot)
         signal.signal(signal.SIGALRM, self._on_alarm)
 
@@ -109,6 +111,7 @@ class QueueWorker(Worker):
                 self._settle(result)
             self._maintenance()
             self._run_claimed(result)
+            self._log_summary()
         except BaseException:
             # The connection went away (a PostgreSQL restart), or worse, in the middle of a batch: the
             # outcomes computed so far stay in self._outcomes, and the next batch settles what we hold.
@@ -286,6 +289,7 @@ class QueueWorker(Worker):
             self.log.warning("%d jobs were cancelled or taken over while they ran; their outcome is dropped",
                              total - len(mine))
         statuses = Counter(o.status for o in mine)
+        self._summary.update(statuses)
         result.processed += statuses["completed"]
         result.failed += statuses["failed"]
         result.retried += statuses["retry"]
@@ -308,6 +312,20 @@ class QueueWorker(Worker):
     def _extend_leases(self, ids: list[int]) -> None:
         if ids:
             leases.extend_leases(self.conn, TABLE, self.owner, ids, self._ms("neuranq_lease_time"))
+
+    def _log_summary(self) -> None:
+        """Once per neuranq_log_summary_interval, one INFO line with the outcomes recorded since the last
+        one, so that a busy queue shows in the log without a line per job; nothing when nothing happened."""
+        interval = float(self.config.get("neurondb.neuranq_log_summary_interval"))
+        now = time.monotonic()
+        if interval > 0 and now - self._summary_since < interval:
+            return
+        if interval > 0 and self._summary:
+            c = self._summary
+            self.log.info("in the last %.0f s: %d jobs completed, %d failed, %d retried",
+                          now - self._summary_since, c["completed"], c["failed"], c["retry"])
+        self._summary = Counter()
+        self._summary_since = now
 
     # -- rate limits ----------------------------------------------------------------------------------
 
