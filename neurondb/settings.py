@@ -35,6 +35,9 @@ from neurondb.paths import DataDir, write_private_file
 from neurondb.redaction import redact_urls
 
 PREFIX = "neurondb."
+# Settings of the document whose feature is not built yet say so (no promise without code).
+_NOT_YET_MAINTENANCE = " Reserved: not yet in effect (no code reads it until index maintenance is built)."
+_NOT_YET_METRICS = " Reserved: not yet in effect (nothing listens until the metrics endpoint is built)."
 INT_MAX = 2_147_483_647  # PostgreSQL integer GUCs are int32; keep the same ceiling
 DAY_MS = 86_400_000
 
@@ -258,12 +261,13 @@ _SETTINGS = [
     Setting("neurondb.neurandefrag_naptime", "integer", 300000, "sighup",
             "Time between index maintenance cycles.", unit="ms", min=1000, max=DAY_MS),
     Setting("neurondb.neurandefrag_compact_threshold", "integer", 10000, "sighup",
-            "Minimum number of edges an index graph needs before it is compacted.", min=0, max=INT_MAX),
+            "Minimum number of edges an index graph needs before it is compacted." + _NOT_YET_MAINTENANCE,
+            min=0, max=INT_MAX),
     Setting("neurondb.neurandefrag_fragmentation_threshold", "real", 0.3, "sighup",
-            "Fraction of dead entries (tombstones, orphan edges) at which an index is rebuilt.",
+            "Fraction of dead entries (tombstones, orphan edges) at which an index is rebuilt." + _NOT_YET_MAINTENANCE,
             min=0.0, max=1.0),
     Setting("neurondb.neurandefrag_maintenance_window", "string", "02:00-04:00", "sighup",
-            "Daily local-time window HH:MM-HH:MM for full rebuilds; may wrap midnight.",
+            "Daily local-time window HH:MM-HH:MM for full rebuilds; may wrap midnight." + _NOT_YET_MAINTENANCE,
             check=parse_maintenance_window),
     Setting("neurondb.neurandefrag_enabled", "bool", True, "sighup",
             "Whether index maintenance runs; when off the worker stays running and idle."),
@@ -297,10 +301,12 @@ _SETTINGS = [
             "Lowest level of messages written to the log.", enumvals=("debug", "info", "warning", "error")),
     # -- metrics endpoint (the document's "Prometheus Metrics")
     Setting("neurondb.metrics_listen_address", "string", "127.0.0.1", "postmaster",
-            "Address of the Prometheus metrics endpoint; '*' listens on all interfaces, '' disables it.",
+            "Address of the Prometheus metrics endpoint; '*' listens on all interfaces, '' disables it."
+            + _NOT_YET_METRICS,
             check=_check_listen_address, sql_settable=False),
     Setting("neurondb.metrics_port", "integer", 9188, "postmaster",
-            "TCP port of the Prometheus metrics endpoint; 0 picks a free port.", min=0, max=65535,
+            "TCP port of the Prometheus metrics endpoint; 0 picks a free port." + _NOT_YET_METRICS,
+            min=0, max=65535,
             sql_settable=False),
     # -- queue details (the document's per-tenant rate limiting, retries, HTTP calls)
     Setting("neurondb.neuranq_lease_time", "integer", 120000, "sighup",
