@@ -3,8 +3,9 @@
 It owns the vector indexes' graphs in shared memory: it is their one writer. On every wake-up (a NOTIFY
 from a write to neurondb_vectors, or at most every second) it applies pending changes to each graph; it
 snapshots changed graphs to the data directory periodically and at a clean stop, so a restart loads
-instead of rebuilding; it publishes each index's statistics to neurondb_index_stats. The naptime
-(`neurandefrag_naptime`) paces the heavier maintenance cycle built on this.
+instead of rebuilding; it publishes each index's statistics to neurondb_index_stats. Its naptime
+(`neurandefrag_naptime`) only caps the sleep between wake-ups; the document's maintenance operations
+(compaction, pruning, VACUUM/ANALYZE, maintenance windows) are not built yet (issue 11).
 
 One index failing (to start, to apply its changes, to snapshot) stops neither the others nor the
 statistics: its pending changes keep being counted in vector_stats and its error is the worker's
