@@ -18,11 +18,14 @@ missed. Here each decision is computed from measurements instead:
    the ef the recall needs, `neuranmon_priority` decides (recall: keep the recall; latency: the largest
    ef whose predicted p95 meets the latency target) and the decision says "SLO unattainable: ...".
 
-No flapping: ef goes up as soon as the lower bound at the current ef falls below the target, but goes
-down only to an ef whose lower bound clears the target by `BAND` and only when that saves at least 10 %
-of the ef; so the measurement noise of one cycle cannot move it back and forth. The first decision jumps
-straight to the computed ef (no stepping), so from any starting point one cycle with enough samples
-suffices. ef always stays within [largest k sampled, hnsw_max_ef_search].
+No flapping: ef moves to the smallest ef whose lower bound meets the target, but only on evidence beyond
+noise: up when the lower bound at the current ef has fallen more than `BAND` below the target, down only
+when that saves at least 10 % of the ef. Going back after a move needs the lower bound of the ef just left
+to swing by more than `BAND` between two cycles, which the measurement noise of a cycle (the same sliding
+window of queries, re-measured) does not do. (The band sits below the target rather than above it, so an
+index coming down from a large ef lands where one coming up does, at the smallest ef meeting the target.)
+The first decision jumps straight to the computed ef (no stepping), so from any starting point one cycle
+with enough samples suffices. ef always stays within [largest k sampled, hnsw_max_ef_search].
 
 A decision needs at least `MIN_QUERIES` (100) sampled queries: the lower bound's half-width is
 1.645 sd / sqrt(n), about 0.016 for 100 queries whose recall@10 varies by 0.1 between queries (typical),
@@ -45,7 +48,7 @@ from neurondb.index import hnsw
 from neurondb.index.store import tenant_code
 
 Z_95 = 1.645           # one-sided 95 % normal quantile
-BAND = 0.005           # recall margin required before lowering ef (hysteresis)
+BAND = 0.005           # how far below the target the lower bound may sag before ef goes up (hysteresis)
 MIN_SAVING = 0.9       # lower only to an ef at most this fraction of the current one
 MIN_QUERIES = 100      # sampled queries (with vectors) needed for a decision
 MIN_LATENCIES = 20     # latency samples needed to predict the p95
@@ -260,17 +263,16 @@ def decide(curve: Curve, window: Window, current: int, targets: Targets, max_ef:
         choice, state = high, "unattainable"
         reason = (f"SLO unattainable: recall {targets.recall:.3f} not reached at the maximum ef {high} "
                   f"(recall {best.recall:.3f}, lower bound {best.low:.3f})")
-    elif curve.at(current).low < targets.recall:
+    elif curve.at(current).low < targets.recall - BAND:
         choice = needed if needed > current else next((e for e in ladder if e > current), high)
         reason = (f"recall {curve.at(current).recall:.3f} (lower bound {curve.at(current).low:.3f}) below target "
                   f"{targets.recall:.3f} at ef {current}")
+    elif needed <= current * MIN_SAVING:
+        choice = needed
+        reason = (f"recall target {targets.recall:.3f} met at ef {needed} "
+                  f"(lower bound {curve.at(needed).low:.3f}); ef {current} searched further than needed")
     else:
         choice, reason = current, "recall and latency on target"
-        down = smallest_meeting(curve, ladder, min(targets.recall + BAND, (1 + targets.recall) / 2)) or current
-        if down <= current * MIN_SAVING:
-            choice = down
-            reason = (f"recall target {targets.recall:.3f} met at ef {down} "
-                      f"(lower bound {curve.at(down).low:.3f}); ef {current} searched further than needed")
     p95 = predict_p95(curve, window.latencies, choice)
     if p95 is not None and p95 > targets.latency_ms:
         needs = f">= {needed}" if needed is not None else f"> {high}"
