@@ -35,7 +35,6 @@ OPERATIONS = ("completion", "embedding", "reranking")
 # The provider registry's name of each operation (neurondb.providers.registry.SERVES).
 PROVIDER_OPERATIONS = {"completion": "complete", "embedding": "embed", "reranking": "rerank"}
 ALIASES = {"complete": "completion", "embed": "embedding", "rerank": "reranking"}
-FINISHED = ("completed", "failed", "cancelled")
 CACHE_KEY_VERSION = 1   # bump when the normalisation changes: old entries then simply stop matching
 
 
