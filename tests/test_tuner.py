@@ -118,7 +118,8 @@ def test_ef_converges_to_the_smallest_ef_meeting_the_target(tmp_path: Path, fres
             assert header_ef(svc) == ef_of(conn)
             status = conn.execute("SELECT state, recall_low, measured_recall FROM neurondb.tuning_status "
                                   "WHERE index_name = 'docs'").fetchone()
-            assert status[0] == "converged" and status[1] >= TARGET, status
+            # Converged holds ef while the lower bound stays within the hysteresis band below the target.
+            assert status[0] == "converged" and status[1] >= TARGET - tuning.BAND, status
             recent = conn.execute("SELECT avg(recall) FROM neurondb.neurondb_query_metrics "
                                   "WHERE ef_search = %s AND recall IS NOT NULL", (ef_of(conn),)).fetchone()[0]
             assert recent is None or recent >= TARGET - 0.03, recent
@@ -141,7 +142,7 @@ def test_tenant_filtered_workload_below_target_raises_ef(tmp_path: Path, fresh_d
             wait_for(lambda: (search_load(client, queries, 2, tenant="t3"), ef_of(conn))[1] > 16, 60.0,
                      "the tuner to raise ef for the tenant's searches")
             low = conn.execute("SELECT recall_low FROM neurondb.neurondb_tuning_state").fetchone()[0]
-            assert low >= TARGET, low
+            assert low >= TARGET - tuning.BAND, low      # a later cycle may hold it within the band
     finally:
         svc.close()
 
