@@ -128,7 +128,7 @@ class TableMaintenance:
         """Check the tables and run what is due, calling beat() after each operation. `conn` must be in
         autocommit mode (VACUUM cannot run in a transaction block). A lock timeout is recorded and
         returned, never raised, and so is any other error of the statement itself (a statement_timeout,
-        say); a lost connection (psycopg.OperationalError) propagates."""
+        say); a lost connection (psycopg.OperationalError with the connection broken) propagates."""
         self._next_check = time.monotonic() + CHECK_EVERY
         if not conn.execute(query("tables", "try_lock")).fetchone()[0]:
             return []       # another process maintains this database's tables
@@ -187,15 +187,15 @@ class TableMaintenance:
         result = TableResult(before.target, operation, "completed", before)
         try:
             self._statement(conn, STATEMENTS[operation].format(sql.Identifier("neurondb", before.relname)))
-        except psycopg.errors.LockNotAvailable as exc:
-            result.status = "failed"
-            result.error = (f"{operation} of {before.target}: lock not granted within {LOCK_TIMEOUT_MS} ms "
-                            f"(another session holds a conflicting lock): {first_line(exc)}")
-        except psycopg.OperationalError:
-            raise
         except psycopg.Error as exc:
+            if conn.broken:
+                raise       # the connection is lost: the next run's take_over marks the record interrupted
             result.status = "failed"
-            result.error = f"{operation} of {before.target} failed: {first_line(exc)}"
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                result.error = (f"{operation} of {before.target}: lock not granted within {LOCK_TIMEOUT_MS} ms "
+                                f"(another session holds a conflicting lock): {first_line(exc)}")
+            else:
+                result.error = f"{operation} of {before.target} failed: {first_line(exc)}"
         if result.status == "completed":
             result.after = self._stats(conn, before.relname)[0]
             if operation == "vacuum":

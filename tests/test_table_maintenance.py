@@ -131,6 +131,23 @@ def test_a_held_lock_fails_fast_and_is_recorded(conn: psycopg.Connection, fresh_
     assert conn.execute("SHOW lock_timeout").fetchone()[0] == "0"
 
 
+def test_any_other_statement_error_is_recorded_and_run_returns(conn: psycopg.Connection, fresh_dsn: str,
+                                                               log: logging.Logger,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement_timeout (an OperationalError on a connection still usable) is the statement's failure."""
+    load(conn, 3000)
+    wait_stat(conn, VECTORS, "n_mod_since_analyze", 3000)
+    monkeypatch.setattr(tablemaint, "LOCK_TIMEOUT_MS", 0)      # no lock_timeout: the statement_timeout fires
+    conn.execute("SET statement_timeout = '300ms'")
+    with psycopg.connect(fresh_dsn) as holder:
+        holder.execute("LOCK TABLE neurondb.neurondb_vectors IN ACCESS EXCLUSIVE MODE")
+        results, _ = run(TableMaintenance(log), conn)
+        holder.rollback()
+    assert one(results, VECTORS).status == "failed"
+    [(_, status, _, _, _, error)] = records(conn, VECTORS)
+    assert (status, error) == ("failed", f"analyze of {VECTORS} failed: canceling statement due to statement timeout")
+
+
 def test_queue_vacuum_is_put_off_under_heavy_load(conn: psycopg.Connection, log: logging.Logger,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     conn.execute("SELECT count(*) FROM neurondb.enqueue_batch('t', array_fill('{}'::jsonb, ARRAY[3000]))")
