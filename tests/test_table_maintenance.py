@@ -1,7 +1,8 @@
 """neurandefrag's PostgreSQL table maintenance (neurondb/tablemaint.py) against the real server: VACUUM of
-a table with many dead tuples, ANALYZE after a bulk COPY, nothing when nothing is due, a lock timeout that
-fails fast and is recorded, the queue tables' VACUUM put off under load, and no VACUUM repeated while an
-old snapshot keeps the dead tuples."""
+a table with many dead tuples, ANALYZE after a bulk COPY, nothing when nothing is due, a lock timeout (or
+any statement error) that fails fast and is recorded, the queue tables' VACUUM put off under load, no
+VACUUM repeated while an old snapshot keeps the dead tuples, one process at a time, a killed one's
+leftovers taken over."""
 
 from __future__ import annotations
 
@@ -187,3 +188,22 @@ def test_vacuum_held_back_by_an_old_snapshot_is_not_repeated(conn: psycopg.Conne
     assert caplog.text.count(f"VACUUM of {VECTORS} left") == 1
     assert [row[:2] for row in records(conn, VECTORS)] == [("vacuum", "completed")]
 
+
+
+def test_one_process_at_a_time_and_a_killed_ones_leftovers_taken_over(conn: psycopg.Connection, fresh_dsn: str,
+                                                                     log: logging.Logger) -> None:
+    conn.execute("INSERT INTO neurondb.neurondb_maintenance_progress (target, kind, operation, phase, pid) "
+                 "VALUES (%s, 'table', 'vacuum', 'vacuuming', 0)", (VECTORS,))
+    conn.execute("INSERT INTO neurondb.neurondb_index_maintenance (table_name, operation) VALUES (%s, 'vacuum')",
+                 (VECTORS,))
+    load(conn, 3000)
+    wait_stat(conn, VECTORS, "n_mod_since_analyze", 3000)
+    tm = TableMaintenance(log)
+    with psycopg.connect(fresh_dsn, autocommit=True) as other:
+        assert other.execute(query("tables", "try_lock")).fetchone()[0]
+        assert run(tm, conn)[0] == []
+        assert conn.execute("SELECT count(*) FROM neurondb.maintenance_progress").fetchone()[0] == 1
+    results = wait_for(lambda: run(tm, conn)[0], 5.0, "the lock to be free")    # released as `other` exits
+    assert one(results, VECTORS).operation == "analyze"
+    assert [row[:2] for row in records(conn, VECTORS)] == [("vacuum", "interrupted"), ("analyze", "completed")]
+    assert conn.execute("SELECT count(*) FROM neurondb.maintenance_progress").fetchone()[0] == 0
