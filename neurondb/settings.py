@@ -36,7 +36,6 @@ from neurondb.redaction import redact_urls
 
 PREFIX = "neurondb."
 # Settings of the document whose feature is not built yet say so (no promise without code).
-_NOT_YET_MAINTENANCE = " Reserved: not yet in effect (no code reads it until index maintenance is built)."
 _NOT_YET_METRICS = " Reserved: not yet in effect (nothing listens until the metrics endpoint is built)."
 INT_MAX = 2_147_483_647  # PostgreSQL integer GUCs are int32; keep the same ceiling
 DAY_MS = 86_400_000
@@ -261,13 +260,14 @@ _SETTINGS = [
     Setting("neurondb.neurandefrag_naptime", "integer", 300000, "sighup",
             "Time between index maintenance cycles.", unit="ms", min=1000, max=DAY_MS),
     Setting("neurondb.neurandefrag_compact_threshold", "integer", 10000, "sighup",
-            "Minimum number of edges an index graph needs before it is compacted." + _NOT_YET_MAINTENANCE,
+            "Minimum number of level-0 edges an index graph needs before it is compacted or rebuilt.",
             min=0, max=INT_MAX),
     Setting("neurondb.neurandefrag_fragmentation_threshold", "real", 0.3, "sighup",
-            "Fraction of dead entries (tombstones, orphan edges) at which an index is rebuilt." + _NOT_YET_MAINTENANCE,
+            "Fragmentation ratio (vector_stats.fragmentation_ratio) above which an index graph is compacted; "
+            "rebuilt inside the maintenance window, or anywhere above twice this ratio.",
             min=0.0, max=1.0),
     Setting("neurondb.neurandefrag_maintenance_window", "string", "02:00-04:00", "sighup",
-            "Daily local-time window HH:MM-HH:MM for full rebuilds; may wrap midnight." + _NOT_YET_MAINTENANCE,
+            "Daily local-time window HH:MM-HH:MM for full rebuilds from the table; may wrap midnight.",
             check=parse_maintenance_window),
     Setting("neurondb.neurandefrag_enabled", "bool", True, "sighup",
             "Whether index maintenance runs; when off the worker stays running and idle."),

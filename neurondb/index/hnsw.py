@@ -17,11 +17,14 @@ Layout (`layout()` gives names, dtypes, shapes and byte offsets; every array sta
     upper_offset  int32   [capacity]        first pool row of the node, -1 if it only lives on level 0
     labels        int64   [capacity]        the caller's id (e.g. the PostgreSQL row id)
     tenants       int32   [capacity]        tenant of the node, -1 = none
-    tombstones    uint8   [capacity]        1 = deleted (still traversed, never returned)
+    tombstones    uint8   [capacity]        0 live, 1 deleted (still traversed, never returned),
+                                            2 free (unlinked by maintenance, reusable by an insert)
     pool          int32   [pool_capacity, 1+M]  upper-level neighbour lists: node i's level L >= 1
                                                   is row upper_offset[i] + L - 1 (count, then ids)
 
-Internal ids are row numbers; a node keeps its row until the index is rebuilt (`rebuild`).
+Internal ids are row numbers; a node keeps its row until the index is compacted or rebuilt. Maintenance
+(`consolidate`, `free_deleted`) repairs the lists of live nodes that point at deleted ones and then frees
+the deleted rows, which inserts reuse (`add_items(slots=...)`, as hnswlib's replace_deleted).
 
 Level-0 links are not interleaved with the vectors as in hnswlib's data_level0 block: measured on
 scripts/bench_index.py's data, an interleaved block (rows padded to 64 bytes) searched at 0.95-1.0x
@@ -40,6 +43,11 @@ semaphore); readers take no lock, run in any process, and may run while the writ
   so a reader never indexes out of bounds and never returns an unpublished node.
 - Deletion sets a tombstone byte. Tombstoned nodes (and other tenants' nodes when a tenant is given)
   are traversed for connectivity but never enter the results.
+- A freed row is reused only after no list has pointed at it for a grace period the caller enforces
+  (neurondb/index/store.py, REUSE_GRACE), longer than any one search takes: so a search never finds a
+  reused row through a link it read before the row was freed, and never returns a new vector under the
+  label it had when the search saw it. The reused row is written under a tombstone (traversed, never
+  returned) and published by clearing the tombstone after a fence.
 - `update` never rewrites a published vector: the new vector goes to a new row, and the old row is
   tombstoned in the same publication step (see `update`). So a reader never sees a torn vector.
 - header[H_WRITER] holds (id being inserted + 1) while an insert is in progress and 0 otherwise. A writer
@@ -131,6 +139,12 @@ H_LEVEL_CLAMPED = 16  # inserts whose level was cut because the pool was full
 H_MUTATIONS = 17  # inserts + deletes, ever (cheap change detector for snapshots and caches)
 H_MAGIC = 18
 H_VERSION = 19
+H_FREE = 20  # free slots (tombstone FREE): unlinked by maintenance, reused by later inserts
+
+# tombstones[i]
+LIVE = 0
+DELETED = 1  # deleted: still linked and traversed, never returned
+FREE = 2     # deleted and unlinked by maintenance (`free_deleted`): no list points at it; inserts reuse the row
 
 METRICS = {"l2": 0, "cosine": 1, "ip": 2}
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
@@ -749,9 +763,65 @@ def _connect(vectors, metric, lst, width, c, s, d_cs, tmp_d, tmp_i, sel_d, sel_i
 
 
 @njit(**_JIT)
+def _link_level(vectors, links0, levels, upper_offset, pool, tenants, tombstones, metric, n_pub, c, q, cur, cur_d,
+                lv, efc, visited, cand_d, cand_i, bufs):
+    """Connect node c on level lv (hnswlib's insert step for one level): best-first search from (cur, cur_d)
+    with efc candidates, c's list chosen by the heuristic, back-links added to each chosen neighbour (whose
+    list is re-selected if full). Returns the closest neighbour found, where the next level down starts."""
+    top_d, top_i, sd, si, sel_d, sel_i, tmp_d, tmp_i, sel2_d, sel2_i, nbuf = bufs
+    m = pool.shape[1] - 1
+    maxm0 = links0.shape[1] - 1
+    filtering = True      # link to live nodes only, however many tombstones the walk passes
+    ntop = _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, n_pub,
+                         cur, cur_d, lv, efc, np.int64(-1), filtering, visited, cand_d, cand_i, top_d, top_i, nbuf)
+    nsorted = 0
+    while ntop > 0:           # ascending, skipping c itself (found when c is re-linked by maintenance)
+        if top_i[0] != c:
+            sd[nsorted] = top_d[0]
+            si[nsorted] = top_i[0]
+            nsorted += 1
+        ntop = _heap_pop(top_d, top_i, ntop)
+    for a in range(nsorted // 2):
+        b = nsorted - 1 - a
+        sd[a], sd[b] = sd[b], sd[a]
+        si[a], si[b] = si[b], si[a]
+    if nsorted == 0:          # everything reachable is deleted: link to where we are
+        if cur == c:
+            return cur, cur_d
+        sd[0] = cur_d
+        si[0] = cur
+        nsorted = 1
+    nsel = _heuristic(vectors, metric, sd, si, nsorted, m, sel_d, sel_i)
+    width = maxm0 if lv == 0 else m
+    own = _list_of(lv, c, links0, upper_offset, levels, pool)
+    for r in range(nsel):
+        own[1 + r] = sel_i[r]
+    own[0] = nsel
+    for r in range(nsel):
+        s = np.int64(sel_i[r])
+        other = _list_of(lv, s, links0, upper_offset, levels, pool)
+        if other.shape[0] == 0:
+            continue
+        _connect(vectors, metric, other, width, c, s, sel_d[r], tmp_d, tmp_i, sel2_d, sel2_i)
+    return np.int64(sel_i[0]), sel_d[0]
+
+
+@njit(**_JIT)
+def _link_buffers(efc, m, maxm0):
+    return (np.empty(efc + 1, np.float32), np.empty(efc + 1, np.int32), np.empty(efc + 1, np.float32),
+            np.empty(efc + 1, np.int32), np.empty(maxm0 + 1, np.float32), np.empty(maxm0 + 1, np.int32),
+            np.empty(maxm0 + 2, np.float32), np.empty(maxm0 + 2, np.int32), np.empty(maxm0 + 2, np.float32),
+            np.empty(maxm0 + 2, np.int32), np.empty(maxm0 + m + 2, np.int32))
+
+
+@njit(**_JIT)
 def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
-                new_vecs, new_labels, new_tenants, replace_ids, visited, cand_d, cand_i, out_ids):
-    """Insert new_vecs[t] (already normalised for cosine) one by one; returns how many were inserted."""
+                new_vecs, new_labels, new_tenants, replace_ids, slots, visited, cand_d, cand_i, out_ids):
+    """Insert new_vecs[t] (already normalised for cosine) one by one; returns how many were inserted.
+
+    slots[t] >= 0 reuses that free slot (tombstone FREE: unlinked by maintenance, see `free_deleted`) instead
+    of appending a row. Such a row is below the published count, so it is written under a tombstone (traversed,
+    never returned) and published by clearing the tombstone once its vector, label and links are complete."""
     n = new_vecs.shape[0]
     cap = vectors.shape[0]
     dim = vectors.shape[1]
@@ -761,92 +831,122 @@ def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, 
     efc = max(header[H_EF_CONSTRUCTION], 1)
     mult = 1.0 / math.log(max(m, 2))
     pool_cap = pool.shape[0]
-    top_d = np.empty(efc + 1, np.float32)
-    top_i = np.empty(efc + 1, np.int32)
-    sd = np.empty(efc + 1, np.float32)
-    si = np.empty(efc + 1, np.int32)
-    sel_d = np.empty(maxm0 + 1, np.float32)
-    sel_i = np.empty(maxm0 + 1, np.int32)
-    tmp_d = np.empty(maxm0 + 2, np.float32)
-    tmp_i = np.empty(maxm0 + 2, np.int32)
-    sel2_d = np.empty(maxm0 + 2, np.float32)
-    sel2_i = np.empty(maxm0 + 2, np.int32)
-    nbuf = np.empty(maxm0 + m + 2, np.int32)
-    no_tenant = np.int64(-1)
+    bufs = _link_buffers(efc, m, maxm0)
     for t in range(n):
-        c = header[H_COUNT]
-        if c >= cap:
+        count = header[H_COUNT]
+        c = slots[t]
+        reuse = c >= 0
+        if not reuse:
+            c = count
+            if c >= cap:
+                return t
+        elif c >= count or tombstones[c] != FREE:
             return t
         header[H_WRITER] = c + 1
         level = _random_level(header, mult)
+        old_level = np.int64(levels[c]) if reuse else np.int64(0)
+        old_off = upper_offset[c] if reuse else -1
+        if reuse:             # from now on a deleted node (what repair assumes if we die here)
+            tombstones[c] = DELETED
+            header[H_FREE] -= 1
+            header[H_DELETED] += 1
         pool_used = header[H_POOL_USED]
-        if level > pool_cap - pool_used:
-            level = pool_cap - pool_used
-            header[H_LEVEL_CLAMPED] += 1
-        # write the node (unpublished: readers ignore ids >= count)
+        if level > 0 and old_off >= 0 and level <= old_level:
+            off = np.int64(old_off)               # the freed node's upper rows fit
+        elif level > 0:
+            if level > pool_cap - pool_used:
+                if old_off >= 0:
+                    level = old_level
+                    off = np.int64(old_off)
+                else:
+                    level = pool_cap - pool_used
+                    off = pool_used
+                header[H_LEVEL_CLAMPED] += 1
+            else:
+                off = pool_used
+            if off == pool_used:
+                header[H_POOL_USED] = pool_used + level
+        else:
+            off = np.int64(-1)
+        # write the node (unpublished: readers ignore ids >= count, and never return a tombstoned node)
         for j in range(dim):
             vectors[c, j] = new_vecs[t, j]
         labels[c] = new_labels[t]
         tenants[c] = new_tenants[t]
-        tombstones[c] = 0
         links0[c, 0] = 0
-        if level > 0:
-            upper_offset[c] = pool_used
-            for lv in range(level):
-                pool[pool_used + lv, 0] = 0
-            header[H_POOL_USED] = pool_used + level
-        else:
-            upper_offset[c] = -1
+        for lv in range(level):
+            pool[off + lv, 0] = 0
+        upper_offset[c] = off if level > 0 else -1
         levels[c] = level
+        if not reuse:
+            tombstones[c] = 0
         ep = header[H_ENTRY]
         maxl = header[H_MAX_LEVEL]
         q = vectors[c]
         if ep >= 0:
-            filtering = header[H_DELETED] > 0
             cur = ep
             cur_d = _dist(vectors, ep, q, metric)
             if level < maxl:
-                cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, c, cur, cur_d, maxl, level)
+                cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, count, cur, cur_d, maxl, level)
             for lv in range(min(level, maxl), -1, -1):
-                ntop = _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, c,
-                                     cur, cur_d, lv, efc, no_tenant, filtering, visited, cand_d, cand_i, top_d,
-                                     top_i, nbuf)
-                if ntop == 0:  # everything reachable is deleted: link to where we are
-                    top_d[0] = cur_d
-                    top_i[0] = cur
-                    ntop = 1
-                # sorted ascending
-                nsorted = ntop
-                while ntop > 0:
-                    sd[ntop - 1] = top_d[0]
-                    si[ntop - 1] = top_i[0]
-                    ntop = _heap_pop(top_d, top_i, ntop)
-                nsel = _heuristic(vectors, metric, sd, si, nsorted, m, sel_d, sel_i)
-                width = maxm0 if lv == 0 else m
-                own = _list_of(lv, c, links0, upper_offset, levels, pool)
-                for r in range(nsel):
-                    own[1 + r] = sel_i[r]
-                own[0] = nsel
-                for r in range(nsel):
-                    s = np.int64(sel_i[r])
-                    other = _list_of(lv, s, links0, upper_offset, levels, pool)
-                    if other.shape[0] == 0:
-                        continue
-                    _connect(vectors, metric, other, width, c, s, sel_d[r], tmp_d, tmp_i, sel2_d, sel2_i)
-                cur = np.int64(sel_i[0])
-                cur_d = sel_d[0]
+                cur, cur_d = _link_level(vectors, links0, levels, upper_offset, pool, tenants, tombstones, metric,
+                                         count, c, q, cur, cur_d, lv, efc, visited, cand_d, cand_i, bufs)
         r = replace_ids[t]
-        if r >= 0 and r < c and tombstones[r] == 0:
-            tombstones[r] = 1
+        if r >= 0 and r < count and tombstones[r] == 0:
+            tombstones[r] = DELETED
             header[H_DELETED] += 1
         out_ids[t] = c
-        _store_release(header, H_COUNT, c + 1)  # publish
+        if reuse:
+            _store_release(header, H_MUTATIONS, header[H_MUTATIONS] + 1)   # a fence: the node is complete
+            tombstones[c] = 0                                               # publish
+            header[H_DELETED] -= 1
+        else:
+            _store_release(header, H_COUNT, c + 1)  # publish
+            header[H_MUTATIONS] += 1
         if ep < 0 or level > maxl:
             _store_release(header, H_MAX_LEVEL, level)
             _store_release(header, H_ENTRY, c)
-        header[H_MUTATIONS] += 1
         header[H_WRITER] = 0
     return n
+
+
+@njit(**_JIT)
+def _fix_entry(header, levels, tombstones, n_pub):
+    """Make the entry point a live node of the highest level among live nodes (a deleted one if none is live;
+    none if every row is free), and the max level its level. Returns whether it changed."""
+    ep = header[H_ENTRY]
+    best = np.int64(-1)
+    for want in (LIVE, DELETED):
+        for i in range(n_pub):
+            if tombstones[i] == want and (best < 0 or levels[i] > levels[best]):
+                best = i
+        if best >= 0:
+            break
+    if 0 <= ep < n_pub and best >= 0 and tombstones[ep] == tombstones[best] and levels[ep] >= levels[best] \
+            and header[H_MAX_LEVEL] == np.int64(levels[ep]):
+        return False
+    if best < 0:
+        if ep < 0:
+            return False
+        _store_release(header, H_ENTRY, -1)
+        _store_release(header, H_MAX_LEVEL, -1)
+        return True
+    _store_release(header, H_MAX_LEVEL, np.int64(levels[best]))
+    _store_release(header, H_ENTRY, best)
+    return True
+
+
+@njit(**_JIT)
+def _recount(header, tombstones, n_pub):
+    deleted = 0
+    free = 0
+    for i in range(n_pub):
+        if tombstones[i] == DELETED:
+            deleted += 1
+        elif tombstones[i] == FREE:
+            free += 1
+    header[H_DELETED] = deleted
+    header[H_FREE] = free
 
 
 @njit(**_JIT)
@@ -869,7 +969,7 @@ def _repair_kernel(header, links0, levels, upper_offset, pool, tombstones):
             w = 0
             for j in range(1, cnt + 1):
                 nb = lst[j]
-                keep = 0 <= nb < n_pub and nb != i
+                keep = 0 <= nb < n_pub and nb != i and tombstones[nb] != FREE
                 for x in range(1, w + 1):
                     if lst[x] == nb:
                         keep = False
@@ -880,20 +980,8 @@ def _repair_kernel(header, links0, levels, upper_offset, pool, tombstones):
                 lst[1 + w] = nb
                 w += 1
             lst[0] = w
-    if n_pub > 0:
-        ep = header[H_ENTRY]
-        best = ep if 0 <= ep < n_pub else 0
-        for i in range(n_pub):
-            if levels[i] > levels[best]:
-                best = i
-        if best != ep or header[H_MAX_LEVEL] != np.int64(levels[best]):
-            _store_release(header, H_MAX_LEVEL, np.int64(levels[best]))
-            _store_release(header, H_ENTRY, best)
-    deleted = 0
-    for i in range(n_pub):
-        if tombstones[i] != 0:
-            deleted += 1
-    header[H_DELETED] = deleted
+    _fix_entry(header, levels, tombstones, n_pub)
+    _recount(header, tombstones, n_pub)
     header[H_WRITER] = 0
     return removed
 
@@ -912,6 +1000,436 @@ def _edge_counts(header, links0, levels, upper_offset, pool):
             if lst.shape[0] > 0:
                 eu += min(max(np.int64(lst[0]), 0), maxm)
     return e0, eu
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maintenance kernels (neurondb/index/maintenance.py drives them, in bounded slices, as the one writer)
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _list_is_dirty(lst, width, i, n_pub, tombstones):
+    cnt = min(max(np.int64(lst[0]), 0), width)
+    for j in range(1, cnt + 1):
+        nb = np.int64(lst[j])
+        if nb < 0 or nb >= n_pub or nb == i or tombstones[nb] != LIVE:
+            return True
+    return False
+
+
+@njit(**_JIT)
+def _repair_list(header, vectors, links0, levels, upper_offset, pool, tenants, tombstones, metric, n_pub, p, lv,
+                 lst, width, efc, visited, cand_d, cand_i, bufs, cd, ci, sel_d, sel_i):
+    """Delete consolidation for one list: p's new neighbours on level lv are chosen by the HNSW heuristic
+    from its live neighbours, the live neighbours of its deleted ones (FreshDiskANN's candidates), and what
+    a search for p on that level finds (pgvector's repair: across a deleted region, p's best live neighbours
+    are often neither). Returns the distance computations (the work done)."""
+    top_d, top_i = bufs[0], bufs[1]
+    nbuf = bufs[10]
+    n = 0
+    work = 0
+    q = vectors[p]
+    ep = _load_acquire(header, H_ENTRY)     # live: maintenance moves it off deleted nodes first (fix_entry)
+    if 0 <= ep < n_pub and ep != p and tombstones[ep] == LIVE and np.int64(levels[ep]) >= lv:
+        cur_d = _dist(vectors, ep, q, metric)
+        cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, ep, cur_d,
+                             np.int64(levels[ep]), lv)
+        ntop = _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, n_pub,
+                             cur, cur_d, lv, efc, np.int64(-1), True, visited, cand_d, cand_i, top_d, top_i, nbuf)
+        work += efc * width
+        while ntop > 0:
+            if top_i[0] != p:
+                cd[n] = top_d[0]
+                ci[n] = top_i[0]
+                n += 1
+            ntop = _heap_pop(top_d, top_i, ntop)
+    tag = _next_tag(visited)
+    visited[p] = tag
+    for t in range(n):
+        visited[ci[t]] = tag
+    cnt = min(max(np.int64(lst[0]), 0), width)
+    for j in range(1, cnt + 1):
+        nb = np.int64(lst[j])
+        if nb < 0 or nb >= n_pub or visited[nb] == tag:
+            continue
+        visited[nb] = tag
+        if tombstones[nb] == LIVE:
+            cd[n] = _dist2(vectors, p, nb, metric)
+            ci[n] = nb
+            n += 1
+        elif tombstones[nb] == DELETED:
+            other = _list_of(lv, nb, links0, upper_offset, levels, pool)
+            if other.shape[0] == 0:
+                continue
+            c2 = min(max(np.int64(other[0]), 0), other.shape[0] - 1)
+            for j2 in range(1, c2 + 1):
+                x = np.int64(other[j2])
+                if 0 <= x < n_pub and visited[x] != tag and tombstones[x] == LIVE:
+                    visited[x] = tag
+                    cd[n] = _dist2(vectors, p, x, metric)
+                    ci[n] = x
+                    n += 1
+    work += n
+    order = np.argsort(cd[:n])
+    sd = cd[:n][order]
+    si = ci[:n][order]
+    nret = _heuristic(vectors, metric, sd, si, n, width, sel_d, sel_i)
+    # Fill the rest of the list with the nearest candidates the heuristic passed over: in a graph built by
+    # inserts, lists fill up to their width with back-links (appended without the heuristic while there is
+    # room), and a repaired list as sparse as the heuristic alone leaves it costs recall at a given ef.
+    if nret < width:
+        tag = _next_tag(visited)
+        for r in range(nret):
+            visited[sel_i[r]] = tag
+        for t in range(n):
+            if nret >= width:
+                break
+            if visited[si[t]] != tag:
+                sel_d[nret] = sd[t]
+                sel_i[nret] = si[t]
+                nret += 1
+    for r in range(nret):
+        lst[1 + r] = sel_i[r]
+    lst[0] = nret
+    tmp_d, tmp_i, sel2_d, sel2_i = bufs[6], bufs[7], bufs[8], bufs[9]
+    for r in range(nret):       # and back-links, as an insert makes them: the new neighbours point back at p
+        s = np.int64(lst[1 + r])
+        other = _list_of(lv, s, links0, upper_offset, levels, pool)
+        if other.shape[0] > 0:
+            _connect(vectors, metric, other, width, p, s, _dist2(vectors, p, s, metric), tmp_d, tmp_i, sel2_d,
+                     sel2_i)
+            work += width
+    return work
+
+
+@njit(**_JIT)
+def _consolidate_kernel(header, vectors, links0, levels, upper_offset, pool, tenants, tombstones, start, budget,
+                        visited, cand_d, cand_i):
+    """Repair every list of the live nodes from `start` on that points at a deleted, free or invalid id,
+    until `budget` distance computations have been spent. Returns (next node, lists repaired, work)."""
+    n_pub = min(header[H_COUNT], links0.shape[0])
+    metric = header[H_METRIC]
+    m = pool.shape[1] - 1
+    maxm0 = links0.shape[1] - 1
+    efc = max(header[H_EF_CONSTRUCTION], 1)
+    bufs = _link_buffers(efc, m, maxm0)
+    size = efc + 2 + maxm0 * (maxm0 + 1)
+    cd = np.empty(size, np.float32)
+    ci = np.empty(size, np.int32)
+    sel_d = np.empty(maxm0 + 1, np.float32)
+    sel_i = np.empty(maxm0 + 1, np.int32)
+    work = np.int64(0)
+    repaired = np.int64(0)
+    i = np.int64(start)
+    while i < n_pub and work < budget:
+        if tombstones[i] == LIVE:
+            for lv in range(np.int64(levels[i]) + 1):
+                lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+                width = maxm0 if lv == 0 else m
+                if lst.shape[0] > 0 and _list_is_dirty(lst, width, i, n_pub, tombstones):
+                    work += _repair_list(header, vectors, links0, levels, upper_offset, pool, tenants, tombstones,
+                                         metric, n_pub, i, lv, lst, width, efc, visited, cand_d, cand_i, bufs, cd,
+                                         ci, sel_d, sel_i) + 1
+                    repaired += 1
+        work += 1
+        i += 1
+    return i, repaired, work
+
+
+@njit(**_JIT)
+def _free_kernel(header, links0, levels, upper_offset, pool, tombstones, out_freed):
+    """Free every deleted node no live list points at (and that is not the entry point): clear its lists and
+    make it FREE; links other deleted nodes still have to it are dropped. Returns how many were freed."""
+    n_pub = min(header[H_COUNT], links0.shape[0])
+    maxm0 = links0.shape[1] - 1
+    m = pool.shape[1] - 1
+    held = np.zeros(n_pub, np.uint8)
+    for i in range(n_pub):
+        if tombstones[i] != LIVE:
+            continue
+        for lv in range(np.int64(levels[i]) + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] == 0:
+                continue
+            cnt = min(max(np.int64(lst[0]), 0), maxm0 if lv == 0 else m)
+            for j in range(1, cnt + 1):
+                nb = np.int64(lst[j])
+                if 0 <= nb < n_pub:
+                    held[nb] = 1
+    ep = header[H_ENTRY]
+    if 0 <= ep < n_pub:
+        held[ep] = 1
+    nfree = 0
+    for i in range(n_pub):
+        if tombstones[i] == DELETED and held[i] == 0:
+            out_freed[nfree] = i
+            nfree += 1
+            held[i] = 2
+    for i in range(n_pub):           # deleted nodes that stay: forget the freed ones
+        if tombstones[i] != DELETED or held[i] == 2:
+            continue
+        for lv in range(np.int64(levels[i]) + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] == 0:
+                continue
+            cnt = min(max(np.int64(lst[0]), 0), maxm0 if lv == 0 else m)
+            w = 0
+            for j in range(1, cnt + 1):
+                nb = np.int64(lst[j])
+                if 0 <= nb < n_pub and held[nb] != 2:
+                    lst[1 + w] = nb
+                    w += 1
+            lst[0] = w
+    for t in range(nfree):
+        i = out_freed[t]
+        links0[i, 0] = 0
+        for lv in range(1, np.int64(levels[i]) + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] > 0:
+                lst[0] = 0
+        tombstones[i] = FREE
+    _recount(header, tombstones, n_pub)
+    header[H_MUTATIONS] += 1
+    return nfree
+
+
+@njit(**_JIT)
+def _fragmentation_kernel(header, links0, levels, upper_offset, pool, tombstones, level_live, out_nodes):
+    """The graph's health figures (see `fragmentation`): returns (live edges on level 0, of them to non-live
+    nodes, live nodes without a live out-edge, live nodes unreachable from the entry point over live
+    level-0 edges, invalid links (out of range, self, duplicate, to a free row) of live nodes, entry point
+    live, a live node on the top level, nodes written to out_nodes (unreachable or without out-edge)).
+    level_live[L] counts live nodes whose top level is L."""
+    n_pub = min(header[H_COUNT], links0.shape[0])
+    maxm0 = links0.shape[1] - 1
+    m = pool.shape[1] - 1
+    edges = np.int64(0)
+    dead = np.int64(0)
+    no_out = np.int64(0)
+    invalid = np.int64(0)
+    nout = np.int64(0)
+    for i in range(n_pub):
+        if tombstones[i] != LIVE:
+            continue
+        lvl = np.int64(levels[i])
+        if lvl < level_live.shape[0]:
+            level_live[lvl] += 1
+        for lv in range(lvl + 1):
+            lst = _list_of(lv, i, links0, upper_offset, levels, pool)
+            if lst.shape[0] == 0:
+                continue
+            cnt = min(max(np.int64(lst[0]), 0), maxm0 if lv == 0 else m)
+            live_out = 0
+            for j in range(1, cnt + 1):
+                nb = np.int64(lst[j])
+                bad = nb < 0 or nb >= n_pub or nb == i
+                if not bad:
+                    if tombstones[nb] == FREE:
+                        bad = True
+                    for x in range(1, j):
+                        if lst[x] == nb:
+                            bad = True
+                            break
+                if bad:
+                    invalid += 1
+                    continue
+                if lv == 0:
+                    edges += 1
+                    if tombstones[nb] != LIVE:
+                        dead += 1
+                    else:
+                        live_out += 1
+            if lv == 0 and live_out == 0:
+                no_out += 1
+                if nout < out_nodes.shape[0]:
+                    out_nodes[nout] = i
+                    nout += 1
+    # BFS from the entry point over live level-0 edges
+    ep = header[H_ENTRY]
+    seen = np.zeros(n_pub, np.uint8)
+    queue = np.empty(n_pub + 1, np.int64)
+    reached = np.int64(0)
+    entry_live = 0 <= ep < n_pub and tombstones[ep] == LIVE
+    if 0 <= ep < n_pub:
+        head = 0
+        tail = 1
+        queue[0] = ep
+        seen[ep] = 1
+        while head < tail:
+            c = queue[head]
+            head += 1
+            if tombstones[c] == LIVE:
+                reached += 1
+            cnt = min(max(np.int64(links0[c, 0]), 0), maxm0)
+            for j in range(1, cnt + 1):
+                nb = np.int64(links0[c, j])
+                if 0 <= nb < n_pub and seen[nb] == 0 and tombstones[nb] == LIVE:
+                    seen[nb] = 1
+                    queue[tail] = nb
+                    tail += 1
+    unreachable = np.int64(0)
+    for i in range(n_pub):
+        if tombstones[i] == LIVE and seen[i] == 0:
+            unreachable += 1
+            if nout < out_nodes.shape[0] and links0[i, 0] > 0:   # (no out-edge: already listed)
+                out_nodes[nout] = i
+                nout += 1
+    maxl = header[H_MAX_LEVEL]
+    top_live = False
+    for i in range(n_pub):
+        if tombstones[i] == LIVE and np.int64(levels[i]) >= maxl:
+            top_live = True
+            break
+    return edges, dead, no_out, unreachable, invalid, entry_live, top_live, nout
+
+
+@njit(**_JIT)
+def _relink_kernel(header, vectors, links0, levels, upper_offset, tenants, tombstones, pool, nodes, top, visited,
+                   cand_d, cand_i):
+    """Give each live node of `nodes` new links on levels 0..its top level, or only on levels above `top`
+    when top >= 0 (a promoted node), found as an insert finds them: greedy descent from the entry point, a
+    best-first search per level, the heuristic, back-links. A node none of its new neighbours keeps a link to
+    (the heuristic dropped it from their full lists) gets one by force in its nearest neighbour's list, in
+    place of that list's farthest member, so it is reachable. Returns the forced links."""
+    n_pub = min(header[H_COUNT], links0.shape[0])
+    metric = header[H_METRIC]
+    m = pool.shape[1] - 1
+    maxm0 = links0.shape[1] - 1
+    efc = max(header[H_EF_CONSTRUCTION], 1)
+    bufs = _link_buffers(efc, m, maxm0)
+    forced = 0
+    for t in range(nodes.shape[0]):
+        c = np.int64(nodes[t])
+        ep = header[H_ENTRY]
+        if not (0 <= c < n_pub) or tombstones[c] != LIVE or ep < 0 or ep == c:
+            continue
+        maxl = header[H_MAX_LEVEL]
+        level = np.int64(levels[c])
+        low = top + 1 if top >= 0 else 0
+        q = vectors[c]
+        cur = ep
+        cur_d = _dist(vectors, ep, q, metric)
+        if level < maxl:
+            cur, cur_d = _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, cur, cur_d, maxl, level)
+        for lv in range(min(level, maxl), low - 1, -1):
+            cur, cur_d = _link_level(vectors, links0, levels, upper_offset, pool, tenants, tombstones, metric,
+                                     n_pub, c, q, cur, cur_d, lv, efc, visited, cand_d, cand_i, bufs)
+        if low == 0:
+            cnt = min(max(np.int64(links0[c, 0]), 0), maxm0)
+            kept = False
+            for j in range(1, cnt + 1):
+                s = np.int64(links0[c, j])
+                sc = min(max(np.int64(links0[s, 0]), 0), maxm0)
+                for x in range(1, sc + 1):
+                    if links0[s, x] == c:
+                        kept = True
+                        break
+                if kept:
+                    break
+            if not kept and cnt > 0:
+                s = np.int64(links0[c, 1])
+                sc = min(max(np.int64(links0[s, 0]), 0), maxm0)
+                if sc < maxm0:
+                    links0[s, 1 + sc] = c
+                    links0[s, 0] = sc + 1
+                else:
+                    links0[s, sc] = c
+                forced += 1
+        if level > maxl:
+            _store_release(header, H_MAX_LEVEL, level)
+            _store_release(header, H_ENTRY, c)
+    header[H_MUTATIONS] += 1
+    return forced
+
+
+@njit(**_JIT)
+def _promote_kernel(header, levels, upper_offset, pool, tombstones, level_live, target, mult):
+    """Level rebalancing: while level L >= 1 holds fewer than half the live nodes the level distribution
+    expects (live * M^-L), promote live nodes of level L-1 to L (a new block of upper rows, the old lists
+    copied, the new level's list empty until `_relink_kernel` links it). Nodes are picked with the index's
+    level generator. Returns the number of nodes written to target (node ids; their old top level is
+    levels - 1)."""
+    n_pub = min(header[H_COUNT], levels.shape[0])
+    live = np.int64(0)
+    for L in range(level_live.shape[0]):
+        live += level_live[L]
+    at_least = np.zeros(level_live.shape[0] + 1, np.int64)
+    for L in range(level_live.shape[0] - 1, -1, -1):
+        at_least[L] = at_least[L + 1] + level_live[L]
+    done = 0
+    pool_cap = pool.shape[0]
+    for L in range(1, level_live.shape[0]):
+        expected = live * math.exp(-L / mult)
+        if expected < 8 or at_least[L] >= expected * 0.5:
+            continue
+        want = np.int64(expected * 0.75) - at_least[L]
+        tries = 0
+        while want > 0 and tries < 50 * n_pub and done < target.shape[0]:
+            tries += 1
+            i = np.int64(_splitmix64(header) % np.uint64(n_pub))
+            if tombstones[i] != LIVE or np.int64(levels[i]) != L - 1:
+                continue
+            used = header[H_POOL_USED]
+            if used + L > pool_cap:
+                return done
+            old = upper_offset[i]
+            for lv in range(L - 1):
+                for j in range(pool.shape[1]):
+                    pool[used + lv, j] = pool[old + lv, j]
+            pool[used + L - 1, 0] = 0
+            header[H_POOL_USED] = used + L
+            upper_offset[i] = used     # the copy first, then the offset, then the level (readers read the
+            levels[i] = L              # level first: an old level with the new offset reads the same lists)
+            target[done] = i
+            done += 1
+            want -= 1
+            at_least[L] += 1
+    return done
+
+
+@njit(**_JIT)
+def _compact_kernel(src_vectors, src_links0, src_levels, src_upper, src_labels, src_tenants, src_tombstones,
+                    src_pool, live, remap, lo, hi, dst_header, dst_vectors, dst_links0, dst_levels, dst_upper,
+                    dst_labels, dst_tenants, dst_tombstones, dst_pool):
+    """Copy live[lo:hi] into rows lo..hi of a compact index, their links renumbered by `remap` (old id ->
+    new id, -1 for rows not copied, whose links are dropped). dst_header[H_POOL_USED] is the pool cursor."""
+    maxm0 = src_links0.shape[1] - 1
+    m = src_pool.shape[1] - 1
+    for j in range(lo, hi):
+        i = live[j]
+        for x in range(src_vectors.shape[1]):
+            dst_vectors[j, x] = src_vectors[i, x]
+        dst_labels[j] = src_labels[i]
+        dst_tenants[j] = src_tenants[i]
+        dst_tombstones[j] = LIVE if src_tombstones[i] == LIVE else DELETED
+        lvl = np.int64(src_levels[i])
+        dst_levels[j] = lvl
+        cnt = min(max(np.int64(src_links0[i, 0]), 0), maxm0)
+        w = 0
+        for k in range(1, cnt + 1):
+            nb = np.int64(src_links0[i, k])
+            if 0 <= nb < remap.shape[0] and remap[nb] >= 0 and remap[nb] != j:
+                dst_links0[j, 1 + w] = remap[nb]
+                w += 1
+        dst_links0[j, 0] = w
+        if lvl == 0 or src_upper[i] < 0:
+            dst_upper[j] = -1
+            dst_levels[j] = 0 if src_upper[i] < 0 else lvl
+            continue
+        off = dst_header[H_POOL_USED]
+        dst_upper[j] = off
+        dst_header[H_POOL_USED] = off + lvl
+        for lv in range(1, lvl + 1):
+            row = np.int64(src_upper[i]) + lv - 1
+            cnt = min(max(np.int64(src_pool[row, 0]), 0), m)
+            w = 0
+            for k in range(1, cnt + 1):
+                nb = np.int64(src_pool[row, k])
+                if 0 <= nb < remap.shape[0] and remap[nb] >= 0 and remap[nb] != j:
+                    dst_pool[off + lv - 1, 1 + w] = remap[nb]
+                    w += 1
+            dst_pool[off + lv - 1, 0] = w
+    return hi
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -956,24 +1474,31 @@ def _prepare(arrays: HnswArrays, x: np.ndarray, what: str, check_finite: bool = 
     return x
 
 
-def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, _replace=None) -> np.ndarray:
+def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, slots=None,
+              _replace=None) -> np.ndarray:
     """Insert vectors (n, dim) with the caller's labels (n,) and optional tenants (n,) (-1 = none);
-    returns their internal ids. Single-threaded; the caller must be the only writer. Raises if the
-    index is full (grow it first) or if a vector is not finite."""
+    returns their internal ids. `slots` (n,): a FREE row to reuse for each vector, or -1 to append one
+    (the caller enforces the reuse grace period; see the module doc). Single-threaded; the caller must be
+    the only writer. Raises if the index is full (grow it first), if a slot is not free, or if a vector is
+    not finite."""
     vecs = _prepare(arrays, vectors, "vectors")
     n = vecs.shape[0]
     labels = np.ascontiguousarray(np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,)))
     tenants = np.full(n, -1, np.int32) if tenants is None else np.ascontiguousarray(
         np.broadcast_to(np.asarray(tenants, dtype=np.int32), (n,)))
     replace = np.full(n, -1, np.int64) if _replace is None else np.ascontiguousarray(_replace, dtype=np.int64)
-    if arrays.count + n > arrays.capacity:
+    slots = np.full(n, -1, np.int64) if slots is None else np.ascontiguousarray(slots, dtype=np.int64)
+    if arrays.count + int(np.count_nonzero(slots < 0)) > arrays.capacity:
         raise OverflowError(f"index full: {arrays.count} + {n} > capacity {arrays.capacity}; grow it first")
     if int(arrays.header[H_WRITER]) != 0:
         raise RuntimeError("a previous insert did not finish (writer died?); call repair() first")
     out = np.full(n, -1, np.int64)
     s = _scratch(arrays.capacity)
-    done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, s.visited, s.cand_d, s.cand_i, out)
+    done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, slots, s.visited, s.cand_d, s.cand_i,
+                       out)
     if done != n:
+        if slots[done] >= 0:
+            raise ValueError(f"slot {int(slots[done])} is not a free row (inserted {done} of {n})")
         raise OverflowError(f"index full after {done} of {n} inserts")
     return out
 
@@ -1030,17 +1555,17 @@ def mark_deleted(arrays: HnswArrays, internal_id: int) -> bool:
     return True
 
 
-def update(arrays: HnswArrays, internal_id: int, vector: np.ndarray) -> int:
+def update(arrays: HnswArrays, internal_id: int, vector: np.ndarray, slot: int = -1) -> int:
     """Change a node's vector: delete + insert into a new row (hnswlib's updatePoint rewrites the vector
     in place, which a lock-free reader in another process could see half-written). The new row gets the
     same label and tenant; the old row is tombstoned in the same step that publishes the new one, so a
-    reader sees exactly one of them. Returns the new internal id. Rows are reclaimed by `rebuild`."""
+    reader sees exactly one of them. Returns the new internal id. `slot`: a free row to reuse (-1: append)."""
     i = int(internal_id)
     if not 0 <= i < arrays.count:
         raise IndexError(f"internal id {i} is not a published node (count {arrays.count})")
     if arrays.tombstones[i]:
         raise KeyError(f"internal id {i} is deleted")
-    return int(add_items(arrays, vector, arrays.labels[i], arrays.tenants[i], _replace=[i])[0])
+    return int(add_items(arrays, vector, arrays.labels[i], arrays.tenants[i], slots=[slot], _replace=[i])[0])
 
 
 def find_labels(arrays: HnswArrays, labels) -> np.ndarray:
@@ -1078,11 +1603,13 @@ def stats(arrays: HnswArrays) -> dict:
     n = a.count
     e0, eu = _edge_counts(a.header, a.links0, a.levels, a.upper_offset, a.pool)
     hist = np.bincount(a.levels[:n].astype(np.int64), minlength=1) if n else np.zeros(1, np.int64)
-    deleted = int(np.count_nonzero(a.tombstones[:n]))
+    deleted = int(np.count_nonzero(a.tombstones[:n] == DELETED))
+    free = int(np.count_nonzero(a.tombstones[:n] == FREE))
     return {
         "count": n,
-        "live": n - deleted,
+        "live": n - deleted - free,
         "deleted": deleted,
+        "free": free,
         "capacity": a.capacity,
         "dim": a.dim,
         "m": a.m,
@@ -1109,13 +1636,9 @@ def edge_count(arrays: HnswArrays) -> int:
     return int(e0 + eu)
 
 
-def level_histogram(arrays: HnswArrays) -> np.ndarray:
-    n = arrays.count
-    return np.bincount(arrays.levels[:n].astype(np.int64), minlength=1)
-
-
 def tombstone_count(arrays: HnswArrays) -> int:
-    return int(np.count_nonzero(arrays.tombstones[: arrays.count]))
+    """Deleted nodes still in the graph (not yet freed by maintenance)."""
+    return int(np.count_nonzero(arrays.tombstones[: arrays.count] == DELETED))
 
 
 def _new_like(arrays: HnswArrays, capacity: int, upper_pool_capacity: int | None, buffer, **over) -> HnswArrays:
@@ -1175,9 +1698,160 @@ def rebuild(arrays: HnswArrays, capacity: int | None = None, upper_pool_capacity
     return b
 
 
-def compact(arrays: HnswArrays, capacity: int | None = None, buffer=None) -> HnswArrays:
-    """The maintenance worker's compaction: `rebuild` with the same parameters."""
-    return rebuild(arrays, capacity, buffer=buffer)
+# -- maintenance -------------------------------------------------------------------------------------
+
+
+def consolidate(arrays: HnswArrays, start: int = 0, budget: int = 2**62) -> tuple[int, int, int]:
+    """Delete consolidation from node `start` on, until about `budget` distance computations are spent:
+    every list of a live node that points at a deleted (or free, or invalid) id gets new neighbours chosen
+    by the heuristic from its live neighbours and those of its deleted ones. Safe while readers search
+    (lists are rewritten in place, ids first). Returns (next node to start from, lists repaired, work);
+    next == count when the pass is complete."""
+    a = arrays
+    s = _scratch(a.capacity)
+    nxt, repaired, work = _consolidate_kernel(a.header, a.vectors, a.links0, a.levels, a.upper_offset, a.pool,
+                                              a.tenants, a.tombstones, int(start), int(budget), s.visited,
+                                              s.cand_d, s.cand_i)
+    return int(nxt), int(repaired), int(work)
+
+
+def free_deleted(arrays: HnswArrays) -> np.ndarray:
+    """After a complete `consolidate` pass: move the entry point off deleted nodes, then free every deleted
+    node no live list points at (its lists cleared, tombstone FREE). Returns the freed internal ids, whose
+    rows `add_items(slots=...)` may reuse once the grace period has passed."""
+    a = arrays
+    n = a.count
+    _fix_entry(a.header, a.levels, a.tombstones, n)
+    out = np.empty(n, np.int64)
+    k = _free_kernel(a.header, a.links0, a.levels, a.upper_offset, a.pool, a.tombstones, out)
+    return out[:k].copy()
+
+
+def free_slots(arrays: HnswArrays) -> np.ndarray:
+    """Internal ids of the FREE rows."""
+    return np.flatnonzero(arrays.tombstones[: arrays.count] == FREE)
+
+
+def fix_entry(arrays: HnswArrays) -> bool:
+    """Entry-point repair: a live node of the highest live level. True if it moved."""
+    return bool(_fix_entry(arrays.header, arrays.levels, arrays.tombstones, arrays.count))
+
+
+# How much each part weighs in fragmentation_ratio: all are shares in [0, 1]; the ratio is their maximum,
+# so any one kind of damage is enough to call for maintenance.
+FRAGMENTATION_PARTS = ("tombstone_ratio", "dead_edge_ratio", "disconnected_ratio", "row_waste")
+MAX_RELINK = 100_000
+
+
+def fragmentation(arrays: HnswArrays) -> dict:
+    """How far the graph is from a fresh build of its live nodes (the maintenance worker's measure).
+
+    - tombstone_ratio: deleted nodes (still linked, walked by searches) / (live + deleted);
+    - dead_edge_ratio: level-0 edges of live nodes that point at non-live nodes / all of them;
+    - disconnected_ratio: live nodes with no live level-0 out-edge or not reachable from the entry point
+      (a BFS over live level-0 edges) / live nodes;
+    - row_waste: rows not holding a live node (deleted or free) / rows in use;
+    fragmentation_ratio is the maximum of the four. Also: free slots, invalid links (out of range, self,
+    duplicate, to a free row), whether the entry point and the top level are live, level_deficit (the
+    largest shortfall 1 - actual / expected of live nodes at level >= L, over levels where the geometric
+    distribution expects at least 8), the segment's bytes and those a compact copy would need."""
+    a = arrays
+    n = a.count
+    level_live = np.zeros(MAX_LEVEL + 1, np.int64)
+    nodes = np.empty(MAX_RELINK, np.int64)
+    edges, dead, no_out, unreachable, invalid, entry_live, top_live, nout = _fragmentation_kernel(
+        a.header, a.links0, a.levels, a.upper_offset, a.pool, a.tombstones, level_live, nodes)
+    deleted = int(np.count_nonzero(a.tombstones[:n] == DELETED))
+    free = int(np.count_nonzero(a.tombstones[:n] == FREE))
+    live = n - deleted - free
+    at_least = np.cumsum(level_live[::-1])[::-1]
+    mult = 1.0 / math.log(max(a.m, 2))
+    deficit = 0.0
+    for level in range(1, MAX_LEVEL + 1):
+        expected = live * math.exp(-level / mult)
+        if expected < 8:
+            break
+        deficit = max(deficit, 1.0 - at_least[level] / expected)
+    parts = {
+        "tombstone_ratio": deleted / (live + deleted) if live + deleted else 0.0,
+        "dead_edge_ratio": dead / edges if edges else 0.0,
+        "disconnected_ratio": min(1.0, (no_out + unreachable) / live) if live > 1 else 0.0,
+        "row_waste": (n - live) / n if n else 0.0,
+    }
+    compact_capacity = max(1024, int(live * 1.25) + 1)
+    return {
+        **parts,
+        "fragmentation_ratio": max(parts.values()),
+        "live": live, "deleted": deleted, "free": free, "count": n,
+        "edges_level0": int(edges), "dead_edges": int(dead), "no_out_edge": int(no_out),
+        "unreachable": int(unreachable), "invalid_links": int(invalid),
+        "entry_live": bool(entry_live) or live == 0, "top_level_live": bool(top_live) or live == 0,
+        "level_deficit": max(deficit, 0.0),
+        "memory_bytes": a.nbytes,
+        "compact_bytes": layout(compact_capacity, a.dim, a.m, default_pool_capacity(compact_capacity, a.m))[1],
+        "relink": nodes[:nout].copy(),
+    }
+
+
+def relink(arrays: HnswArrays, nodes: np.ndarray) -> int:
+    """Reconnect live nodes (unreachable, or without a live out-edge): new links found as an insert finds
+    them, and an in-link forced when no new neighbour keeps one. Returns the forced links."""
+    a = arrays
+    s = _scratch(a.capacity)
+    return int(_relink_kernel(a.header, a.vectors, a.links0, a.levels, a.upper_offset, a.tenants, a.tombstones,
+                              a.pool, np.ascontiguousarray(nodes, np.int64), np.int64(-1), s.visited, s.cand_d,
+                              s.cand_i))
+
+
+def rebalance(arrays: HnswArrays, limit: int = 10_000) -> int:
+    """Level rebalancing: where deletes thinned a level L >= 1 below half of what the level distribution
+    expects, promote live nodes of level L-1 (at most `limit`) and link them on their new level. Returns the
+    nodes promoted."""
+    a = arrays
+    n = a.count
+    level_live = np.bincount(a.levels[:n][a.tombstones[:n] == LIVE].astype(np.int64),
+                             minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
+    target = np.empty(limit, np.int64)
+    k = _promote_kernel(a.header, a.levels, a.upper_offset, a.pool, a.tombstones, level_live, target,
+                        1.0 / math.log(max(a.m, 2)))
+    s = _scratch(a.capacity)
+    for node in target[:k]:       # each on its new level only (the level below it had is linked already)
+        _relink_kernel(a.header, a.vectors, a.links0, a.levels, a.upper_offset, a.tenants, a.tombstones, a.pool,
+                       np.array([node], np.int64), np.int64(a.levels[node] - 1), s.visited, s.cand_d, s.cand_i)
+    return int(k)
+
+
+def compact_plan(arrays: HnswArrays) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a compact copy keeps (live nodes, in row order) and the old -> new id map (-1: dropped)."""
+    n = arrays.count
+    live = np.flatnonzero(arrays.tombstones[:n] == LIVE).astype(np.int64)
+    remap = np.full(n, -1, np.int64)
+    remap[live] = np.arange(len(live))
+    return live, remap
+
+
+def compact_rows(src: HnswArrays, dst: HnswArrays, live: np.ndarray, remap: np.ndarray, lo: int, hi: int) -> None:
+    """Copy live[lo:hi] into rows lo..hi of `dst` (a new, unpublished index of the same dim and M), links
+    renumbered; rows may be copied in slices while `src` keeps changing (the caller replays the changes)."""
+    _compact_kernel(src.vectors, src.links0, src.levels, src.upper_offset, src.labels, src.tenants, src.tombstones,
+                    src.pool, live, remap, int(lo), int(hi), dst.header, dst.vectors, dst.links0, dst.levels,
+                    dst.upper_offset, dst.labels, dst.tenants, dst.tombstones, dst.pool)
+
+
+def compact_finish(src: HnswArrays, dst: HnswArrays, remap: np.ndarray, rows: int) -> None:
+    """Make the copied rows of `dst` an index: entry point, counts, the level generator and ef of `src`."""
+    h, g = dst.header, src.header
+    entry = int(g[H_ENTRY])
+    new_entry = int(remap[entry]) if 0 <= entry < len(remap) else -1
+    for key in (H_RNG, H_LEVEL_CLAMPED, H_EF_SEARCH):
+        h[key] = g[key]
+    h[H_MUTATIONS] = g[H_MUTATIONS] + 1
+    h[H_GENERATION] = g[H_GENERATION] + 1
+    h[H_ENTRY] = new_entry
+    h[H_MAX_LEVEL] = int(dst.levels[new_entry]) if new_entry >= 0 else -1
+    h[H_COUNT] = rows
+    _fix_entry(h, dst.levels, dst.tombstones, rows)
+    _recount(h, dst.tombstones, rows)
 
 
 def kernels_cached() -> bool:
@@ -1202,6 +1876,17 @@ def warmup(dim: int = 8, readonly: bool = False) -> None:
     search(a, rng.standard_normal(dim).astype(np.float32), 5)
     stats(a)
     repair(a)
+    for i in range(0, 40, 3):
+        mark_deleted(a, i)
+    consolidate(a)
+    freed = free_deleted(a)
+    add_items(a, rng.standard_normal((2, dim)).astype(np.float32), [40, 41], slots=freed[:2])
+    relink(a, fragmentation(a)["relink"])
+    rebalance(a)
+    live, remap = compact_plan(a)
+    b = HnswArrays.allocate(64, dim, ef_construction=16)
+    compact_rows(a, b, live, remap, 0, len(live))
+    compact_finish(a, b, remap, len(live))
     if readonly:
         search(HnswArrays.from_buffer(bytes(a.buffer)), rng.standard_normal(dim).astype(np.float32), 5)
 
@@ -1211,16 +1896,24 @@ __all__ = [
     "METRICS",
     "HnswArrays",
     "add_items",
-    "compact",
+    "compact_finish",
+    "compact_plan",
+    "compact_rows",
+    "consolidate",
     "default_pool_capacity",
     "edge_count",
     "find_labels",
+    "fix_entry",
+    "fragmentation",
+    "free_deleted",
+    "free_slots",
     "grow",
     "layout",
-    "level_histogram",
     "mark_deleted",
     "needs_repair",
+    "rebalance",
     "rebuild",
+    "relink",
     "repair",
     "search",
     "search_many",

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 1024
 GROWTH = 2.0
+# A freed row is reused only after this long: far longer than one search takes, so no search still walking
+# from a link it read before maintenance unlinked the row can meet the row's new vector (hnsw.py's module
+# doc, concurrency contract).
+REUSE_GRACE = 2.0
 
 
 def index_key(name: str) -> str:
@@ -105,6 +112,8 @@ class IndexWriter:
         self._segment: Segment | None = None
         self._generation = 0                # the generation self.arrays belongs to
         self.ids: dict[int, int] = {}      # label (neurondb_vectors.id) -> internal id of its live node
+        self.free: deque[tuple[float, int]] = deque()   # (freed at, row) of FREE rows, oldest first
+        self.build: Build | None = None    # a compact copy or rebuild being written into the next generation
 
     # -- generations ----------------------------------------------------------------------------------
 
@@ -120,7 +129,7 @@ class IndexWriter:
         self.arrays = hnsw.HnswArrays.from_buffer(self._segment.ndarray(np.uint8, self._segment.size))
         if hnsw.needs_repair(self.arrays):
             hnsw.repair(self.arrays)
-        self._index_labels()
+        self._index_labels(fresh_free=True)
         return True
 
     def refresh(self) -> None:
@@ -130,16 +139,17 @@ class IndexWriter:
         if int(self.counter) != self._generation:
             self.attach_current()
         elif self.arrays is not None and (self.lock.dirty or hnsw.needs_repair(self.arrays)):
-            if hnsw.needs_repair(self.arrays):
-                hnsw.repair(self.arrays)
-            self._index_labels()        # the label map may be ahead of or behind the graph
+            hnsw.repair(self.arrays)      # also after a maintenance slice that raised half-way
+            self._index_labels(fresh_free=True)   # the label map may be ahead of or behind the graph
             self.lock.mark_clean()
         self.sweep()
 
     def sweep(self) -> None:
-        """Unlink every generation but the published one: a writer killed between creating the next one
-        and publishing it left that name taken (creating it again would fail forever) and its memory used."""
-        removed = unlink_stale_generations(self.base, int(self.counter))
+        """Unlink every generation but the published one (and the one this process is building): a writer
+        killed between creating the next one and publishing it left that name taken (creating it again would
+        fail forever) and its memory used."""
+        building = self.build.generation if self.build is not None else None
+        removed = unlink_stale_generations(self.base, int(self.counter), building)
         if removed:
             log.warning("index %s: removed %d generation(s) a killed writer left unpublished or not unlinked: %s",
                         self.spec.name, len(removed), ", ".join(removed))
@@ -151,35 +161,60 @@ class IndexWriter:
         arrays = hnsw.HnswArrays.create_in(segment.ndarray(np.uint8, segment.size), capacity, s.dim, m=s.m,
                                            ef_construction=s.ef_construction, metric=s.metric,
                                            ef_search=s.ef_search)
-        self._publish(segment, arrays)
+        self._publish(segment, arrays, fresh_free=True)
         return arrays
 
     def install(self, arrays: hnsw.HnswArrays) -> None:
         """Publish a graph built elsewhere (a snapshot, a rebuild) as the next generation."""
+        self.abort_build("the graph was replaced")
         segment = self._new_segment(arrays.capacity, arrays.pool.shape[0])
         dest = np.frombuffer(segment.ndarray(np.uint8, segment.size), dtype=np.uint8)
         src = np.frombuffer(arrays.buffer, dtype=np.uint8)
         dest[: src.size] = src[: dest.size]
-        self._publish(segment, hnsw.HnswArrays.from_buffer(segment.ndarray(np.uint8, segment.size)))
+        self._publish(segment, hnsw.HnswArrays.from_buffer(segment.ndarray(np.uint8, segment.size)), fresh_free=True)
 
     def _new_segment(self, capacity: int, pool: int | None = None) -> Segment:
         _, size = hnsw.layout(capacity, self.spec.dim, self.spec.m, pool)
         self.sweep()
         return Segment.create(generation_name(self.base, int(self.counter) + 1), size)
 
-    def _publish(self, segment: Segment, arrays: hnsw.HnswArrays) -> None:
+    def _publish(self, segment: Segment, arrays: hnsw.HnswArrays, fresh_free: bool) -> None:
         publish_generation(self.counter, self.base, int(self.counter) + 1)
         if self._segment is not None:
             self._segment.close()
         self._segment, self.arrays, self._generation = segment, arrays, int(self.counter)
-        self._index_labels()
+        self._index_labels(fresh_free)
 
-    def _index_labels(self) -> None:
+    def _index_labels(self, fresh_free: bool) -> None:
+        """The label map from the graph; with `fresh_free` also the free rows, each starting its grace period
+        now (a graph this process did not free itself may have been freed a moment ago). A grown copy keeps
+        its rows, so it keeps the free list as it was."""
         a = self.arrays
         assert a is not None
         n = a.count
         live = np.flatnonzero(a.tombstones[:n] == 0)
         self.ids = dict(zip(a.labels[live].tolist(), live.tolist(), strict=True))
+        if fresh_free:
+            now = time.monotonic()
+            self.free = deque((now, int(row)) for row in hnsw.free_slots(a))
+
+    def freed(self, rows: np.ndarray) -> None:
+        """Rows maintenance just freed: reusable after REUSE_GRACE."""
+        now = time.monotonic()
+        self.free.extend((now, int(row)) for row in rows)
+
+    def _reusable(self) -> int:
+        if self.build is not None:      # a row reused under a compaction's copy would change beneath it
+            return 0
+        limit = time.monotonic() - REUSE_GRACE
+        return sum(1 for at, _ in self.free if at <= limit)   # oldest first: stops mattering past the first young
+
+    def _take(self, n: int) -> list[int]:
+        limit = time.monotonic() - REUSE_GRACE
+        out = []
+        while self.build is None and self.free and len(out) < n and self.free[0][0] <= limit:
+            out.append(self.free.popleft()[1])
+        return out
 
     def ensure_room(self, extra: int) -> None:
         """Grow (into a new generation) when `extra` more nodes would not fit."""
@@ -189,37 +224,35 @@ class IndexWriter:
             return
         if a.count + extra <= a.capacity:
             return
+        self.abort_build("the graph had to grow")     # its generation number is the one growing takes
         capacity = max(int(a.capacity * GROWTH), a.count + extra)
         pool = hnsw.default_pool_capacity(capacity, a.m)
         segment = self._new_segment(capacity, pool)
         inject.point("index-grow")     # the window between creating the next generation and publishing it
         grown = hnsw.grow(a, capacity, pool, buffer=segment.ndarray(np.uint8, segment.size))
-        self._publish(segment, grown)
+        self._publish(segment, grown, fresh_free=False)
 
     # -- changes --------------------------------------------------------------------------------------
 
     def upsert(self, labels: np.ndarray, vectors: np.ndarray, tenants: np.ndarray) -> None:
-        """Insert new labels, replace the vectors of known ones (a new node; the old one is tombstoned)."""
-        self.ensure_room(len(labels))
+        """Insert new labels, replace the vectors of known ones (a new node; the old one is tombstoned).
+        New nodes take free rows past their grace period first, and append only for the rest."""
+        if self.arrays is not None:
+            self.ensure_room(max(len(labels) - self._reusable(), 0))
+        else:
+            self.ensure_room(len(labels))
         a = self.arrays
         assert a is not None
-        new = [i for i, label in enumerate(labels.tolist()) if label not in self.ids]
-        stored = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30) \
-            if a.metric == "cosine" else vectors
-        for i, label in enumerate(labels.tolist()):
-            if label in self.ids:
-                node = self.ids[label]
-                a.tenants[node] = tenants[i]   # a tenant change needs no new node
-                if not np.allclose(a.vectors[node], stored[i], rtol=0, atol=1e-6):
-                    self.ids[label] = hnsw.update(a, node, vectors[i])   # content/metadata-only updates skip
-        if new:
-            ids = hnsw.add_items(a, vectors[new], labels[new], tenants[new])
-            self.ids.update(zip(labels[new].tolist(), np.asarray(ids).tolist(), strict=True))
+        if self.build is not None:
+            self.build.journal.update(labels.tolist())
+        _upsert(a, self.ids, labels, vectors, tenants, self._take)
 
     def delete(self, labels: list[int]) -> int:
         a = self.arrays
         if a is None:
             return 0
+        if self.build is not None:
+            self.build.journal.update(labels)
         removed = 0
         for label in labels:
             internal = self.ids.pop(label, None)
@@ -227,8 +260,100 @@ class IndexWriter:
                 removed += 1
         return removed
 
+    # -- background builds (compaction, rebuild) ----------------------------------------------------------
+
+    def begin_build(self, kind: str, capacity: int, pool: int | None = None) -> Build:
+        """Create the next generation's segment for a new graph written in the background while searches use
+        the current one; from now on every label this writer changes is journaled, for `finish_build`."""
+        self.abort_build("a new one began")
+        s = self.spec
+        _, size = hnsw.layout(capacity, s.dim, s.m, pool)
+        self.sweep()
+        generation = int(self.counter) + 1
+        segment = Segment.create(generation_name(self.base, generation), size)
+        arrays = hnsw.HnswArrays.create_in(segment.ndarray(np.uint8, segment.size), capacity, s.dim, m=s.m,
+                                           ef_construction=s.ef_construction, metric=s.metric,
+                                           upper_pool_capacity=pool, ef_search=s.ef_search)
+        self.build = Build(kind, generation, segment, arrays)
+        return self.build
+
+    def abort_build(self, why: str) -> None:
+        """Drop a background build (its segment unlinked); its owner sees build.aborted and may start again."""
+        b = self.build
+        if b is None:
+            return
+        self.build = None
+        b.aborted = why
+        b.segment.close()
+        b.segment.unlink()
+        log.info("index %s: %s abandoned: %s", self.spec.name, b.kind, why)
+
+    def finish_build(self) -> tuple[int, int]:
+        """Catch the built graph up with the changes journaled since it began (each changed label made to
+        hold what the current graph holds, read from it) and publish it. Returns (labels replayed, nodes).
+        Raises OverflowError (the build is abandoned) when the catch-up does not fit its capacity."""
+        b = self.build
+        a = self.arrays
+        assert b is not None and a is not None and int(self.counter) + 1 == b.generation
+        dst = b.arrays
+        n = dst.count
+        live = np.flatnonzero(dst.tombstones[:n] == 0)
+        ids = dict(zip(dst.labels[live].tolist(), live.tolist(), strict=True))
+        changed = sorted(b.journal)
+        present = [label for label in changed if label in self.ids]
+        adds = sum(1 for label in present if label not in ids) + len(present)   # updates take a row too
+        if dst.count + adds > dst.capacity:
+            self.abort_build(f"{adds} changes made meanwhile do not fit its capacity {dst.capacity}")
+            raise OverflowError("the changes made during the build do not fit; it is retried")
+        if present:
+            rows = [self.ids[label] for label in present]
+            _upsert(dst, ids, np.array(present, np.int64), a.vectors[rows], a.tenants[rows], lambda _n: [])
+        for label in changed:
+            if label not in self.ids and label in ids:
+                hnsw.mark_deleted(dst, ids.pop(label))
+        dst.header[hnsw.H_EF_SEARCH] = a.header[hnsw.H_EF_SEARCH]     # the tuner may have moved it meanwhile
+        dst.header[hnsw.H_MUTATIONS] = max(int(dst.header[hnsw.H_MUTATIONS]), int(a.header[hnsw.H_MUTATIONS]) + 1)
+        self.build = None
+        self._publish(b.segment, dst, fresh_free=True)
+        return len(changed), dst.count
+
     def close(self) -> None:
+        self.abort_build("the writer closed")
         self.arrays = None
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+
+
+@dataclass(eq=False)
+class Build:
+    """A graph being written into the next generation's segment (unpublished: readers never see it)."""
+
+    kind: str                       # "compaction" or "rebuild"
+    generation: int
+    segment: Segment
+    arrays: hnsw.HnswArrays
+    journal: set[int] = field(default_factory=set)     # labels changed in the current graph since it began
+    aborted: str | None = None
+
+
+def _upsert(a: hnsw.HnswArrays, ids: dict[int, int], labels: np.ndarray, vectors: np.ndarray, tenants: np.ndarray,
+            take: Callable[[int], list[int]]) -> None:
+    """Make graph `a` (label map `ids`) hold these labels' vectors and tenants; `take(n)` gives up to n free
+    rows to reuse. A changed vector is a new node (the old one tombstoned); a tenant change is in place."""
+    new = [i for i, label in enumerate(labels.tolist()) if label not in ids]
+    stored = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30) \
+        if a.metric == "cosine" else vectors
+    for i, label in enumerate(labels.tolist()):
+        if label in ids:
+            node = ids[label]
+            a.tenants[node] = tenants[i]   # a tenant change needs no new node
+            if not np.allclose(a.vectors[node], stored[i], rtol=0, atol=1e-6):   # content/metadata-only: skip
+                slot = take(1)
+                ids[label] = hnsw.update(a, node, vectors[i], slot=slot[0] if slot else -1)
+    if new:
+        rows = take(len(new))
+        slots = np.full(len(new), -1, np.int64)
+        slots[: len(rows)] = rows
+        out = hnsw.add_items(a, vectors[new], labels[new], tenants[new], slots=slots)
+        ids.update(zip(labels[new].tolist(), np.asarray(out).tolist(), strict=True))

@@ -39,6 +39,10 @@ APPLY_BATCH = 5000
 REBUILD_CHUNK = 2000
 CONSUMER_EXPIRY = "1 day"    # an installation unseen this long loses its position; it rebuilds on return
 Progress = Callable[[int, int], None]
+# The fragmentation figures published per index (neurondb_index_stats columns), with their value before the
+# first measurement.
+_FIGURES = {"dead_edge_ratio": 0.0, "no_out_edge": 0, "unreachable": 0, "entry_live": None,
+            "top_level_live": None, "level_deficit": 0.0, "invalid_links": 0, "compact_bytes": 0}
 
 
 def specs(conn: psycopg.Connection) -> dict[str, tuple[IndexSpec, dict]]:
@@ -74,6 +78,11 @@ def installation_id(snapshot_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def installation_host(snapshot_dir: Path) -> str:
+    """How this installation names itself to the others sharing the database: host and data directory."""
+    return f"{socket.gethostname()}:{snapshot_dir.parent}"
+
+
 class IndexSync:
     """The writer side of one index; one instance per index in the process that owns the graph."""
 
@@ -83,7 +92,7 @@ class IndexSync:
         self.writer = IndexWriter(shared, spec)
         self.snapshot_path = snapshot_dir / f"{spec.name}.snap"
         self.consumer = {"consumer": installation_id(snapshot_dir), "index": spec.name}
-        self.host = f"{socket.gethostname()}:{snapshot_dir.parent}"
+        self.host = installation_host(snapshot_dir)
         self.position: str | None = None   # every change visible in it is in the graph; None: no graph yet
         self._page: tuple[str, str, int] | None = None   # (target, xid, change_id) a paged replay is at
         self.progress: Progress | None = None            # for a rebuild started by apply_pending
@@ -295,16 +304,17 @@ class IndexSync:
         conn.execute(query("index", "publish_task"), {"index": self.spec.name, "task": self.task[0] if self.task
                                                       else None, "progress": self.task[1] if self.task else None})
 
-    def publish_stats(self, conn: psycopg.Connection) -> None:
+    def publish_stats(self, conn: psycopg.Connection, figures: dict | None = None) -> None:
         """The graph's figures and the changes it lacks, for vector_stats; and, to the other installations
-        sharing the database, that this one is alive (so its position is not dropped)."""
+        sharing the database, that this one is alive (so its position is not dropped). `figures`: the last
+        fragmentation measurement of maintenance (hnsw.fragmentation), if there is one."""
         if self.position is not None:
             self._advance(conn, None)
         a = self.writer.arrays
         st = hnsw.stats(a) if a is not None else {}
         pending = conn.execute(query("index", "count_pending"),
                                {"index": self.spec.name, "position": self.position}).fetchone()[0]
-        nodes = int(st.get("count", 0))
+        nodes = int(st.get("count", 0)) - int(st.get("free", 0))
         tombstones = int(st.get("deleted", 0))
         entry = int(st.get("entry_point", -1))
         conn.execute(query("index", "publish_stats"), {
@@ -313,11 +323,15 @@ class IndexSync:
             "levels": int(st.get("max_level", -1)) + 1,
             "entry_point": int(a.labels[entry]) if a is not None and entry >= 0 else None,
             "memory": a.nbytes if a is not None else 0,
-            "fragmentation": tombstones / nodes if nodes else 0.0,
+            # the last cycle's measure, but never below the tombstone share now (deletes since are counted)
+            "fragmentation": max(figures["fragmentation_ratio"] if figures else 0.0,
+                                 tombstones / nodes if nodes else 0.0),
             "snapshot_at": self.snapshot_at, "task": self.task[0] if self.task else None,
             "progress": self.task[1] if self.task else None, "pending": pending,
             "generation": int(self.writer.counter), "capacity": a.capacity if a is not None else 0,
             "ef_search": a.ef_search if a is not None else None,
+            **{key: (figures or {}).get(key, default) for key, default in _FIGURES.items()},
+            "free": int(st.get("free", 0)),
         })
 
     def close(self) -> None:

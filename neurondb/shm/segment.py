@@ -168,8 +168,9 @@ def publish_generation(counter: np.ndarray, base: str, generation: int) -> None:
             pass
 
 
-def unlink_stale_generations(base: str, published: int) -> list[str]:
-    """Unlink every generation of `base` other than `published`; returns the names removed.
+def unlink_stale_generations(base: str, published: int, building: int | None = None) -> list[str]:
+    """Unlink every generation of `base` other than `published` (and `building`, the next one, which this
+    process is writing in the background); returns the names removed.
 
     Call with the structure's lock held: generations are created only under it, so one above the
     published counter is a dead writer's unpublished work, and one below it a dead writer's leftover
@@ -184,7 +185,7 @@ def unlink_stale_generations(base: str, published: int) -> list[str]:
     removed = []
     for entry in entries:
         suffix = entry.removeprefix(stem)
-        if suffix != entry and suffix.isdigit() and int(suffix) != published:
+        if suffix != entry and suffix.isdigit() and int(suffix) not in (published, building):
             try:
                 posix_ipc.unlink_shared_memory("/" + entry)
                 removed.append("/" + entry)

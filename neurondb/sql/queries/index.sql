@@ -92,16 +92,23 @@ SELECT count(*) FROM neurondb.neurondb_vector_changes c
 -- name: publish_stats
 INSERT INTO neurondb.neurondb_index_stats AS s
        (index_name, graph_nodes, tombstones, edges, levels, entry_point, memory_bytes, fragmentation, snapshot_at,
-        task, task_progress, pending_changes, generation, capacity, ef_search, updated_at)
+        task, task_progress, pending_changes, generation, capacity, ef_search, free_slots, dead_edge_ratio,
+        no_out_edge, unreachable, entry_live, top_level_live, level_deficit, invalid_links, compact_bytes,
+        updated_at)
 VALUES (%(index)s, %(nodes)s, %(tombstones)s, %(edges)s, %(levels)s, %(entry_point)s, %(memory)s,
         %(fragmentation)s, to_timestamp(%(snapshot_at)s), %(task)s, %(progress)s, %(pending)s, %(generation)s,
-        %(capacity)s, %(ef_search)s, now())
+        %(capacity)s, %(ef_search)s, %(free)s, %(dead_edge_ratio)s, %(no_out_edge)s, %(unreachable)s,
+        %(entry_live)s, %(top_level_live)s, %(level_deficit)s, %(invalid_links)s, %(compact_bytes)s, now())
 ON CONFLICT (index_name) DO UPDATE SET
        graph_nodes = EXCLUDED.graph_nodes, tombstones = EXCLUDED.tombstones, edges = EXCLUDED.edges,
        levels = EXCLUDED.levels, entry_point = EXCLUDED.entry_point, memory_bytes = EXCLUDED.memory_bytes,
        fragmentation = EXCLUDED.fragmentation, snapshot_at = EXCLUDED.snapshot_at, task = EXCLUDED.task,
        task_progress = EXCLUDED.task_progress, pending_changes = EXCLUDED.pending_changes,
        generation = EXCLUDED.generation, capacity = EXCLUDED.capacity, ef_search = EXCLUDED.ef_search,
+       free_slots = EXCLUDED.free_slots, dead_edge_ratio = EXCLUDED.dead_edge_ratio,
+       no_out_edge = EXCLUDED.no_out_edge, unreachable = EXCLUDED.unreachable, entry_live = EXCLUDED.entry_live,
+       top_level_live = EXCLUDED.top_level_live, level_deficit = EXCLUDED.level_deficit,
+       invalid_links = EXCLUDED.invalid_links, compact_bytes = EXCLUDED.compact_bytes,
        updated_at = now();
 
 -- name: hits
