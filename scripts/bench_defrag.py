@@ -50,8 +50,12 @@ then the worst round per figure and PASS / MISS per target. Exit 0 when the run 
 verdicts), 1 if it failed, 130 if interrupted.
 
     .venv/bin/python scripts/bench_defrag.py --quick     # 6,000 x 64, 6 rounds, 5 s timeout: about a minute
-    .venv/bin/python scripts/bench_defrag.py             # 20,000 x 128, 20 rounds: about 5-8 minutes
+    .venv/bin/python scripts/bench_defrag.py             # 20,000 x 128, 20 rounds (see below)
     .venv/bin/python scripts/bench_defrag.py --rounds 10 --round-timeout 30 --json figures.json
+
+A default run takes about 1.5 minutes plus 20 x (7 s + the wait for the service) on 2 cores: 4.3 minutes
+measured with `--round-timeout 5`. A round whose maintenance never finishes waits the whole timeout, so a
+default run against a service without the maintenance cycle takes about 23 minutes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -124,7 +129,10 @@ def recall_of(found: np.ndarray, truth: np.ndarray) -> float:
 def probe(prefix: str, queries: np.ndarray, k: int, ef: int, stop: multiprocessing.synchronize.Event,
           out: multiprocessing.connection.Connection) -> None:
     """In a forked process: one query per call on the shared graph, as a client does (the graph looked up
-    for each call, so a new generation is picked up), until `stop`; sends back the latencies in seconds."""
+    for each call, so a new generation is picked up), until `stop`; sends back the latencies in seconds.
+    Ctrl-C and SIGTERM are the parent's to handle (it kills the probe while cleaning up), not tracebacks here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         shared = SharedState.attach(prefix)
         index = SharedIndex(shared, INDEX)
