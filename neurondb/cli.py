@@ -939,42 +939,61 @@ def index_drop(inst: Instance, name: str) -> None:
 
 @index.command("rebuild")
 @click.argument("name")
+@click.option("--now", is_flag=True, help="Rebuild at once instead of in neurondb.neurandefrag_maintenance_window.")
 @instance_options
-def index_rebuild(inst: Instance, name: str) -> None:
-    """Rebuild the graph of NAME from its rows, with a progress bar (the service keeps serving the old one)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+def index_rebuild(inst: Instance, name: str, now: bool) -> None:
+    """Rebuild the graph of NAME from its rows (new levels, a fresh graph) in the background: searches keep using
+    the current graph until the new one is published. Runs in the maintenance window, or at once with --now
+    (then shows its progress and waits for it)."""
+    _ask_maintenance(inst, name, "rebuild", now)
 
-    from neurondb.index.sync import IndexSync, specs
-    from neurondb.shm import names
-    from neurondb.shm.control import SharedState
 
+@index.command("compact")
+@click.argument("name")
+@instance_options
+def index_compact(inst: Instance, name: str) -> None:
+    """Compact the graph of NAME now: a copy of its live nodes, renumbered, replaces it (needs the memory of a
+    compact copy while it runs); shows its progress and waits for it."""
+    _ask_maintenance(inst, name, "compaction", True)
+
+
+def _ask_maintenance(inst: Instance, name: str, operation: str, now: bool) -> None:
+    """Ask neurandefrag for `operation` on index `name` (a request row and a NOTIFY), and with `now` follow it
+    to its end with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from neurondb.status import read_status
+
+    running = read_status(inst.datadir, inst.explicit_dsn, with_database=False).running
+    if now and not running:
+        raise click.ClickException(f"neurondb is not running: its neurandefrag does the {operation}; start it "
+                                   f"with neurondb start -D {inst.datadir.root}")
     with inst.connect("cli") as conn:
-        catalog = specs(conn)
-        if name not in catalog:
+        asked, last_id, _ = conn.execute(query("defrag", "ask"), {"index": name, "operation": operation,
+                                                                 "now": now}).fetchone()
+        if not asked:
             raise click.ClickException(f"no index {name!r}")
-        try:
-            shared = SharedState.attach(names.instance_prefix(inst.datadir.root))
-        except FileNotFoundError:
-            raise click.ClickException("neurondb is not running: the service builds its indexes at start") from None
-        sync = IndexSync(shared, inst.datadir.root / "indexes", catalog[name][0],
-                         db.resolve_dsn(inst.datadir, inst.explicit_dsn))
-        try:
-            with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=console) as bar:
-                task = bar.add_task(f"rebuilding {name}", total=None)
-                last = [0.0]
-
-                def progress(done: int, total: int) -> None:
-                    bar.update(task, completed=done, total=total)
-                    if time.monotonic() - last[0] > 1.0:    # and for `neurondb status` elsewhere
-                        last[0] = time.monotonic()
-                        sync.publish_task(conn)
-
-                done = sync.rebuild(conn, progress=progress)
-        finally:
-            sync.close()
-            shared.close()
-    click.echo(f"index {name} rebuilt from {done} vectors")
+        if not now:
+            window = conn.execute("SELECT setting FROM neurondb.neurondb_settings "
+                                  "WHERE name = 'neurondb.neurandefrag_maintenance_window'").fetchone()
+            click.echo(f"{operation} of {name} requested: it runs in the maintenance window "
+                       f"{window[0] if window else '(unknown)'} (neurondb.neurandefrag_maintenance_window)"
+                       f"{'' if running else ' once neurondb runs'}; --now runs it at once")
+            return
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(f"{operation} of {name}: waiting for neurandefrag", total=None)
+            while (outcome := conn.execute(query("defrag", "outcome"), {"index": name, "operation": operation,
+                                                                        "last_id": last_id}).fetchone()) is None \
+                    or outcome[0] == "running":
+                row = conn.execute(query("defrag", "progress_of"), {"index": name, "operation": operation}).fetchone()
+                if row is not None:
+                    bar.update(task, description=f"{operation} of {name}: {row[0]}", completed=row[1], total=row[2])
+                time.sleep(0.2)
+    status, error, nodes, duration_ms, _ = outcome
+    if status != "completed":
+        raise click.ClickException(f"{operation} of {name} {status}: {error}")
+    click.echo(f"{operation} of {name} done: {nodes} nodes in {duration_ms / 1000:.1f} s")
 
 
 @main.command()

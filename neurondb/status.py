@@ -70,6 +70,19 @@ class IndexStatus:
 
 
 @dataclass
+class MaintenanceStatus:
+    """An operation neurandefrag is running now (neurondb.maintenance_progress)."""
+
+    kind: str                # index or table
+    target: str
+    operation: str
+    phase: str
+    done: int
+    total: int | None
+    elapsed_s: float
+
+
+@dataclass
 class Status:
     data_dir: str
     running: bool
@@ -82,6 +95,7 @@ class Status:
     llm_jobs: dict[str, int] = field(default_factory=dict)
     indexes: list[IndexStatus] = field(default_factory=list)
     caches: dict[str, dict[str, int]] = field(default_factory=dict)   # neuranmon's rotation (cache_status)
+    maintenance: list[MaintenanceStatus] = field(default_factory=list)   # neurondb.maintenance_progress
     database_error: str | None = None
 
     @property
@@ -139,6 +153,8 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                     status.indexes = [IndexStatus(**row) for row in cur.execute(query("tune_cli", "index_status"))]
                     status.caches = {row.pop("cache_name"): {k: int(v or 0) for k, v in row.items()}
                                      for row in cur.execute(query("tune_cli", "cache_status"))}
+                    status.maintenance = [MaintenanceStatus(**row)
+                                          for row in cur.execute(query("defrag", "progress_all"))]
         except (psycopg.Error, db.NotInitialized) as exc:
             status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return status

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from rich.console import Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -89,6 +90,13 @@ def render(status: Status, rates: dict[str, deque[float]] | None = None) -> Grou
         # The tuner's conflict ("SLO unattainable: ..."), said where the operator looks.
         parts.extend(Text(f"{ix.name}: {ix.last_decision}", style="red") for ix in status.indexes
                      if ix.tuning_state == "unattainable" and ix.last_decision)
+    if status.maintenance:
+        running = Table("maintenance", "operation", "phase", "progress", "", "elapsed")
+        for op in status.maintenance:
+            bar = ProgressBar(total=op.total, completed=op.done, width=24) if op.total else Text("")
+            running.add_row(f"{op.kind} {op.target}", op.operation, op.phase, bar,
+                            f"{op.done}/{op.total}" if op.total else str(op.done or ""), seconds(op.elapsed_s))
+        parts.append(running)
     if status.database_error:
         parts.append(Text(f"database: {status.database_error}", style="red"))
     else:

@@ -89,9 +89,9 @@ def test_writer_killed_while_growing_does_not_jam_the_index(tmp_path: Path, fres
         assert all_found_by_own_vector(svc, fresh_dsn, conn) == []
         base = names.object_name(svc.prefix, index_key("docs"))
         assert index_segments(svc) == [generation_name(base, int(counter)).lstrip("/")]
-        # The same leftover in front of a rebuild (a killed `neurondb index rebuild` leaves one): no failure.
+        # The same leftover in front of a rebuild (a writer killed mid-rebuild leaves one): no failure.
         Segment.create(generation_name(base, int(counter) + 1), 4096).close()
-        svc.cli("index", "rebuild", "docs")
+        svc.cli("index", "rebuild", "docs", "--now")
         assert index_segments(svc) == [generation_name(base, int(counter)).lstrip("/")]
         assert graph_labels(svc) == table_ids(conn)
     finally:

@@ -4,6 +4,8 @@ graph reconnected."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import pytest
 
 import neurondb
 from neurondb.index import hnsw
-from neurondb.index.store import REUSE_GRACE, SharedIndex
+from neurondb.index.store import REUSE_GRACE, SharedIndex, index_key
 from neurondb.shm.control import SharedState
 from tests.service import Service, wait_for
 from tests.test_hnsw import exact
@@ -181,4 +183,111 @@ def test_churn_reuses_rows(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connect
     finally:
         if graph is not None:
             graph.close()
+        svc.close()
+
+
+def test_rebuild_waits_for_the_window_unless_now(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
+    """Outside neurandefrag_maintenance_window a requested rebuild waits (cycles pass, none runs); --now
+    runs it at once, with the new graph published and recorded; compaction needs no window."""
+    copy_in(conn, data(N, 1), 0)
+    hour = time.localtime().tm_hour
+    window = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"        # never now
+    svc = Service(tmp_path / "data", fresh_dsn, {**FAST, "neurondb.neurandefrag_maintenance_window": window})
+    svc.start()
+    try:
+        loaded(conn, svc, N)
+        out = svc.cli("index", "rebuild", "docs")
+        assert f"runs in the maintenance window {window}" in out.stdout, out.stdout
+        generation = stats(conn)["generation"]
+        time.sleep(3.5)                                  # three cycles of 1 s
+        ops = conn.execute("SELECT operation FROM neurondb.neurondb_index_maintenance "
+                           "WHERE operation IN ('rebuild', 'compaction')").fetchall()
+        assert ops == [] and stats(conn)["generation"] == generation, ops
+        out = svc.cli("index", "rebuild", "docs", "--now")
+        assert f"rebuild of docs done: {N} nodes" in out.stdout, out.stdout
+        s = wait_for(lambda: (s := stats(conn))["generation"] > generation and s, 10.0, "the new graph's stats")
+        assert s["last_rebuild"] is not None and s["graph_nodes"] == N, s
+        out = svc.cli("index", "compact", "docs")
+        assert f"compaction of docs done: {N} nodes" in out.stdout, out.stdout
+        assert conn.execute("SELECT neurondb_indexes.maintenance_request FROM neurondb.neurondb_indexes").fetchone() \
+            == (None,)
+        bad = svc.cli("index", "compact", "nope", check=False)
+        assert bad.returncode == 1 and "no index 'nope'" in bad.stderr, bad.stderr
+    finally:
+        svc.close()
+
+
+def test_writer_killed_mid_compaction(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
+    """SIGKILL neurandefrag in the middle of a compaction: searches keep working on the published graph, the
+    operation is marked interrupted, the unpublished segment is removed, and the next writer compacts."""
+    copy_in(conn, data(N, 1), 0)
+    svc = Service(tmp_path / "data", fresh_dsn, FAST,
+                  env={"NEURONDB_INJECTION_POINTS": "neurandefrag:defrag-build=sleep:3"})
+    svc.start()
+    graph = None
+    try:
+        loaded(conn, svc, N)
+        ids, vectors = live_rows(conn)
+        conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (ids[: N // 2].tolist(),))
+        conn.execute("UPDATE neurondb.neurondb_indexes SET maintenance_request = 'compaction'")
+        wait_for(lambda: conn.execute("SELECT 1 FROM neurondb.neurondb_index_maintenance "
+                                      "WHERE operation = 'compaction' AND status = 'running'").fetchone(), 30.0,
+                 f"the compaction to start\n{svc.log_tail(20)}")
+        time.sleep(0.5)                                   # inside the build's first slice
+        os.kill(svc.worker("neurandefrag").pid, signal.SIGKILL)
+        with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+            for q in vectors[N // 2: N // 2 + 50]:
+                assert len(client.search("docs", q, k=K)) == K
+        wait_for(lambda: conn.execute("SELECT status FROM neurondb.neurondb_index_maintenance "
+                                      "WHERE operation = 'compaction' ORDER BY maintenance_id").fetchall()
+                 == [("interrupted",), ("completed",)], 60.0, f"the next writer to compact\n{svc.log_tail(30)}")
+        s = stats(conn)
+        assert s["graph_nodes"] == N - N // 2 and s["free_slots"] == 0 and s["capacity"] < N, s
+        base = svc.prefix
+        segments = [e for e in svc.shm_objects() if ".g" in e and e.startswith(base.lstrip("/"))]
+        assert len(segments) == 1, segments
+        graph = Graph(svc)
+        assert graph.recall(*live_rows(conn), data(100, 7)) >= 0.9
+    finally:
+        if graph is not None:
+            graph.close()
+        svc.close()
+
+
+def test_a_node_cut_off_from_the_graph_is_reconnected(tmp_path: Path, fresh_dsn: str,
+                                                     conn: psycopg.Connection) -> None:
+    """Remove every link to one node (as a damaged graph would have it): the next cycle finds it unreachable,
+    re-links it, and a search with its own vector finds it again."""
+    copy_in(conn, data(N, 1), 0)
+    svc = Service(tmp_path / "data", fresh_dsn, FAST)
+    svc.start()
+    shared = None
+    try:
+        loaded(conn, svc, N)
+        shared = SharedState.attach(svc.prefix)
+        index = SharedIndex(shared, "docs")
+        with shared.lock(index_key("docs")):
+            a = index.arrays()
+            assert a is not None
+            victim = int(a.labels[a.count // 2])
+            node = int(hnsw.find_labels(a, [victim])[0])
+            for i in range(a.count):
+                for level in range(int(a.levels[i]) + 1):
+                    lst = a.links0[i] if level == 0 else a.pool[a.upper_offset[i] + level - 1]
+                    kept = [x for x in lst[1: 1 + lst[0]] if x != node]
+                    lst[1: 1 + len(kept)] = kept
+                    lst[0] = len(kept)
+            assert hnsw.fragmentation(a)["unreachable"] >= 1
+        wait_for(lambda: conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
+                                      "WHERE operation = 'cleanup'").fetchone(), 20.0,
+                 f"the cleanup\n{svc.log_tail(20)}")
+        details = conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
+                               "WHERE operation = 'cleanup'").fetchone()[0]
+        assert details["relinked"] >= 1 and details["unreachable_after"] == 0, details
+        found, _ = hnsw.search(index.arrays(), index.arrays().vectors[node], k=1, ef=EF)
+        assert found[0] == victim
+        index.close()
+    finally:
+        if shared is not None:
+            shared.close()
         svc.close()

@@ -181,8 +181,8 @@ def test_restart_from_snapshot_plus_replay_then_rebuild(service: Service, conn: 
     service.start()
     wait_for(lambda: graph_labels(service) == table_ids(conn), LOAD, "the rebuild to match the table")
     assert "rebuilding from PostgreSQL" in service.log_tail(100)
-    out = service.cli("index", "rebuild", "docs")
-    assert "rebuilt from 547 vectors" in out.stdout
+    out = service.cli("index", "rebuild", "docs", "--now")
+    assert "rebuild of docs done: 547 nodes" in out.stdout
     assert graph_labels(service) == table_ids(conn)
 
 

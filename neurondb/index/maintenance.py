@@ -107,6 +107,8 @@ class IndexMaintenance:
         self._plan: tuple[np.ndarray, np.ndarray] | None = None
         self._copied = 0
         self.figures: dict | None = None          # the last measurement, for vector_stats
+        self.request: tuple[str, bool] | None = None   # (operation, now) asked for by the CLI
+        self._next_request_check = 0.0
         self.host = sync.host
 
     # -- the cycle ---------------------------------------------------------------------------------------
@@ -115,23 +117,40 @@ class IndexMaintenance:
         return self.phase != "idle"
 
     def step(self, conn: psycopg.Connection, policy: Policy) -> bool:
-        """Do one bounded slice of maintenance if any is due; True when more is waiting right now."""
+        """Do one bounded slice of maintenance if any is due; True when more is waiting right now. If a slice
+        fails, whatever was in progress is dropped (a build's segment too) and the cycle is retried soon;
+        the error propagates, for the worker to log."""
         if self.writer.arrays is None:
             return False
+        try:
+            return self._step(conn, policy)
+        except BaseException:
+            self.writer.abort_build("its maintenance step failed")
+            self._close_rows()
+            self.build = self.op = None
+            self._plan = None
+            self._end_cycle(policy, retry=True)
+            raise
+
+    def _step(self, conn: psycopg.Connection, policy: Policy) -> bool:
         if self.phase == "idle":
-            request = self._request(conn)
-            if request is None and time.monotonic() < self.next_cycle:
+            now = time.monotonic()
+            if now >= self._next_request_check:      # a NOTIFY wakes us; once a second is soon enough
+                self._next_request_check = now + 1.0
+                self.request = self._request(conn)
+            runnable = self.request is not None and (self.request[0] == "compaction" or self.request[1]
+                                                     or policy.in_window())
+            if not runnable and now < self.next_cycle:
                 return False
-            self._begin_cycle(conn, policy, request)
+            self._begin_cycle(conn, policy)
         if self.phase == "pruning":
             self._prune_slice(conn, policy)
         elif self.phase == "building":
             self._build_slice(conn, policy)
         return self.phase != "idle"
 
-    def _begin_cycle(self, conn: psycopg.Connection, policy: Policy, request: tuple[str, bool] | None) -> None:
+    def _begin_cycle(self, conn: psycopg.Connection, policy: Policy) -> None:
         figures = self._measure(conn)
-        self._request_pending = request
         if figures["deleted"] or figures["dead_edges"] or figures["invalid_links"]:
             self.phase, self.position = "pruning", 0
             self.op = _Op("prune", time.time(), figures)
@@ -172,7 +191,7 @@ class IndexMaintenance:
     # -- cleanup, rebalancing, and the decision to compact or rebuild ---------------------------------------
 
     def _after_pruning(self, conn: psycopg.Connection, policy: Policy) -> None:
-        request = getattr(self, "_request_pending", None)
+        request = self.request
         with self._locked() as a:
             if a is None:
                 self._end_cycle(policy, retry=True)
@@ -230,8 +249,9 @@ class IndexMaintenance:
             "index": self.name, "operation": kind, "nodes_before": figures["live"],
             "edges_before": figures["edges_level0"], "fragmentation": figures["fragmentation_ratio"],
             "details": orjson.dumps(self.op.details).decode()}).fetchone()[0]
-        if request is not None:
+        if request is not None and request[0] == kind:
             conn.execute(query("defrag", "clear_request"), {"index": self.name, "operation": request[0]})
+            self.request = None
         with self.writer.lock:
             self.writer.refresh()
             a = self.writer.arrays

@@ -137,6 +137,7 @@ class IndexWriter:
         remove the generations a killed writer left behind, and repair what a write of this process that
         raised half-way left (the lock stays dirty then, as if the writer had died there)."""
         if int(self.counter) != self._generation:
+            self.abort_build("another process published a graph")     # it took the generation number
             self.attach_current()
         elif self.arrays is not None and (self.lock.dirty or hnsw.needs_repair(self.arrays)):
             hnsw.repair(self.arrays)      # also after a maintenance slice that raised half-way

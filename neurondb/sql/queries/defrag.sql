@@ -76,3 +76,29 @@ UPDATE neurondb.neurondb_index_stats
    SET last_compaction = CASE WHEN %(operation)s = 'compaction' THEN now() ELSE last_compaction END,
        last_rebuild = CASE WHEN %(operation)s = 'rebuild' THEN now() ELSE last_rebuild END
  WHERE index_name = %(index)s;
+
+-- name: ask
+-- `neurondb index rebuild|compact`: ask neurandefrag (woken by the NOTIFY) for an operation on an index.
+WITH asked AS (
+    UPDATE neurondb.neurondb_indexes
+       SET maintenance_request = %(operation)s, maintenance_now = %(now)s, maintenance_requested_at = now()
+     WHERE index_name = %(index)s
+    RETURNING index_name)
+SELECT (SELECT count(*) FROM asked) AS asked,
+       (SELECT coalesce(max(maintenance_id), 0) FROM neurondb.neurondb_index_maintenance) AS last_id,
+       pg_notify('neurondb_vectors', %(index)s);
+
+-- name: outcome
+-- The operation the worker ran for a request (the first of its kind on the index after `last_id`).
+SELECT status, error_message, nodes_after, duration_ms, details
+  FROM neurondb.neurondb_index_maintenance
+ WHERE index_name = %(index)s AND operation = %(operation)s AND maintenance_id > %(last_id)s
+ ORDER BY maintenance_id LIMIT 1;
+
+-- name: progress_of
+SELECT phase, done, total FROM neurondb.maintenance_progress
+ WHERE kind = 'index' AND target = %(index)s AND operation = %(operation)s;
+
+-- name: progress_all
+SELECT kind, target, operation, phase, done, total, extract(epoch FROM elapsed)::float8 AS elapsed_s
+  FROM neurondb.maintenance_progress;
