@@ -457,3 +457,69 @@ def test_numba_cache_falls_back_when_package_dir_is_read_only(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(tmp_path / "neurondb" / "numba")), out.stdout
+
+
+def test_prune_free_and_reuse(data):
+    """Consolidation repairs every list that pointed at a deleted node, free_deleted unlinks and frees the
+    deleted rows (never the entry point), and inserts reuse exactly those rows: the row count does not grow,
+    a row that is not free is refused, and recall over the live set stays at a fresh build's."""
+    base, queries = data
+    a = HnswArrays.allocate(N, DIM, ef_construction=EFC)
+    hnsw.add_items(a, base, np.arange(N))
+    entry = int(a.header[hnsw.H_ENTRY])
+    dead = np.argsort(((base - base[entry]) ** 2).sum(1))[: N // 4]       # a region, the entry point in it
+    for i in dead:
+        hnsw.mark_deleted(a, int(i))
+    before = hnsw.fragmentation(a)
+    assert before["tombstone_ratio"] == pytest.approx(0.25) and before["dead_edges"] > 0 and not before["entry_live"]
+    hnsw.fix_entry(a)
+    pos, slices = 0, 0
+    while pos < a.count:
+        pos, _, _ = hnsw.consolidate(a, pos, 20_000)
+        slices += 1
+    assert slices > 1                                     # the budget bounds a slice
+    freed = hnsw.free_deleted(a)
+    after = hnsw.fragmentation(a)
+    assert sorted(freed.tolist()) == sorted(dead.tolist()) and after["deleted"] == 0 and after["free"] == N // 4
+    assert after["dead_edges"] == 0 and after["invalid_links"] == 0 and after["entry_live"]
+    assert after["unreachable"] <= 2, after               # relink handles stragglers
+    assert a.tombstones[int(a.header[hnsw.H_ENTRY])] == hnsw.LIVE
+    live = np.setdiff1d(np.arange(N), dead)
+    fresh = HnswArrays.allocate(N, DIM, ef_construction=EFC)
+    hnsw.add_items(fresh, base[live], live)
+    truth = live[exact(base[live], queries, K, "l2")]
+    assert recall(hnsw.search_many(a, queries, K, 64)[0], truth) >= \
+        recall(hnsw.search_many(fresh, queries, K, 64)[0], truth) - 0.01
+    with pytest.raises(ValueError, match="not a free row"):
+        hnsw.add_items(a, base[:1], [N], slots=[int(live[0])])
+    new = clustered(len(freed), DIM, seed=9)
+    ids = hnsw.add_items(a, new, np.arange(N, N + len(new)), slots=freed)
+    assert a.count == N and sorted(ids.tolist()) == sorted(freed.tolist()) and hnsw.free_slots(a).size == 0
+    labels, _ = hnsw.search_many(a, new[:50], 1, 64)
+    assert np.mean(labels[:, 0] == np.arange(N, N + 50)) >= 0.95
+
+
+def test_compaction_copy_and_rebalance(data):
+    """A compact copy holds the live nodes only, renumbered, and answers as the original; rebalancing
+    promotes nodes where deletes emptied the upper levels."""
+    base, queries = data
+    a = HnswArrays.allocate(N, DIM, ef_construction=EFC)
+    hnsw.add_items(a, base, np.arange(N))
+    upper = np.flatnonzero(a.levels[:N] >= 1)
+    for i in upper:                                       # every node above level 0
+        hnsw.mark_deleted(a, int(i))
+    hnsw.fix_entry(a)
+    hnsw.consolidate(a)
+    hnsw.free_deleted(a)
+    assert hnsw.fragmentation(a)["level_deficit"] == pytest.approx(1.0)
+    promoted = hnsw.rebalance(a)
+    assert promoted > 0 and hnsw.fragmentation(a)["level_deficit"] < 0.5
+    live, remap = hnsw.compact_plan(a)
+    b = HnswArrays.allocate(len(live), DIM, ef_construction=EFC)
+    for lo in range(0, len(live), 1000):                  # in slices, as the maintenance worker copies
+        hnsw.compact_rows(a, b, live, remap, lo, min(lo + 1000, len(live)))
+    hnsw.compact_finish(a, b, remap, len(live))
+    assert b.count == len(live) and hnsw.fragmentation(b)["row_waste"] == 0 and b.generation == a.generation + 1
+    la, _ = hnsw.search_many(a, queries, K, 64)
+    lb, _ = hnsw.search_many(b, queries, K, 64)
+    assert np.array_equal(la, lb)

@@ -1347,12 +1347,13 @@ def _relink_kernel(header, vectors, links0, levels, upper_offset, tenants, tombs
 
 
 @njit(**_JIT)
-def _promote_kernel(header, levels, upper_offset, pool, tombstones, level_live, target, mult):
+def _promote_kernel(header, levels, upper_offset, pool, tombstones, level_live, target, mult, donors):
     """Level rebalancing: while level L >= 1 holds fewer than half the live nodes the level distribution
     expects (live * M^-L), promote live nodes of level L-1 to L (a new block of upper rows, the old lists
     copied, the new level's list empty until `_relink_kernel` links it). Nodes are picked with the index's
-    level generator. Returns the number of nodes written to target (node ids; their old top level is
-    levels - 1)."""
+    level generator. When the pool is full, the blocks of free rows (`donors`, a free row keeps its block
+    for an insert to reuse) are taken instead. Returns the number of nodes written to target (node ids;
+    their old top level is levels - 1)."""
     n_pub = min(header[H_COUNT], levels.shape[0])
     live = np.int64(0)
     for L in range(level_live.shape[0]):
@@ -1374,15 +1375,27 @@ def _promote_kernel(header, levels, upper_offset, pool, tombstones, level_live, 
             if tombstones[i] != LIVE or np.int64(levels[i]) != L - 1:
                 continue
             used = header[H_POOL_USED]
-            if used + L > pool_cap:
-                return done
+            if used + L <= pool_cap:
+                block = used
+                header[H_POOL_USED] = used + L
+            else:
+                block = -1
+                for t in range(donors.shape[0]):
+                    d = donors[t]
+                    if d >= 0 and tombstones[d] == FREE and upper_offset[d] >= 0 and np.int64(levels[d]) >= L:
+                        block = np.int64(upper_offset[d])
+                        upper_offset[d] = -1
+                        levels[d] = 0
+                        donors[t] = -1
+                        break
+                if block < 0:
+                    return done
             old = upper_offset[i]
             for lv in range(L - 1):
                 for j in range(pool.shape[1]):
-                    pool[used + lv, j] = pool[old + lv, j]
-            pool[used + L - 1, 0] = 0
-            header[H_POOL_USED] = used + L
-            upper_offset[i] = used     # the copy first, then the offset, then the level (readers read the
+                    pool[block + lv, j] = pool[old + lv, j]
+            pool[block + L - 1, 0] = 0
+            upper_offset[i] = block    # the copy first, then the offset, then the level (readers read the
             levels[i] = L              # level first: an old level with the new offset reads the same lists)
             target[done] = i
             done += 1
@@ -1816,8 +1829,10 @@ def rebalance(arrays: HnswArrays, limit: int = 10_000) -> int:
     level_live = np.bincount(a.levels[:n][a.tombstones[:n] == LIVE].astype(np.int64),
                              minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
     target = np.empty(limit, np.int64)
+    free = free_slots(a)
+    donors = free[a.upper_offset[free] >= 0].astype(np.int64)
     k = _promote_kernel(a.header, a.levels, a.upper_offset, a.pool, a.tombstones, level_live, target,
-                        1.0 / math.log(max(a.m, 2)))
+                        1.0 / math.log(max(a.m, 2)), donors)
     s = _scratch(a.capacity)
     for node in target[:k]:       # each on its new level only (the level below it had is linked already)
         _relink_kernel(a.header, a.vectors, a.links0, a.levels, a.upper_offset, a.tenants, a.tombstones, a.pool,
