@@ -155,7 +155,9 @@ def test_region_delete_is_pruned_and_searches_never_fail(tmp_path: Path, fresh_d
 
 def test_churn_reuses_rows(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
     """10 rounds of delete 10 % + insert 10 % new vectors: freed rows are reused, so the graph's rows and
-    memory stay where the first round left them, and recall stays at a fresh build's."""
+    memory stay where the first round left them, and recall stays at a fresh build's. Meanwhile the table
+    thread ANALYZEs the bulk-loaded table (autovacuum is off on it, so only neurandefrag can)."""
+    conn.execute("ALTER TABLE neurondb.neurondb_vectors SET (autovacuum_enabled = off)")
     copy_in(conn, data(N, 1), 0)
     svc = Service(tmp_path / "data", fresh_dsn, FAST)
     svc.start()
@@ -180,6 +182,9 @@ def test_churn_reuses_rows(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connect
         queries = data(200, 9)
         ours, fresh = graph.recall(ids, vectors, queries), fresh_recall(ids, vectors, queries)
         assert ours >= fresh - 0.01, (ours, fresh)
+        ops = conn.execute("SELECT operation, status FROM neurondb.neurondb_index_maintenance "
+                           "WHERE table_name = 'neurondb.neurondb_vectors'").fetchall()
+        assert ("analyze", "completed") in ops or ("vacuum", "completed") in ops, ops
     finally:
         if graph is not None:
             graph.close()

@@ -1,6 +1,7 @@
 """Maintenance of one index's graph (the document's section 3): what neurandefrag does between change batches.
 
-A cycle, every `neurandefrag_naptime` (or at once when `neurondb index rebuild|compact` asks):
+A cycle, every `neurandefrag_naptime` (or at once when `neurondb index rebuild|compact` asks, or when
+deletes have left a tenth of the graph as tombstones, which slow searches down until they are pruned):
 
 1. Measure (`hnsw.fragmentation`): tombstones, dead edges, disconnected nodes, row waste, levels.
 2. Pruning (delete consolidation): every list of a live node that points at a deleted node is re-chosen
@@ -54,11 +55,14 @@ log = logging.getLogger(__name__)
 
 CONSOLIDATE_BUDGET = 100_000   # candidate distances per pruning slice: about 5 ms at dim 128
 COPY_ROWS = 20_000             # rows per compaction slice (a copy with renumbered links: about 5 ms)
-REBUILD_ROWS = 256             # vectors per rebuild slice: about 15 ms at dim 128, M 16, ef_construction 200
+REBUILD_FETCH = 1024           # rows a rebuild reads from its cursor at a time
+REBUILD_CHUNK = 16             # vectors inserted between two looks at the clock
+SLICE_SECONDS = 0.010          # how long a rebuild slice inserts (a 256-row slice took 50-100 ms under load)
 REBALANCE_DEFICIT = 0.5        # promote nodes when a level has less than half its expected live nodes
 PROGRESS_EVERY = 0.5           # seconds between progress rows of one operation
 TUNER_REBUILD_EVERY = 86_400.0  # a rebuild for an unreachable recall target at most once a day
 RETRY_AFTER = 5.0              # seconds before a new cycle when a build was abandoned
+PRUNE_EARLY = 0.1              # a tombstone share that starts a cycle at once: deletes slow searches down
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class IndexMaintenance:
         self.name = sync.spec.name
         self.phase = "idle"
         self.next_cycle = 0.0            # monotonic; the first cycle comes soon after start
+        self.ended_at = 0.0              # monotonic time the last cycle ended
         self.position = 0                # next node of the pruning pass
         self.op: _Op | None = None
         self.build: Build | None = None
@@ -105,6 +110,7 @@ class IndexMaintenance:
         self._cursor: psycopg.Cursor | None = None
         self._total = 0
         self._plan: tuple[np.ndarray, np.ndarray] | None = None
+        self._pending: list[tuple] = []          # rows a rebuild has read and not inserted yet
         self._copied = 0
         self.figures: dict | None = None          # the last measurement, for vector_stats
         self.request: tuple[str, bool] | None = None   # (operation, now) asked for by the CLI
@@ -140,7 +146,8 @@ class IndexMaintenance:
                 self.request = self._request(conn)
             runnable = self.request is not None and (self.request[0] == "compaction" or self.request[1]
                                                      or policy.in_window())
-            if not runnable and now < self.next_cycle:
+            early = now - self.ended_at >= 1.0 and self._many_tombstones()   # (never a busy loop)
+            if not runnable and now < self.next_cycle and not early:
                 return False
             self._begin_cycle(conn, policy)
         if self.phase == "pruning":
@@ -159,6 +166,7 @@ class IndexMaintenance:
 
     def _end_cycle(self, policy: Policy, retry: bool = False) -> None:
         self.phase = "idle"
+        self.ended_at = time.monotonic()
         self.next_cycle = time.monotonic() + (RETRY_AFTER if retry else policy.cycle)
 
     # -- pruning ----------------------------------------------------------------------------------------
@@ -204,16 +212,15 @@ class IndexMaintenance:
                 relinked = len(before["relink"])
                 forced = hnsw.relink(a, before["relink"]) if relinked else 0
                 promoted = hnsw.rebalance(a) if before["level_deficit"] > REBALANCE_DEFICIT else 0
+        figures = self._measure(conn) if invalid or relinked or moved or promoted else before
         if invalid or relinked:
-            self._record(conn, _Op("cleanup", started, before), self._measure(conn),
+            self._record(conn, _Op("cleanup", started, before), figures,
                          details={"invalid_links_removed": invalid, "relinked": relinked, "forced_links": forced})
         if moved:
-            self._record(conn, _Op("repair", started, before), self._measure(conn),
-                         details={"entry_point_moved": True})
+            self._record(conn, _Op("repair", started, before), figures, details={"entry_point_moved": True})
         if promoted:
-            self._record(conn, _Op("rebalance", started, before), self._measure(conn),
+            self._record(conn, _Op("rebalance", started, before), figures,
                          details={"promoted": promoted, "level_deficit_before": before["level_deficit"]})
-        figures = self._measure(conn)
         kind = self._decide(conn, policy, figures, request)
         if kind is None:
             self._end_cycle(policy)
@@ -273,7 +280,7 @@ class IndexMaintenance:
                 self.build = self.writer.begin_build(kind, capacity)
                 self._cursor = self._rows.cursor(name=f"rebuild_{s.name}")
                 self._cursor.execute(query("index", "all_vectors"), {"index": s.name})
-                self._total = total
+                self._total, self._copied, self._pending = total, 0, []
         self.phase = "building"
         log.info("index %s: %s started (fragmentation %.3f, %d live nodes)", self.name, kind,
                  figures["fragmentation_ratio"], figures["live"])
@@ -299,17 +306,8 @@ class IndexMaintenance:
                 if complete:
                     hnsw.compact_finish(a, dst, remap, hi)
             else:
-                assert self._cursor is not None
-                rows = self._cursor.fetchmany(REBUILD_ROWS)
-                if rows:
-                    if dst.count + len(rows) > dst.capacity:
-                        self.writer.abort_build("the table grew past the capacity the rebuild was sized for")
-                    else:
-                        hnsw.add_items(dst, to_matrix(rows, self.sync.spec.dim), np.array([r[0] for r in rows],
-                                       np.int64), np.array([tenant_code(r[1]) for r in rows], np.int32))
-                        self._copied += len(rows)
+                complete = self._insert_rows(dst)
                 inject.point("defrag-build")
-                complete = not rows
             if complete and self.writer.build is build:
                 try:
                     with self.writer.lock.writing():
@@ -341,6 +339,24 @@ class IndexMaintenance:
         self.build = self.op = None
         self._plan = None
         self._end_cycle(policy)
+
+    def _insert_rows(self, dst: hnsw.HnswArrays) -> bool:
+        """A rebuild slice: insert rows from the cursor for SLICE_SECONDS; True once the table is exhausted."""
+        assert self._cursor is not None
+        deadline = time.monotonic() + SLICE_SECONDS
+        while time.monotonic() < deadline:
+            if not self._pending:
+                self._pending = self._cursor.fetchmany(REBUILD_FETCH)
+                if not self._pending:
+                    return True
+            rows, self._pending = self._pending[:REBUILD_CHUNK], self._pending[REBUILD_CHUNK:]
+            if dst.count + len(rows) > dst.capacity:
+                self.writer.abort_build("the table grew past the capacity the rebuild was sized for")
+                return False
+            hnsw.add_items(dst, to_matrix(rows, self.sync.spec.dim), np.array([r[0] for r in rows], np.int64),
+                           np.array([tenant_code(r[1]) for r in rows], np.int32))
+            self._copied += len(rows)
+        return False
 
     def _fail(self, conn: psycopg.Connection, policy: Policy, error: str) -> None:
         op = self.op
@@ -379,6 +395,15 @@ class IndexMaintenance:
             except psycopg.Error:
                 pass
         self._rows = self._cursor = None
+        self._pending = []
+
+    def _many_tombstones(self) -> bool:
+        """Whether deletes since the last cycle left at least PRUNE_EARLY of the graph as tombstones, which
+        searches walk through (two header words: no scan)."""
+        a = self.writer.arrays
+        assert a is not None
+        live_or_deleted = a.count - int(a.header[hnsw.H_FREE])
+        return live_or_deleted > 0 and a.deleted_count >= PRUNE_EARLY * live_or_deleted
 
     def _locked(self) -> _Locked:
         return _Locked(self)
@@ -390,11 +415,13 @@ class IndexMaintenance:
         return row[0], bool(row[1])
 
     def _measure(self, conn: psycopg.Connection) -> dict:
+        """hnsw.fragmentation of the current graph. The lock only to follow the graph: the measurement reads,
+        and this thread is the graph's only writer, so nothing changes it meanwhile."""
         with self.writer.lock:
             self.writer.refresh()
             a = self.writer.arrays
-            assert a is not None
-            self.figures = hnsw.fragmentation(a)
+        assert a is not None
+        self.figures = hnsw.fragmentation(a)
         return self.figures
 
     def _progress(self, conn: psycopg.Connection, phase: str, done: int, total: int) -> None:
