@@ -1,8 +1,17 @@
 """The application's handle on neurondb: `neurondb.connect()` and `Client.search()`.
 
-Searches run in the calling process against the graph in shared memory (no lock, no round trip for the
-graph walk); one query to PostgreSQL then turns the graph's labels into documents, which also guarantees
-that a hit is a live row of the right tenant even when the graph lags its table by a moment.
+Searches run in the calling process against the graph in shared memory, with no lock and, by default, no
+round trip at all: the graph keeps beside each node what a hit needs (its doc id and tenant, hnsw.py's
+keys), so `search()` answers from shared memory alone. The graph follows its table within milliseconds
+(a deleted row is tombstoned as soon as neurandefrag applies the delete, p95 about 5 ms), and its header
+says when the writer last found it caught up (every 0.5 s at least): a search of a graph not caught up
+within the last second checks its hits in PostgreSQL, so a default search never returns a document deleted
+more than a second ago. `consistent=True` (or the setting
+`neurondb.search_consistent`) checks every hit in PostgreSQL, for callers that need read-your-writes;
+`with_content=True` fetches content and metadata with one query for the k hits (which checks them too).
+A row whose doc id and tenant do not fit in the graph's 64-byte key (`hnsw.KEY_BYTES`) is looked up in
+PostgreSQL. With a tenant, hits are the tenant's own: the graph filters by a hash of the tenant and every
+hit's tenant is compared exactly.
 
 Hybrid search: with `text`, candidates come from the vector index (the text's embedding, or `vector` when
 given) and from PostgreSQL full-text search (`ts_rank_cd` over `content_tsv`), 4 x k of each, combined by
@@ -39,6 +48,7 @@ from neurondb.shm.ring import QueryRing, Sample
 VECTOR_SAMPLE_RATE = 0.05     # fraction of searches whose vector and results are kept to measure recall
 CANDIDATES = 4                # hybrid: candidates per list, as a multiple of k
 CATALOG_TTL = 5.0
+FRESH_MS = 1000               # a graph not caught up this recently is checked in PostgreSQL instead
 MAX_K = 1000
 MAX_EF = 10_000
 
@@ -76,6 +86,7 @@ class Client:
         self._catalog: dict[str, dict] = {}
         self._catalog_at = 0.0
         self._embedders: dict[str, Any] = {}
+        self._config: Config | None = None
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -117,6 +128,12 @@ class Client:
             raise SearchError(f"index {name!r} is not loaded yet (the service is building it; see `neurondb status`)")
         return arrays
 
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = Config.load(self.instance.datadir)
+        return self._config
+
     def embed_query(self, info: dict, text: str) -> np.ndarray:
         """The query text's embedding by the index's provider; through the query-embedding cache
         (neurondb/caches.py) when that provider is a remote one, so a repeated query costs no provider call."""
@@ -124,7 +141,7 @@ class Client:
 
         key = f"{info['provider']}/{info['model_name']}"
         if key not in self._embedders:
-            config = Config.load(self.instance.datadir)
+            config = self.config
             route = resolve(config, "embed", info["model_name"], info["provider"])
             self._embedders[key] = (embedder_for(config, model=info["model_name"], provider=info["provider"]),
                                     route, float(config.get("neurondb.llm_cache_ttl")),
@@ -140,8 +157,9 @@ class Client:
 
     def search(self, index: str, vector: Any = None, text: str | None = None, k: int = 10, ef: int | None = None,
                tenant: str | None = None, hybrid_weight: float | None = None,
-               with_content: bool = False) -> Hits:
+               with_content: bool = False, consistent: bool | None = None) -> Hits:
         """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc).
+        `consistent`: check every hit in PostgreSQL (default: the setting neurondb.search_consistent, off).
 
         Arguments are checked before anything is searched: a wrong type or range raises SearchError
         naming the argument, the value and what is allowed (never a numpy ValueError or TypeError), and a
@@ -160,22 +178,96 @@ class Client:
             raise SearchError(f"text must be a string or None, not {_shown(text)}")
         if hybrid_weight is not None and not (_is_real(hybrid_weight) and 0.0 <= hybrid_weight <= 1.0):
             raise SearchError(f"hybrid_weight must be None or a number between 0 and 1, not {_shown(hybrid_weight)}")
+        consistent = self._consistent(consistent)
         weight = 1.0 if text is None else float(info["hybrid_weight"] if hybrid_weight is None else hybrid_weight)
         q = self.embed_query(info, text) if vector is None else _query_vector(vector, index, info["dim"])
         arrays = self._graph(index)
         pool = k if weight >= 1.0 else k * CANDIDATES
-        ef_used = max(arrays.ef_search if ef is None else ef, pool)
-        labels, dist = hnsw.search(arrays, q, pool, ef_used, tenant_code(tenant))
-        vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
-        scores = self._similarity(dist, info["metric"])
         query_id = random.getrandbits(63)
-        if weight < 1.0:
-            labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id)
-        hits = Hits(self._documents(index, labels, scores, tenant, k, with_content), query_id)
+        while True:
+            ef_used = max(arrays.ef_search if ef is None else ef, pool)
+            labels, dist, rows = hnsw.search(arrays, q, pool, ef_used, tenant_code(tenant), return_ids=True)
+            vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
+            scores = self._similarity(dist, info["metric"])
+            known = _keys(arrays, labels, rows)
+            if weight < 1.0:
+                labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id, known)
+            if consistent or with_content or not _fresh(arrays):
+                found = self._documents(index, labels, scores, tenant, k, with_content)
+            else:
+                found = self._from_keys(index, labels, scores, tenant, k, known)
+            # Another tenant whose name hashes like this one's shares its graph code: its nodes filled some of
+            # the k places and were dropped. Rare; search wider until k are the tenant's own or none are left.
+            if tenant is None or weight < 1.0 or len(found) >= k or len(labels) < pool or pool >= MAX_K:
+                break
+            pool = min(pool * 4, MAX_K)
+        hits = Hits(found, query_id)
         query_type = "vector" if text is None else ("text" if weight >= 1.0 else "hybrid")
         self._record(Sample(index=index, query_type=query_type, k=k, ef=ef_used,
                             latency_ms=(time.perf_counter() - started) * 1000, result_count=len(hits),
                             tenant=tenant, hybrid_weight=None if text is None else weight), q, vector_labels)
+        return hits
+
+    def search_many(self, index: str, vectors: Any, k: int = 10, ef: int | None = None, tenant: str | None = None,
+                    as_arrays: bool = False, consistent: bool | None = None
+                    ) -> list[Hits] | tuple[np.ndarray, np.ndarray]:
+        """Search a matrix of query vectors (n, dim) in one kernel call. With `as_arrays`: (ids, scores),
+        arrays of shape (n, k) of neurondb_vectors ids and similarities (-1 and NaN where fewer than k
+        qualify), straight from the graph; otherwise one Hits per query, as `search` gives them."""
+        started = time.perf_counter()
+        if not isinstance(index, str):
+            raise SearchError(f"index must be a string, not {_shown(index)}")
+        info = self.index_info(index)
+        k = _count("k", k, MAX_K)
+        ef = None if ef is None else _count("ef", ef, MAX_EF, "None or ")
+        if tenant is not None and not isinstance(tenant, str):
+            raise SearchError(f"tenant must be a string or None, not {_shown(tenant)}")
+        queries = _query_matrix(vectors, index, info["dim"])
+        consistent = self._consistent(consistent)
+        arrays = self._graph(index)
+        ef_used = max(arrays.ef_search if ef is None else ef, k)
+        labels, dist, rows = hnsw.search_many(arrays, queries, k, ef_used, tenant_code(tenant), return_ids=True)
+        scores = np.where(labels >= 0, self._similarity(dist, info["metric"]), np.nan)
+        if as_arrays:
+            out: list[Hits] | tuple[np.ndarray, np.ndarray] = (labels, scores)
+        else:
+            hits = []
+            for i in range(len(queries)):
+                n = int(np.count_nonzero(labels[i] >= 0))
+                lab, sc = labels[i, :n], scores[i, :n]
+                found = (self._documents(index, lab, sc, tenant, k, False) if consistent or not _fresh(arrays) else
+                         self._from_keys(index, lab, sc, tenant, k, _keys(arrays, lab, rows[i, :n])))
+                hits.append(Hits(found, random.getrandbits(63)))
+            out = hits
+        per_query = (time.perf_counter() - started) * 1000 / max(len(queries), 1)
+        for i in range(len(queries)):
+            self._record(Sample(index=index, query_type="vector", k=k, ef=ef_used, latency_ms=per_query,
+                                result_count=int(np.count_nonzero(labels[i] >= 0)), tenant=tenant), queries[i],
+                         labels[i][labels[i] >= 0])
+        return out
+
+    def _consistent(self, consistent: bool | None) -> bool:
+        if consistent is None:
+            return bool(self.config.get("neurondb.search_consistent"))
+        if not isinstance(consistent, bool):
+            raise SearchError(f"consistent must be True, False or None, not {_shown(consistent)}")
+        return consistent
+
+    def _from_keys(self, index: str, labels: np.ndarray, scores: np.ndarray, tenant: str | None, k: int,
+                   known: dict[int, tuple[str, str] | None]) -> list[Hit]:
+        """Hits from the graph's keys alone; rows whose key was not stored are looked up (one query)."""
+        missing = [label for label in labels.tolist() if known.get(label) is None]
+        if missing:
+            for r in self.conn.execute(query("index", "hits"), {"ids": missing, "index": index, "tenant": tenant}):
+                known[r[0]] = (r[1], r[2])
+        hits = []
+        for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
+            key = known.get(label)
+            if key is None or (tenant is not None and key[1] != tenant):
+                continue        # deleted (it was looked up), or another tenant's hash twin
+            hits.append(Hit(doc_id=key[0], score=float(score), tenant_id=key[1]))
+            if len(hits) == k:
+                break
         return hits
 
     @staticmethod
@@ -184,10 +276,14 @@ class Client:
         return 1.0 / (1.0 + d) if metric == "l2" else 1.0 - d
 
     def _hybrid(self, index: str, labels: np.ndarray, scores: np.ndarray, text: str, tenant: str | None,
-                weight: float, pool: int, k: int, query_id: int) -> tuple[np.ndarray, np.ndarray]:
+                weight: float, pool: int, k: int, query_id: int, known: dict[int, tuple[str, str] | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Combine with the full-text candidates (the one query of a hybrid search, which also names its
+        candidates' documents, added to `known`)."""
         ranked = self.conn.execute(query("index", "text_candidates_recorded"), {
             "text": text, "index": index, "tenant": tenant, "limit": pool, "query_id": query_id, "k": k,
             "weight": weight, "vector_ids": labels.tolist(), "vector_scores": scores.tolist()}).fetchall()
+        known.update((r[0], (r[2], r[3])) for r in ranked)
         return hybrid.combine(labels.tolist(), scores, [r[0] for r in ranked],
                               np.array([r[1] for r in ranked], np.float64), weight)
 
@@ -266,6 +362,38 @@ def _count(name: str, value: Any, high: int, prefix: str = "") -> int:
     if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 1 <= value <= high):
         raise SearchError(f"{name} must be {prefix}an integer between 1 and {high}, not {_shown(value)}")
     return int(value)
+
+
+def _fresh(arrays: hnsw.HnswArrays) -> bool:
+    """Whether the graph's writer found it caught up within FRESH_MS: every row deleted before then is
+    tombstoned. If not (neurandefrag down, stuck or far behind), hits are checked in PostgreSQL."""
+    return time.time() * 1000 - int(arrays.header[hnsw.H_SYNCED_MS]) <= FRESH_MS
+
+
+def _keys(arrays: hnsw.HnswArrays, labels: np.ndarray, rows: np.ndarray) -> dict[int, tuple[str, str] | None]:
+    """label -> (doc id, tenant) from the graph's keys of the result rows (None where none was stored)."""
+    keys = arrays.keys[rows]
+    return {label: hnsw.decode_key(key) for label, key in zip(labels.tolist(), keys, strict=True)}
+
+
+def _query_matrix(vectors: Any, index: str, dim: int) -> np.ndarray:
+    """`vectors` as float32 (n, dim), or a SearchError naming the problem (and the first bad row)."""
+    rule = f"vectors must be a matrix of rows of {dim} finite numbers"
+    if isinstance(vectors, (str, bytes, Mapping)):
+        raise SearchError(f"{rule}, not {_shown(vectors)}")
+    try:
+        array = np.asarray(vectors)
+    except (ValueError, TypeError):
+        raise SearchError(f"{rule}, not {_shown(vectors)}") from None
+    if array.ndim != 2 or array.dtype.kind not in "iuf" or array.shape[0] == 0:
+        raise SearchError(f"{rule}, not {_shown(array)}")
+    if array.shape[1] != dim:
+        raise SearchError(f"query vectors have {array.shape[1]} dimensions, index {index!r} expects {dim}")
+    q = np.ascontiguousarray(array, dtype=np.float32)
+    bad = ~np.isfinite(q).all(axis=1)
+    if bad.any():
+        raise SearchError(f"query vector {int(np.flatnonzero(bad)[0])} contains NaN or infinite values")
+    return q
 
 
 def _query_vector(vector: Any, index: str, dim: int) -> np.ndarray:

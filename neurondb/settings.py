@@ -331,6 +331,9 @@ _SETTINGS = [
     Setting("neurondb.job_retention", "integer", 604800, "sighup",
             "How long finished (completed or failed) jobs are kept; 0 keeps them forever.",
             unit="s", min=0, max=INT_MAX),
+    Setting("neurondb.search_consistent", "bool", False, "sighup",
+            "Whether searches check every hit in PostgreSQL by default (read-your-writes, one round trip per "
+            "search); off: hits come from shared memory, never a document deleted more than a second ago."),
     Setting("neurondb.query_metrics_retention", "integer", 259200, "sighup",
             "How long sampled searches are kept in neurondb_query_metrics; 0 keeps them forever.",
             unit="s", min=0, max=INT_MAX),

@@ -162,7 +162,8 @@ def test_writer_repairs_what_its_own_failed_write_left(tmp_path: Path) -> None:
         writer = IndexWriter(state, IndexSpec("t", 8, "l2"))
         vectors = np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)
         with writer.lock, writer.lock.writing():
-            writer.upsert(np.arange(100), vectors, np.full(100, -1, np.int32))
+            writer.upsert(np.arange(100), vectors, np.full(100, -1, np.int32),
+                          np.stack([hnsw.encode_key(f"d{i}", "default") for i in range(100)]))
         with writer.lock:
             with pytest.raises(RuntimeError), writer.lock.writing():
                 writer.arrays.header[hnsw.H_WRITER] = writer.arrays.count + 1     # an insert in progress

@@ -21,6 +21,8 @@ Layout (`layout()` gives names, dtypes, shapes and byte offsets; every array sta
                                             2 free (unlinked by maintenance, reusable by an insert)
     pool          int32   [pool_capacity, 1+M]  upper-level neighbour lists: node i's level L >= 1
                                                   is row upper_offset[i] + L - 1 (count, then ids)
+    keys          uint8   [capacity, 64]    what a hit needs besides the label: the caller's key bytes
+                                            (see `encode_key`: doc id and tenant), never read by kernels
 
 Internal ids are row numbers; a node keeps its row until the index is compacted or rebuilt. Maintenance
 (`consolidate`, `free_deleted`) repairs the lists of live nodes that point at deleted ones and then frees
@@ -115,7 +117,9 @@ from numba.extending import intrinsic  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 
 MAGIC = 0x3157534E48424E44  # b"DNBHNSW1" little-endian
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2          # 2: the keys array
+KEY_BYTES = 64              # per row: 2 length bytes, then the doc id and the tenant, UTF-8
+NO_KEY = 255                # keys[i, 0]: the key did not fit (or none was given): look it up elsewhere
 HEADER_LEN = 32
 
 # header indices (int64 each)
@@ -140,6 +144,8 @@ H_MUTATIONS = 17  # inserts + deletes, ever (cheap change detector for snapshots
 H_MAGIC = 18
 H_VERSION = 19
 H_FREE = 20  # free slots (tombstone FREE): unlinked by maintenance, reused by later inserts
+H_SYNCED_MS = 21  # wall clock (ms) when the writer last found the graph caught up with its source: every
+                  # change committed before then is in the graph (neurondb/index/sync.py sets it)
 
 # tombstones[i]
 LIVE = 0
@@ -182,6 +188,7 @@ def layout(capacity: int, dim: int, m: int, upper_pool_capacity: int | None = No
         ("tenants", np.dtype(np.int32), (capacity,)),
         ("tombstones", np.dtype(np.uint8), (capacity,)),
         ("pool", np.dtype(np.int32), (pool, 1 + m)),
+        ("keys", np.dtype(np.uint8), (capacity, KEY_BYTES)),
     ]
     out = []
     offset = 0
@@ -192,7 +199,8 @@ def layout(capacity: int, dim: int, m: int, upper_pool_capacity: int | None = No
     return out, offset
 
 
-ARRAY_NAMES = ("header", "vectors", "links0", "levels", "upper_offset", "labels", "tenants", "tombstones", "pool")
+ARRAY_NAMES = ("header", "vectors", "links0", "levels", "upper_offset", "labels", "tenants", "tombstones", "pool",
+               "keys")
 
 
 @dataclass(eq=False)
@@ -208,6 +216,7 @@ class HnswArrays:
     tenants: np.ndarray
     tombstones: np.ndarray
     pool: np.ndarray
+    keys: np.ndarray
     buffer: object = None  # what the views point into (kept alive with them)
 
     # -- construction ------------------------------------------------------------------------------
@@ -243,6 +252,7 @@ class HnswArrays:
         a.tenants[:] = -1
         a.tombstones[:] = 0
         a.pool[:, 0] = 0
+        a.keys[:, 0] = NO_KEY
         h[H_ENTRY] = -1
         h[H_MAX_LEVEL] = -1
         h[H_EF_SEARCH] = ef_search
@@ -1491,24 +1501,32 @@ def _prepare(arrays: HnswArrays, x: np.ndarray, what: str, check_finite: bool = 
     return x
 
 
-def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, slots=None,
-              _replace=None) -> np.ndarray:
+def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, slots=None, keys=None,
+              replace=None) -> np.ndarray:
     """Insert vectors (n, dim) with the caller's labels (n,) and optional tenants (n,) (-1 = none);
     returns their internal ids. `slots` (n,): a FREE row to reuse for each vector, or -1 to append one
     (the caller enforces the reuse grace period; see the module doc). Single-threaded; the caller must be
-    the only writer. Raises if the index is full (grow it first), if a slot is not free, or if a vector is
-    not finite."""
+    the only writer. `keys` (n, KEY_BYTES) uint8: each row's key (`encode_key`), written before the row is
+    published. `replace` (n,): a live node each new one replaces (tombstoned as the new one is published;
+    -1: none). Raises if the index is full (grow it first), if a slot is not free, or if a vector is not
+    finite."""
     vecs = _prepare(arrays, vectors, "vectors")
     n = vecs.shape[0]
     labels = np.ascontiguousarray(np.broadcast_to(np.asarray(labels, dtype=np.int64), (n,)))
     tenants = np.full(n, -1, np.int32) if tenants is None else np.ascontiguousarray(
         np.broadcast_to(np.asarray(tenants, dtype=np.int32), (n,)))
-    replace = np.full(n, -1, np.int64) if _replace is None else np.ascontiguousarray(_replace, dtype=np.int64)
+    replace = np.full(n, -1, np.int64) if replace is None else np.ascontiguousarray(replace, dtype=np.int64)
     slots = np.full(n, -1, np.int64) if slots is None else np.ascontiguousarray(slots, dtype=np.int64)
     if arrays.count + int(np.count_nonzero(slots < 0)) > arrays.capacity:
         raise OverflowError(f"index full: {arrays.count} + {n} > capacity {arrays.capacity}; grow it first")
     if int(arrays.header[H_WRITER]) != 0:
         raise RuntimeError("a previous insert did not finish (writer died?); call repair() first")
+    if keys is not None:      # rows appended take count, count + 1, ... in order; reused ones are their slot
+        rows = slots.copy()
+        appended = rows < 0
+        rows[appended] = arrays.count + np.arange(int(appended.sum()))
+        fits = rows < arrays.capacity
+        arrays.keys[rows[fits]] = np.asarray(keys, np.uint8).reshape(n, KEY_BYTES)[fits]
     out = np.full(n, -1, np.int64)
     s = _scratch(arrays.capacity)
     done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, slots, s.visited, s.cand_d, s.cand_i,
@@ -1582,7 +1600,8 @@ def update(arrays: HnswArrays, internal_id: int, vector: np.ndarray, slot: int =
         raise IndexError(f"internal id {i} is not a published node (count {arrays.count})")
     if arrays.tombstones[i]:
         raise KeyError(f"internal id {i} is deleted")
-    return int(add_items(arrays, vector, arrays.labels[i], arrays.tenants[i], slots=[slot], _replace=[i])[0])
+    return int(add_items(arrays, vector, arrays.labels[i], arrays.tenants[i], slots=[slot],
+                         keys=arrays.keys[i: i + 1].copy(), replace=[i])[0])
 
 
 def find_labels(arrays: HnswArrays, labels) -> np.ndarray:
@@ -1688,6 +1707,7 @@ def grow(arrays: HnswArrays, new_capacity: int, upper_pool_capacity: int | None 
     b.levels[:n] = a.levels[:n]
     b.upper_offset[:n] = a.upper_offset[:n]
     b.labels[:n] = a.labels[:n]
+    b.keys[:n] = a.keys[:n]
     b.tenants[:n] = a.tenants[:n]
     b.tombstones[:n] = a.tombstones[:n]
     b.pool[:used] = a.pool[:used]
@@ -1711,8 +1731,31 @@ def rebuild(arrays: HnswArrays, capacity: int | None = None, upper_pool_capacity
     b = _new_like(a, cap, upper_pool_capacity, buffer, m=m, ef_construction=ef_construction)
     b.header[H_GENERATION] = a.header[H_GENERATION] + 1
     if len(live):
-        add_items(b, a.vectors[live], a.labels[live], a.tenants[live])
+        add_items(b, a.vectors[live], a.labels[live], a.tenants[live], keys=a.keys[live])
     return b
+
+
+def encode_key(doc_id: str, tenant: str) -> np.ndarray:
+    """A row's key: [len(doc), len(tenant), doc..., tenant...] in KEY_BYTES, or NO_KEY when it does not fit."""
+    key = np.zeros(KEY_BYTES, np.uint8)
+    doc, ten = doc_id.encode(), tenant.encode()
+    if 2 + len(doc) + len(ten) > KEY_BYTES:
+        key[0] = NO_KEY
+        return key
+    key[0], key[1] = len(doc), len(ten)
+    key[2: 2 + len(doc)] = np.frombuffer(doc, np.uint8)
+    key[2 + len(doc): 2 + len(doc) + len(ten)] = np.frombuffer(ten, np.uint8)
+    return key
+
+
+def decode_key(key: np.ndarray) -> tuple[str, str] | None:
+    """(doc id, tenant) of a row's key, or None when it was not stored (NO_KEY)."""
+    ld = int(key[0])
+    if ld == NO_KEY:
+        return None
+    lt = int(key[1])
+    raw = key[2: 2 + ld + lt].tobytes()
+    return raw[:ld].decode(), raw[ld:].decode()
 
 
 # -- maintenance -------------------------------------------------------------------------------------
@@ -1855,6 +1898,7 @@ def compact_rows(src: HnswArrays, dst: HnswArrays, live: np.ndarray, remap: np.n
     _compact_kernel(src.vectors, src.links0, src.levels, src.upper_offset, src.labels, src.tenants, src.tombstones,
                     src.pool, live, remap, int(lo), int(hi), dst.header, dst.vectors, dst.links0, dst.levels,
                     dst.upper_offset, dst.labels, dst.tenants, dst.tombstones, dst.pool)
+    dst.keys[lo:hi] = src.keys[live[lo:hi]]
 
 
 def compact_finish(src: HnswArrays, dst: HnswArrays, remap: np.ndarray, rows: int) -> None:
@@ -1919,8 +1963,10 @@ __all__ = [
     "compact_plan",
     "compact_rows",
     "consolidate",
+    "decode_key",
     "default_pool_capacity",
     "edge_count",
+    "encode_key",
     "find_labels",
     "fix_entry",
     "fragmentation",

@@ -47,8 +47,8 @@ import psycopg
 
 from neurondb import db, inject
 from neurondb.index import hnsw
-from neurondb.index.store import MIN_CAPACITY, Build, tenant_code
-from neurondb.index.sync import IndexSync, to_matrix
+from neurondb.index.store import MIN_CAPACITY, Build
+from neurondb.index.sync import IndexSync, row_arrays, to_matrix
 from neurondb.queries import query
 
 log = logging.getLogger(__name__)
@@ -353,8 +353,8 @@ class IndexMaintenance:
             if dst.count + len(rows) > dst.capacity:
                 self.writer.abort_build("the table grew past the capacity the rebuild was sized for")
                 return False
-            hnsw.add_items(dst, to_matrix(rows, self.sync.spec.dim), np.array([r[0] for r in rows], np.int64),
-                           np.array([tenant_code(r[1]) for r in rows], np.int32))
+            labels, tenants, keys = row_arrays(rows)
+            hnsw.add_items(dst, to_matrix(rows, self.sync.spec.dim), labels, tenants, keys=keys)
             self._copied += len(rows)
         return False
 

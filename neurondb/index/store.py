@@ -235,9 +235,9 @@ class IndexWriter:
 
     # -- changes --------------------------------------------------------------------------------------
 
-    def upsert(self, labels: np.ndarray, vectors: np.ndarray, tenants: np.ndarray) -> None:
-        """Insert new labels, replace the vectors of known ones (a new node; the old one is tombstoned).
-        New nodes take free rows past their grace period first, and append only for the rest."""
+    def upsert(self, labels: np.ndarray, vectors: np.ndarray, tenants: np.ndarray, keys: np.ndarray) -> None:
+        """Insert new labels, replace the vectors or keys of known ones (a new node; the old one is
+        tombstoned). New nodes take free rows past their grace period first, and append only for the rest."""
         if self.arrays is not None:
             self.ensure_room(max(len(labels) - self._reusable(), 0))
         else:
@@ -246,7 +246,7 @@ class IndexWriter:
         assert a is not None
         if self.build is not None:
             self.build.journal.update(labels.tolist())
-        _upsert(a, self.ids, labels, vectors, tenants, self._take)
+        _upsert(a, self.ids, labels, vectors, tenants, keys, self._take)
 
     def delete(self, labels: list[int]) -> int:
         a = self.arrays
@@ -308,7 +308,8 @@ class IndexWriter:
             raise OverflowError("the changes made during the build do not fit; it is retried")
         if present:
             rows = [self.ids[label] for label in present]
-            _upsert(dst, ids, np.array(present, np.int64), a.vectors[rows], a.tenants[rows], lambda _n: [])
+            _upsert(dst, ids, np.array(present, np.int64), a.vectors[rows], a.tenants[rows], a.keys[rows],
+                    lambda _n: [])
         for label in changed:
             if label not in self.ids and label in ids:
                 hnsw.mark_deleted(dst, ids.pop(label))
@@ -339,22 +340,27 @@ class Build:
 
 
 def _upsert(a: hnsw.HnswArrays, ids: dict[int, int], labels: np.ndarray, vectors: np.ndarray, tenants: np.ndarray,
-            take: Callable[[int], list[int]]) -> None:
-    """Make graph `a` (label map `ids`) hold these labels' vectors and tenants; `take(n)` gives up to n free
-    rows to reuse. A changed vector is a new node (the old one tombstoned); a tenant change is in place."""
+            keys: np.ndarray, take: Callable[[int], list[int]]) -> None:
+    """Make graph `a` (label map `ids`) hold these labels' vectors, tenants and keys; `take(n)` gives up to n
+    free rows to reuse. A changed vector or key (doc id, tenant) is a new node, the old one tombstoned as it
+    is published: a row's key is never rewritten under a reader. Only the tenant code of a row whose key
+    did not fit (NO_KEY: hits of such rows are looked up in PostgreSQL) changes in place."""
     new = [i for i, label in enumerate(labels.tolist()) if label not in ids]
     stored = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30) \
         if a.metric == "cosine" else vectors
     for i, label in enumerate(labels.tolist()):
         if label in ids:
             node = ids[label]
-            a.tenants[node] = tenants[i]   # a tenant change needs no new node
-            if not np.allclose(a.vectors[node], stored[i], rtol=0, atol=1e-6):   # content/metadata-only: skip
-                slot = take(1)
-                ids[label] = hnsw.update(a, node, vectors[i], slot=slot[0] if slot else -1)
+            same_key = np.array_equal(a.keys[node], keys[i])
+            if same_key and np.allclose(a.vectors[node], stored[i], rtol=0, atol=1e-6):
+                a.tenants[node] = tenants[i]      # content or metadata only, or a tenant change of a NO_KEY row
+                continue
+            slot = take(1)
+            ids[label] = int(hnsw.add_items(a, vectors[i: i + 1], label, tenants[i: i + 1],
+                                            slots=[slot[0] if slot else -1], keys=keys[i: i + 1], replace=[node])[0])
     if new:
         rows = take(len(new))
         slots = np.full(len(new), -1, np.int64)
         slots[: len(rows)] = rows
-        out = hnsw.add_items(a, vectors[new], labels[new], tenants[new], slots=slots)
+        out = hnsw.add_items(a, vectors[new], labels[new], tenants[new], slots=slots, keys=keys[new])
         ids.update(zip(labels[new].tolist(), np.asarray(out).tolist(), strict=True))

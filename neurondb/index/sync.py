@@ -59,6 +59,13 @@ def to_matrix(rows: list[tuple], dim: int) -> np.ndarray:
     return np.asarray([r[2] for r in rows], dtype=np.float32).reshape(len(rows), dim)
 
 
+def row_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, tenant codes and keys of rows (id, tenant_id, embedding, doc_id) as add_items takes them."""
+    return (np.array([r[0] for r in rows], np.int64), np.array([tenant_code(r[1]) for r in rows], np.int32),
+            np.stack([hnsw.encode_key(r[3], r[1]) for r in rows]) if rows else
+            np.empty((0, hnsw.KEY_BYTES), np.uint8))
+
+
 def installation_id(snapshot_dir: Path) -> str:
     """This installation's name in the change log: a random id kept next to its snapshots
     (`indexes/installation.id`), so it lasts as long as they do, and differs between machines even when
@@ -212,8 +219,8 @@ class IndexSync:
             with snap.cursor(name=f"rebuild_{s.name}") as cur:
                 cur.execute(query("index", "all_vectors"), {"index": s.name})
                 while rows := cur.fetchmany(REBUILD_CHUNK):
-                    hnsw.add_items(arrays, to_matrix(rows, s.dim), np.array([r[0] for r in rows], np.int64),
-                                   np.array([tenant_code(r[1]) for r in rows], np.int32))
+                    labels, tenants, keys = row_arrays(rows)
+                    hnsw.add_items(arrays, to_matrix(rows, s.dim), labels, tenants, keys=keys)
                     done += len(rows)
                     self.task = ("rebuilding", done / max(total, 1))
                     if progress:
@@ -242,6 +249,7 @@ class IndexSync:
         if self.position is None:       # dropped while we were away or stuck: the log may lack changes
             self.rebuild(conn, self.progress, locked=True)
             return 0
+        checked_at = time.time()        # before the query: every change committed before it is seen
         target, from_xid, from_id = self._page or (None, None, 0)
         rows = conn.execute(query("index", "pending_changes"), {
             "index": self.spec.name, "position": self.position, "target": target, "from_xid": from_xid,
@@ -255,6 +263,8 @@ class IndexSync:
         self._page = None
         if target is not None and self._advance(conn, target):
             self.position = target
+        if from_id == 0 and self.writer.arrays is not None:      # a whole replay: caught up as of checked_at
+            self.writer.arrays.header[hnsw.H_SYNCED_MS] = int(checked_at * 1000)
         return len(rows)
 
     def _apply(self, conn: psycopg.Connection, vector_ids: list[int]) -> None:
@@ -264,8 +274,8 @@ class IndexSync:
         inject.point("index-apply")
         with self.writer.lock.writing():
             if current:
-                self.writer.upsert(np.array([r[0] for r in current], np.int64), to_matrix(current, self.spec.dim),
-                                   np.array([tenant_code(r[1]) for r in current], np.int32))
+                labels, tenants, keys = row_arrays(current)
+                self.writer.upsert(labels, to_matrix(current, self.spec.dim), tenants, keys)
             elif self.writer.arrays is None:
                 self.writer.ensure_room(0)
             self.writer.delete([v for v in vector_ids if v not in present])

@@ -35,7 +35,9 @@ from neurondb.workers.base import BatchResult, DatabaseUnavailable, Worker
 
 T = TypeVar("T")
 
-SYNC_EVERY = 1.0          # poll for changes even without a NOTIFY (a missed one costs at most this)
+# Poll for changes even without a NOTIFY (a missed one costs at most this); also how often the graph's
+# header says it is caught up, which a search without a PostgreSQL check relies on (neurondb/client.py).
+SYNC_EVERY = 0.5
 CATALOG_EVERY = 2.0
 SNAPSHOT_EVERY = 60.0
 STATS_EVERY = 2.0

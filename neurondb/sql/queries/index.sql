@@ -20,7 +20,7 @@ SELECT c.change_id, c.vector_id, c.xid::text, t.target::text
  ORDER BY c.xid, c.change_id LIMIT %(limit)s;
 
 -- name: rows_by_id
-SELECT id, tenant_id, embedding FROM neurondb.neurondb_vectors
+SELECT id, tenant_id, embedding, doc_id FROM neurondb.neurondb_vectors
  WHERE id = ANY(%(ids)s) AND index_name = %(index)s;
 
 -- name: consumer
@@ -79,7 +79,7 @@ SELECT pg_current_snapshot()::text;
 SELECT count(*) FROM neurondb.neurondb_vectors WHERE index_name = %(index)s;
 
 -- name: all_vectors
-SELECT id, tenant_id, embedding FROM neurondb.neurondb_vectors WHERE index_name = %(index)s ORDER BY id;
+SELECT id, tenant_id, embedding, doc_id FROM neurondb.neurondb_vectors WHERE index_name = %(index)s ORDER BY id;
 
 -- name: count_pending
 -- Changes this installation's graph lacks (all of the index's, while it has no position).
@@ -120,7 +120,7 @@ SELECT id, doc_id, tenant_id, content, metadata FROM neurondb.neurondb_vectors
 -- candidate lists are recorded under the search's query id, so that neuranmon can re-score this search at
 -- any hybrid weight once the application judges its results.
 WITH ranked AS (
-    SELECT id, ts_rank_cd(content_tsv, q) AS rank
+    SELECT id, ts_rank_cd(content_tsv, q) AS rank, doc_id, tenant_id
       FROM neurondb.neurondb_vectors, plainto_tsquery('english', %(text)s) AS q
      WHERE index_name = %(index)s AND content_tsv @@ q AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
      ORDER BY rank DESC LIMIT %(limit)s
@@ -132,7 +132,7 @@ WITH ranked AS (
       FROM ranked
     ON CONFLICT (query_id) DO NOTHING
 )
-SELECT id, rank FROM ranked ORDER BY rank DESC;
+SELECT id, rank, doc_id, tenant_id FROM ranked ORDER BY rank DESC;
 
 -- name: feedback
 INSERT INTO neurondb.neurondb_feedback (query_id, doc_id, relevance) VALUES (%(query_id)s, %(doc_id)s, %(relevance)s);
