@@ -54,10 +54,10 @@ from neurondb.queries import query
 log = logging.getLogger(__name__)
 
 CONSOLIDATE_BUDGET = 100_000   # candidate distances per pruning slice: about 5 ms at dim 128
-COPY_ROWS = 20_000             # rows per compaction slice (a copy with renumbered links: about 5 ms)
-REBUILD_FETCH = 1024           # rows a rebuild reads from its cursor at a time
+COPY_CHUNK = 1_000             # rows a compaction copies between two looks at the clock
+REBUILD_FETCH = 128            # rows a rebuild reads from its cursor at a time, outside the lock
 REBUILD_CHUNK = 16             # vectors inserted between two looks at the clock
-SLICE_SECONDS = 0.010          # how long a rebuild slice inserts (a 256-row slice took 50-100 ms under load)
+SLICE_SECONDS = 0.010          # how long a build slice holds the lock (fixed row counts took 50-100 ms under load)
 REBALANCE_DEFICIT = 0.5        # promote nodes when a level has less than half its expected live nodes
 PROGRESS_EVERY = 0.5           # seconds between progress rows of one operation
 TUNER_REBUILD_EVERY = 86_400.0  # a rebuild for an unreachable recall target at most once a day
@@ -292,21 +292,30 @@ class IndexMaintenance:
             self._fail(conn, policy, f"abandoned: {build.aborted or 'the graph was replaced'}")
             return
         dst = build.arrays
+        exhausted = False
+        if build.kind == "rebuild" and not self._pending:      # read the table outside the lock
+            assert self._cursor is not None
+            self._pending = self._cursor.fetchmany(REBUILD_FETCH)
+            exhausted = not self._pending
         with self._locked() as a:
             if a is None:
                 return
+            deadline = time.monotonic() + SLICE_SECONDS
             if build.kind == "compaction":
                 assert self._plan is not None
                 live, remap = self._plan
-                hi = min(self._copied + COPY_ROWS, len(live))
-                hnsw.compact_rows(a, dst, live, remap, self._copied, hi)
-                self._copied = hi
+                while self._copied < len(live) and time.monotonic() < deadline:
+                    hi = min(self._copied + COPY_CHUNK, len(live))
+                    hnsw.compact_rows(a, dst, live, remap, self._copied, hi)
+                    self._copied = hi
                 inject.point("defrag-build")
-                complete = hi >= len(live)
+                complete = self._copied >= len(live)
                 if complete:
-                    hnsw.compact_finish(a, dst, remap, hi)
+                    hnsw.compact_finish(a, dst, remap, len(live))
             else:
-                complete = self._insert_rows(dst)
+                complete = exhausted
+                if not exhausted:
+                    self._insert_rows(dst, deadline)
                 inject.point("defrag-build")
             if complete and self.writer.build is build:
                 try:
@@ -340,23 +349,16 @@ class IndexMaintenance:
         self._plan = None
         self._end_cycle(policy)
 
-    def _insert_rows(self, dst: hnsw.HnswArrays) -> bool:
-        """A rebuild slice: insert rows from the cursor for SLICE_SECONDS; True once the table is exhausted."""
-        assert self._cursor is not None
-        deadline = time.monotonic() + SLICE_SECONDS
-        while time.monotonic() < deadline:
-            if not self._pending:
-                self._pending = self._cursor.fetchmany(REBUILD_FETCH)
-                if not self._pending:
-                    return True
+    def _insert_rows(self, dst: hnsw.HnswArrays, deadline: float) -> None:
+        """A rebuild slice: insert the rows read from the cursor until `deadline`."""
+        while self._pending and time.monotonic() < deadline:
             rows, self._pending = self._pending[:REBUILD_CHUNK], self._pending[REBUILD_CHUNK:]
             if dst.count + len(rows) > dst.capacity:
                 self.writer.abort_build("the table grew past the capacity the rebuild was sized for")
-                return False
+                return
             labels, tenants, keys = row_arrays(rows)
             hnsw.add_items(dst, to_matrix(rows, self.sync.spec.dim), labels, tenants, keys=keys)
             self._copied += len(rows)
-        return False
 
     def _fail(self, conn: psycopg.Connection, policy: Policy, error: str) -> None:
         op = self.op
