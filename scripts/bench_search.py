@@ -9,7 +9,7 @@ off so that its replays do not share the 2 cores with the measurements:
    model are installed, except with `--quick`): all-MiniLM-L6-v2 embeddings (384 dims, unit vectors,
    metric cosine) of real English text, the sentences of the docstrings of Python's standard library
    (read with `ast`, never imported), then of site-packages if more are needed, shuffled by the seed;
-   held queries are other sentences. Embedding 30,000 texts takes about 2 minutes on 2 cores, so the
+   held queries are other sentences. Embedding 30,000 texts takes 2-6 minutes on 2 busy cores, so the
    vectors are cached under `--cache-dir` and reused by later runs with the same figures. Otherwise
    (`--data synthetic`) `bench_index.Mixture`'s clustered data (topics on low-dimensional subspaces plus
    noise), metric l2. Default 29,000 x 384 and 1,000 queries (the issue's figures were at that size);
@@ -98,8 +98,8 @@ def docstring_sentences(needed: int) -> list[str]:
     """Sentences of real English prose: from the docstrings of the standard library's modules (parsed, never
     imported), then of this environment's site-packages if the standard library has fewer than `needed`;
     each sentence once, whitespace collapsed, 40-400 characters, mostly letters (no tables, no code).
-    Sentences, not paragraphs: the standard library has about 22,000 distinct paragraphs, fewer than the
-    default 30,000 texts, and a sentence is as long as a typical search query or short passage."""
+    Sentences, not paragraphs: the standard library and the venv have about 22,000 distinct paragraphs,
+    fewer than the default 30,000 texts; a sentence is as long as a typical query or short passage."""
     seen: set[str] = set()
     out: list[str] = []
     for key in ("stdlib", "purelib"):
@@ -142,7 +142,7 @@ def onnx_data(n: int, nq: int, seed: int, cache_dir: Path) -> tuple[np.ndarray, 
     order = np.random.default_rng(seed).permutation(len(texts))[: n + nq]
     chosen = [texts[i] for i in order]
     log(f"{len(texts)} docstring sentences in {time.monotonic() - t:.0f} s; embedding {n + nq} with MiniLM "
-        "(about 2 minutes for 30,000 on 2 cores; cached for the next run)")
+        "(2-6 minutes for 30,000 on 2 cores; cached for the next run)")
     t = time.monotonic()
     vectors = np.asarray(onnx.OnnxMiniLMEmbedder(batch_size=64).embed(chosen), np.float32)
     description = (f"all-MiniLM-L6-v2 (ONNX int8) embeddings of {n} + {nq} docstring sentences of "
