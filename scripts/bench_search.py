@@ -40,8 +40,10 @@ steady state; consistent mode right after the COPY costs <= 1.5 x today's steady
 consistent steady state, or `--today-us` measured on the code before the change); search_many >= 0.9 x
 hnswlib's batch QPS.
 
-    .venv/bin/python scripts/bench_search.py --quick     # 5,000 x 384 synthetic, 500 calls: about a minute
-    .venv/bin/python scripts/bench_search.py             # 29,000 x 384 (ONNX when installed), 2,000 calls
+    PYTHONPATH=. .venv/bin/python scripts/bench_search.py --quick   # 5,000 x 384 synthetic, 500 calls: < 1 min
+    PYTHONPATH=. .venv/bin/python scripts/bench_search.py           # 29,000 x 384 (ONNX if installed): ~2.5 min
+
+PYTHONPATH chooses the checkout whose code runs, the script's and the service's (which inherits it).
 """
 
 from __future__ import annotations
