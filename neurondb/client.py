@@ -87,6 +87,7 @@ class Client:
         self._catalog_at = 0.0
         self._embedders: dict[str, Any] = {}
         self._config: Config | None = None
+        self._consistent_default: bool | None = None
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -189,12 +190,15 @@ class Client:
             labels, dist, rows = hnsw.search(arrays, q, pool, ef_used, tenant_code(tenant), return_ids=True)
             vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
             scores = self._similarity(dist, info["metric"])
-            known = _keys(arrays, labels, rows)
-            if weight < 1.0:
-                labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id, known)
             if consistent or with_content or not _fresh(arrays):
+                if weight < 1.0:
+                    labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id, {})
                 found = self._documents(index, labels, scores, tenant, k, with_content)
             else:
+                known = _keys(arrays, labels, rows)
+                if weight < 1.0:
+                    labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id,
+                                                  known)
                 found = self._from_keys(index, labels, scores, tenant, k, known)
             # Another tenant whose name hashes like this one's shares its graph code: its nodes filled some of
             # the k places and were dropped. Rare; search wider until k are the tenant's own or none are left.
@@ -248,7 +252,9 @@ class Client:
 
     def _consistent(self, consistent: bool | None) -> bool:
         if consistent is None:
-            return bool(self.config.get("neurondb.search_consistent"))
+            if self._consistent_default is None:       # read once: the client's settings are its connect's
+                self._consistent_default = bool(self.config.get("neurondb.search_consistent"))
+            return self._consistent_default
         if not isinstance(consistent, bool):
             raise SearchError(f"consistent must be True, False or None, not {_shown(consistent)}")
         return consistent
@@ -256,16 +262,17 @@ class Client:
     def _from_keys(self, index: str, labels: np.ndarray, scores: np.ndarray, tenant: str | None, k: int,
                    known: dict[int, tuple[str, str] | None]) -> list[Hit]:
         """Hits from the graph's keys alone; rows whose key was not stored are looked up (one query)."""
-        missing = [label for label in labels.tolist() if known.get(label) is None]
+        labels_list = labels.tolist()
+        missing = [label for label in labels_list if known.get(label) is None]
         if missing:
             for r in self.conn.execute(query("index", "hits"), {"ids": missing, "index": index, "tenant": tenant}):
                 known[r[0]] = (r[1], r[2])
         hits = []
-        for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
+        for label, score in zip(labels_list, scores.tolist(), strict=True):
             key = known.get(label)
             if key is None or (tenant is not None and key[1] != tenant):
                 continue        # deleted (it was looked up), or another tenant's hash twin
-            hits.append(Hit(doc_id=key[0], score=float(score), tenant_id=key[1]))
+            hits.append(Hit(key[0], score, key[1]))
             if len(hits) == k:
                 break
         return hits
@@ -371,9 +378,16 @@ def _fresh(arrays: hnsw.HnswArrays) -> bool:
 
 
 def _keys(arrays: hnsw.HnswArrays, labels: np.ndarray, rows: np.ndarray) -> dict[int, tuple[str, str] | None]:
-    """label -> (doc id, tenant) from the graph's keys of the result rows (None where none was stored)."""
-    keys = arrays.keys[rows]
-    return {label: hnsw.decode_key(key) for label, key in zip(labels.tolist(), keys, strict=True)}
+    """label -> (doc id, tenant) from the graph's keys of the result rows (None where none was stored), read
+    as one bytes object (hnsw.decode_key's format, without a numpy call per row)."""
+    block = arrays.keys[rows].tobytes()
+    out: dict[int, tuple[str, str] | None] = {}
+    for i, label in enumerate(labels.tolist()):
+        at = i * hnsw.KEY_BYTES
+        ld, lt = block[at], block[at + 1]
+        out[label] = None if ld == hnsw.NO_KEY else \
+            (block[at + 2: at + 2 + ld].decode(), block[at + 2 + ld: at + 2 + ld + lt].decode())
+    return out
 
 
 def _query_matrix(vectors: Any, index: str, dim: int) -> np.ndarray:

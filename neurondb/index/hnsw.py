@@ -663,18 +663,29 @@ def _search_many_kernel(header, vectors, links0, levels, upper_offset, labels, t
     top_d = np.empty(ef2 + 1, np.float32)
     top_i = np.empty(ef2 + 1, np.int32)
     nbuf = np.empty(links0.shape[1] + pool.shape[1], np.int32)
+    cosine = header[H_METRIC] == 1
+    qn = np.empty(queries.shape[1], np.float32)     # a cosine query, normalised here (cheaper than numpy's)
     bad = 0
     for qi in range(queries.shape[0]):
         finite = True
+        norm2 = 0.0
         for j in range(queries.shape[1]):
-            if not math.isfinite(queries[qi, j]):
+            x = queries[qi, j]
+            if not math.isfinite(x):
                 finite = False
+            norm2 += x * x
         if not finite:
             out_n[qi] = -1
             bad += 1
             continue
+        q = queries[qi]
+        if cosine:
+            scale = 1.0 / math.sqrt(norm2) if norm2 > 0.0 else 0.0
+            for j in range(queries.shape[1]):
+                qn[j] = queries[qi, j] * scale
+            q = qn
         n = _search_one(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
-                        queries[qi], k, ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf,
+                        q, k, ef, tenant, visited, cand_d, cand_i, top_d, top_i, nbuf,
                         out_labels[qi], out_dist[qi], out_ids[qi])
         out_n[qi] = n
         for j in range(n, k):  # padding: no result
@@ -1557,8 +1568,12 @@ def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | 
     results are label -1 and distance inf."""
     if k < 1:
         raise ValueError(f"k must be positive, not {k}")
-    qs = _prepare(arrays, queries, "queries", check_finite=False)  # checked in the kernel, cheaper
-    ef = arrays.ef_search if ef is None else int(ef)
+    qs = np.ascontiguousarray(queries, dtype=np.float32)    # finite and normalised (cosine) in the kernel
+    if qs.ndim == 1:
+        qs = qs.reshape(1, -1)
+    if qs.ndim != 2 or qs.shape[1] != arrays.vectors.shape[1]:
+        raise ValueError(f"queries must have dimension {arrays.dim}, got shape {qs.shape}")
+    ef = int(arrays.header[H_EF_SEARCH]) if ef is None else int(ef)
     s = _scratch(arrays.capacity)
     nq = qs.shape[0]
     out_labels = np.empty((nq, k), np.int64)  # the kernel pads missing results with -1 / inf

@@ -105,13 +105,11 @@ class QueryRing:
             if head - tail >= CAPACITY:
                 self.header[2] += 1
                 return False
-            e = self.entries[head % CAPACITY]
-            e["seq"], e["recorded_at"] = head, s.recorded_at or time.time()
-            e["index"], e["tenant"] = s.index.encode()[:64], (s.tenant or "").encode()[:64]
-            e["latency_ms"], e["k"], e["ef"], e["result_count"] = s.latency_ms, s.k, s.ef, s.result_count
-            e["hybrid_weight"] = np.nan if s.hybrid_weight is None else s.hybrid_weight
-            e["query_type"] = QUERY_TYPES.index(s.query_type)
-            e["vslot"] = self._keep_vector(head, tail, s)
+            # One assignment of the whole record (in SAMPLE's field order): field by field cost 10 us a search.
+            self.entries[head % CAPACITY] = (
+                head, s.recorded_at or time.time(), s.index.encode()[:64], (s.tenant or "").encode()[:64],
+                s.latency_ms, np.nan if s.hybrid_weight is None else s.hybrid_weight, s.k, s.ef, s.result_count,
+                QUERY_TYPES.index(s.query_type), self._keep_vector(head, tail, s))
             self.header[0] = head + 1
             return True
         finally:
