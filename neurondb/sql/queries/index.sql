@@ -20,8 +20,10 @@ SELECT c.change_id, c.vector_id, c.xid::text, t.target::text
  ORDER BY c.xid, c.change_id LIMIT %(limit)s;
 
 -- name: rows_by_id
-SELECT id, tenant_id, embedding, doc_id FROM neurondb.neurondb_vectors
- WHERE id = ANY(%(ids)s) AND index_name = %(index)s;
+-- By primary key alone, as `hits` (below) and for the same reason: right after a bulk COPY.
+WITH rows AS MATERIALIZED (
+    SELECT id, tenant_id, embedding, doc_id, index_name FROM neurondb.neurondb_vectors WHERE id = ANY(%(ids)s))
+SELECT id, tenant_id, embedding, doc_id FROM rows WHERE index_name = %(index)s;
 
 -- name: consumer
 -- This installation's positions; `sane` is false for positions from another cluster (a restored dump:
@@ -112,8 +114,14 @@ ON CONFLICT (index_name) DO UPDATE SET
        updated_at = now();
 
 -- name: hits
-SELECT id, doc_id, tenant_id, content, metadata FROM neurondb.neurondb_vectors
- WHERE id = ANY(%(ids)s) AND index_name = %(index)s AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s);
+-- By primary key alone, then the index and tenant checked on those rows: with index_name in the same WHERE, a
+-- table without statistics yet (right after a bulk COPY, until ANALYZE) got a BitmapAnd that read the
+-- whole (index_name, doc_id) index, 3 ms instead of 0.2 ms per search at 29k rows.
+WITH rows AS MATERIALIZED (
+    SELECT id, doc_id, tenant_id, content, metadata, index_name FROM neurondb.neurondb_vectors
+     WHERE id = ANY(%(ids)s))
+SELECT id, doc_id, tenant_id, content, metadata FROM rows
+ WHERE index_name = %(index)s AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s);
 
 -- name: text_candidates_recorded
 -- Full-text candidates for hybrid search, best first by ts_rank_cd; in the same round trip, both raw
