@@ -20,8 +20,19 @@ and 2 worker processes (psycopg driver) -- it prints, as medians over `--reps` r
   It runs right after the drain, so neurondb's table still holds the n finished jobs (it keeps them for
   `neurondb.job_retention`, a week by default) and PGQueuer's log its entries: as in steady operation.
 
-Then the ratio of each neurondb drain rate to PGQueuer's with the same number of processes and to the
-best PGQueuer figure, and whether the issue's targets are met: drain >= 1.5 x PGQueuer, pickup p50 < 10 ms.
+A second baseline, the naive loop (issue 12): one psycopg connection in this process claims `--batch`
+jobs from neurondb's own table with SKIP LOCKED and commits (synchronous_commit off, as neuranq's claim),
+runs nothing, marks them completed and commits again, until a claim is empty; same jobs, enqueued the
+same way, interleaved with the other configurations, the service stopped meanwhile. No pickup latency.
+
+Then the ratio of each neurondb drain rate to PGQueuer's with the same number of processes, to the best
+PGQueuer figure and to the naive loop, and whether the targets are met: drain >= 1.5 x PGQueuer (issue 4),
+pickup p50 < 10 ms, one neurondb process >= 0.7 x the naive loop (issue 12).
+
+Last, the enqueue cost (issue 12): the median time of one `--batch`-row `queue.enqueue_many` statement
+(autocommit, its commit included) with 0, 20,000 and 100,000 jobs pending and nothing consuming
+(`--enqueue-statements` timed per backlog, each batch deleted again untimed), and the ratio 100k / 0
+(target <= 1.3).
 
 Fairness: one PostgreSQL server, default durable settings (fsync, synchronous_commit on), one database
 per system. Before each enqueue and each drain both systems get the same treatment: their tables
@@ -37,11 +48,13 @@ the neurondb service's data directory. Both are stopped and removed at the end, 
 error. With `--dsn`, that server is used instead (the role needs CREATEDB): two databases are created
 there and dropped at the end.
 
-    .venv/bin/python scripts/bench_queue.py [--n 20000] [--batch 100] [--reps 3] [--quick] [--json] [--dsn DSN]
+    .venv/bin/python scripts/bench_queue.py [--n 20000] [--batch 100] [--reps 3] [--quick] [--no-pgqueuer]
+        [--json] [--dsn DSN]
 
 About three minutes with the defaults on two cores (`--quick`: one repetition, about one). Needs PGQueuer:
-`pip install -e '.[bench]'`. The report names the neurondb it measured (directory, commit, uncommitted
-changes); to measure a commit while the tree is being edited, run against an export:
+`pip install -e '.[bench]'`, or `--no-pgqueuer` to leave it out. The report names the neurondb it measured
+(directory, commit, uncommitted changes); to measure a commit while the tree is being edited, run against
+an export:
 `git archive HEAD | tar -x -C /tmp/nb && PYTHONPATH=/tmp/nb .venv/bin/python scripts/bench_queue.py`.
 """
 

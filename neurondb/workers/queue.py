@@ -356,8 +356,9 @@ class QueueWorker(Worker):
         """Spend one token per claimed job; jobs over their tenant's allowance (another process spent it
         first) go back to pending for when the next token is due."""
         keep, over = [], []
+        limits: dict[str, tuple[float, float]] = {}   # per tenant of the batch, looked up once
         for row in rows:
-            rate, burst = self.rate_of(row[3])
+            rate, burst = limits.get(row[3]) or limits.setdefault(row[3], self.rate_of(row[3]))
             if rate <= 0 or self.ctx.shared.tenant_take_token(row[3], rate, burst):
                 keep.append(row)
             else:
