@@ -27,7 +27,7 @@ import random
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-li
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_BATCH = 1000
 FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
+ABORT_CHECK_EVERY = 0.005    # seconds between checks for a lost supervisor within a batch (a syscall each)
 MAX_ERROR = 2000             # characters of an error message kept per attempt
 
 
@@ -147,11 +148,15 @@ class QueueWorker(Worker):
         # Read once per batch, not per job: a reload applies between batches anyway.
         default_limit = int(self.config.get("neurondb.neuranq_max_retries"))
         timeout_s = self._ms("neuranq_timeout") / 1000.0
-        last_flush = time.monotonic()
+        last_flush = next_abort_check = time.monotonic()
         for i, row in enumerate(rows):
-            if self.should_abort():
-                self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
-                break
+            # A fast shutdown is seen before every job, a lost supervisor within a few ms (or one job).
+            now = time.monotonic()
+            if self.shutdown == "fast" or now >= next_abort_check:
+                next_abort_check = now + ABORT_CHECK_EVERY
+                if self.should_abort():
+                    self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
+                    break
             self._run_one(row, default_limit, timeout_s)
             if time.monotonic() - last_flush > FLUSH_EVERY:
                 self._flush(result)
@@ -302,13 +307,15 @@ class QueueWorker(Worker):
         self._count_tenants(mine)
 
     def _count_tenants(self, outcomes: list[Outcome]) -> None:
-        per: dict[str, Counter] = {}
+        """One pass over the outcomes, one update of shared memory per tenant."""
+        per: defaultdict[str, Counter] = defaultdict(Counter)
+        latency: defaultdict[str, float] = defaultdict(float)
         for o in outcomes:
-            per.setdefault(o.tenant_id, Counter())[o.status] += 1
+            per[o.tenant_id][o.status] += 1
+            latency[o.tenant_id] += o.ms
         for tenant, c in per.items():
-            latency = sum(o.ms for o in outcomes if o.tenant_id == tenant)
             self.ctx.shared.tenant_add(tenant, processed=c["completed"], failed=c["failed"], retried=c["retry"],
-                                       latency_ms=latency)
+                                       latency_ms=latency[tenant])
 
     def _hand_back(self, ids: list[int], delay_ms: float) -> None:
         if ids:
