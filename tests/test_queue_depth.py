@@ -166,3 +166,39 @@ def test_counter_exact_after_the_service_is_killed_mid_enqueue(tmp_path: Path, f
     finally:
         stop.set()
         svc.close()
+
+
+def test_recount_repairs_a_counter_bypassed_by_disabled_triggers(conn: psycopg.Connection) -> None:
+    queue.enqueue_many(conn, "test.noop", [{}] * 4)
+    conn.execute(f"ALTER TABLE {TABLE} DISABLE TRIGGER USER")
+    conn.execute(f"INSERT INTO {TABLE} (job_type) SELECT 'test.noop' FROM generate_series(1, 6)")
+    conn.execute(f"ALTER TABLE {TABLE} ENABLE TRIGGER USER")
+    assert conn.execute("SELECT neurondb.pending_jobs()").fetchone()[0] == 4
+    assert conn.execute("SELECT neurondb.recount_pending_jobs()").fetchone()[0] == 10
+    assert assert_counted(conn) == 10
+
+
+def test_overlapping_repeatable_read_producers_get_a_serialization_failure(conn: psycopg.Connection,
+                                                                           fresh_dsn: str) -> None:
+    """Exactness needs producers in turn; a snapshot transaction cannot take its turn after another one
+    changed the counter, so it fails with a retryable error instead of overshooting."""
+    with psycopg.connect(fresh_dsn) as first, psycopg.connect(fresh_dsn) as second:
+        for c in (first, second):
+            c.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            c.execute("SELECT 1")    # both snapshots taken now
+        queue.enqueue_many(first, "test.noop", [{}] * 2)
+        failure: list[BaseException] = []
+
+        def enqueue_second() -> None:
+            try:
+                queue.enqueue_many(second, "test.noop", [{}] * 3)
+            except psycopg.Error as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=enqueue_second)
+        t.start()
+        time.sleep(0.3)              # it waits for the first producer's turn to end
+        first.commit()
+        t.join(10)
+        assert len(failure) == 1 and isinstance(failure[0], psycopg.errors.SerializationFailure)
+    assert assert_counted(conn) == 2

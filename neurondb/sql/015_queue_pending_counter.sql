@@ -6,7 +6,9 @@
 --   - slot 0 takes what insert statements add, and only they check the bound. Every inserting statement
 --     updates that one row and holds its lock until it commits, so producers take turns from their insert
 --     to their commit and each checks against every earlier producer's committed jobs: the bound is exact.
---     (A producer that keeps its transaction open after enqueueing makes the next producer wait for it.)
+--     (A producer that keeps its transaction open after enqueueing makes the next producer wait for it;
+--     under REPEATABLE READ or SERIALIZABLE the second of two overlapping producers gets a serialization
+--     failure, to be retried like any other.)
 --   - slots 1..16 take what updates and deletes move in or out of pending (claims, completions, retries,
 --     hand-backs, cancels, plain SQL), in a slot chosen by the backend's pid: queue workers and the
 --     supervisor do not queue up behind producers or each other. These are never refused, as before.
