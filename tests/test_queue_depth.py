@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
 from neurondb import queue
+from neurondb.queries import query
 from neurondb.status import pid_alive
+from neurondb.workers import leases
 from tests.service import Service, wait_for
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
@@ -119,6 +122,30 @@ def test_counter_follows_every_change_of_status(conn: psycopg.Connection) -> Non
     assert assert_counted(conn) == 0
     queue.enqueue_many(conn, "test.noop", [{}] * 3)
     assert assert_counted(conn) == 3
+
+
+def test_counter_follows_neuranqs_own_status_changes(conn: psycopg.Connection) -> None:
+    """The worker's and the supervisor's statements: claim, retry, fail, complete, release, hand back."""
+    ids = queue.enqueue_many(conn, "test.noop", [{}] * 12)
+    owner, policy = "h:1", leases.RetryPolicy(max_retries=3, delay_ms=0.0, max_delay_ms=0.0)
+
+    def claim() -> list[int]:
+        return [r[0] for r in conn.execute(query("queue", "claim"), {
+            "batch": 100, "owner": owner, "lease_ms": 60000.0, "salt": "s", "capped": [], "caps": []})]
+
+    assert sorted(claim()) == ids and assert_counted(conn) == 0
+    conn.execute(query("queue", "retry"), {"owner": owner, "ids": ids[:3], "errors": ["e"] * 3,
+                                           "delays_ms": [0.0] * 3})
+    conn.execute(query("queue", "fail"), {"owner": owner, "ids": ids[3:5], "errors": ["e"] * 2})
+    done = orjson.dumps([[i, {}] for i in ids[5:7]]).decode()
+    conn.execute(query("queue", "complete"), {"owner": owner, "done": done})
+    leases.hand_back(conn, TABLE, owner, ids[7:9], 0.0)
+    assert assert_counted(conn) == 5
+    assert leases.release(conn, TABLE, policy, owner, ids[9:10], "killed")[0] == 3   # 9 retried, 10-11 back
+    assert assert_counted(conn) == 8
+    assert sorted(claim()) == [*ids[:3], *ids[7:12]] and assert_counted(conn) == 0
+    assert leases.hand_back_unheld(conn, TABLE, owner, []) == 8
+    assert assert_counted(conn) == 8
 
 
 def test_counter_exact_after_the_service_is_killed_mid_enqueue(tmp_path: Path, fresh_dsn: str,
