@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from neurondb import queue
+from neurondb.migrate import BOOTSTRAP, RECORD, available, migrate
 from neurondb.queries import query
 from neurondb.status import pid_alive
 from neurondb.workers import leases
@@ -55,6 +57,29 @@ def test_bulk_enqueue_over_the_default_fails_whole_naming_the_setting(conn: psyc
     with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"raise neurondb\.neuranq_queue_depth"):
         conn.execute(f"INSERT INTO {TABLE} (job_type) SELECT 'test.noop' FROM generate_series(1, 20000)")
     assert assert_counted(conn) == 5
+
+
+def test_upgrade_counts_the_jobs_already_queued(pg_admin_dsn: str) -> None:
+    """Migration 015 on a database that already holds jobs starts the counter at their real count."""
+    name = f"nd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(psycopg.conninfo.make_conninfo(pg_admin_dsn, dbname=name), autocommit=True) as c:
+            for statement in BOOTSTRAP:
+                c.execute(statement)
+            for m in (m for m in available() if m.version < "015"):
+                with c.transaction():
+                    c.execute(m.sql)
+                    c.execute(RECORD, (m.version, m.checksum))
+            c.execute(f"INSERT INTO {TABLE} (job_type, status, lease_owner, lease_expires_at, completed_at) "
+                      "SELECT 'test.noop', s, 'h:1', now(), now() FROM unnest(ARRAY['pending', 'pending', "
+                      "'pending', 'processing', 'completed']) AS s")
+            assert "015_queue_pending_counter" in migrate(c)
+            assert assert_counted(c) == 3
+    finally:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_bound_is_exact_with_four_concurrent_producers(conn: psycopg.Connection, fresh_dsn: str) -> None:
