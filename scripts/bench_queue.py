@@ -20,8 +20,19 @@ and 2 worker processes (psycopg driver) -- it prints, as medians over `--reps` r
   It runs right after the drain, so neurondb's table still holds the n finished jobs (it keeps them for
   `neurondb.job_retention`, a week by default) and PGQueuer's log its entries: as in steady operation.
 
-Then the ratio of each neurondb drain rate to PGQueuer's with the same number of processes and to the
-best PGQueuer figure, and whether the issue's targets are met: drain >= 1.5 x PGQueuer, pickup p50 < 10 ms.
+A second baseline, the naive loop (issue 12): one psycopg connection in this process claims `--batch`
+jobs from neurondb's own table with SKIP LOCKED and commits (synchronous_commit off, as neuranq's claim),
+runs nothing, marks them completed and commits again, until a claim is empty; same jobs, enqueued the
+same way, interleaved with the other configurations, the service stopped meanwhile. No pickup latency.
+
+Then the ratio of each neurondb drain rate to PGQueuer's with the same number of processes, to the best
+PGQueuer figure and to the naive loop, and whether the targets are met: drain >= 1.5 x PGQueuer (issue 4),
+pickup p50 < 10 ms, one neurondb process >= 0.7 x the naive loop (issue 12).
+
+Last, the enqueue cost (issue 12): the median time of one `--batch`-row `queue.enqueue_many` statement
+(autocommit, its commit included) with 0, 20,000 and 100,000 jobs pending and nothing consuming
+(`--enqueue-statements` timed per backlog, each batch deleted again untimed), and the ratio 100k / 0
+(target <= 1.3).
 
 Fairness: one PostgreSQL server, default durable settings (fsync, synchronous_commit on), one database
 per system. Before each enqueue and each drain both systems get the same treatment: their tables
@@ -37,11 +48,13 @@ the neurondb service's data directory. Both are stopped and removed at the end, 
 error. With `--dsn`, that server is used instead (the role needs CREATEDB): two databases are created
 there and dropped at the end.
 
-    .venv/bin/python scripts/bench_queue.py [--n 20000] [--batch 100] [--reps 3] [--quick] [--json] [--dsn DSN]
+    .venv/bin/python scripts/bench_queue.py [--n 20000] [--batch 100] [--reps 3] [--quick] [--no-pgqueuer]
+        [--json] [--dsn DSN]
 
 About three minutes with the defaults on two cores (`--quick`: one repetition, about one). Needs PGQueuer:
-`pip install -e '.[bench]'`. The report names the neurondb it measured (directory, commit, uncommitted
-changes); to measure a commit while the tree is being edited, run against an export:
+`pip install -e '.[bench]'`, or `--no-pgqueuer` to leave it out. The report names the neurondb it measured
+(directory, commit, uncommitted changes); to measure a commit while the tree is being edited, run against
+an export:
 `git archive HEAD | tar -x -C /tmp/nb && PYTHONPATH=/tmp/nb .venv/bin/python scripts/bench_queue.py`.
 """
 
@@ -94,6 +107,9 @@ DRAIN_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 60.0
 TARGET_RATIO = 1.5
 TARGET_P50_MS = 10.0
+TARGET_NAIVE_RATIO = 0.7         # neuranq with one process vs the naive loop (issue 12)
+TARGET_BACKLOG_RATIO = 1.3       # enqueue cost at the largest backlog vs at an empty queue (issue 12)
+BACKLOGS = (0, 20_000, 100_000)
 NQ_TABLE = "neurondb.neurondb_job_queue"
 
 
@@ -320,6 +336,99 @@ class Neurondb(Scratch):
         super().cleanup(keep)
 
 
+# -- the naive loop -----------------------------------------------------------------------------------------
+
+
+NAIVE_CLAIM = f"""
+UPDATE {NQ_TABLE} SET status = 'processing', lease_owner = 'naive', started_at = now(),
+       lease_expires_at = now() + interval '2 minutes'
+ WHERE job_id IN (SELECT job_id FROM {NQ_TABLE} WHERE status = 'pending' AND run_at <= now()
+                   ORDER BY priority DESC, run_at, job_id LIMIT %s FOR UPDATE SKIP LOCKED)
+RETURNING job_id, payload"""
+NAIVE_COMPLETE = f"UPDATE {NQ_TABLE} SET status = 'completed', completed_at = now() WHERE job_id = ANY(%s)"
+
+
+class NaiveLoop:
+    """The floor a queue on PostgreSQL can hope to reach from Python: one psycopg connection in the
+    benchmark process that claims `batch` jobs with SKIP LOCKED (one commit), runs nothing, and marks them
+    completed (a second commit), until a claim comes back empty. The commits are as durable as neuranq's:
+    the claim's with synchronous_commit off, the completion's on. It drains neurondb's own table (same
+    triggers, same indexes, same rows, enqueued the same way) while the service is stopped, and has none
+    of neuranq's guarantees: no fairness, no rate limits, no attempt history, no lease renewal."""
+
+    system = "naive"
+
+    def __init__(self, nq: Neurondb, batch: int) -> None:
+        self.nq = nq
+        self.batch = batch
+
+    def reset(self) -> None:
+        self.nq.reset()
+
+    def start(self, processes: int) -> None:
+        """Nothing to start: the loop runs in `drain` (the service is down between configurations)."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def enqueue(self, n: int, batch: int) -> float:
+        return self.nq.enqueue(n, batch)
+
+    def prepare_drain(self) -> None:
+        self.nq.prepare_drain()
+
+    def drain(self, n: int) -> tuple[float, float]:
+        conn = self.nq.conn
+        assert conn is not None
+        t0 = time.monotonic()
+        while True:
+            with conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit = off")
+                rows = conn.execute(NAIVE_CLAIM, (self.batch,)).fetchall()
+            if not rows:
+                break
+            conn.execute(NAIVE_COMPLETE, ([r[0] for r in rows],))
+        t1 = time.monotonic()
+        counts = dict(conn.execute(f"SELECT status, count(*) FROM {NQ_TABLE} GROUP BY status").fetchall())
+        if counts != {"completed": n}:
+            raise BenchError(f"naive loop ended with {counts}, expected {n} completed")
+        span = conn.execute(f"SELECT extract(epoch FROM max(completed_at) - min(started_at)) "
+                            f"FROM {NQ_TABLE}").fetchone()[0]
+        return n / (t1 - t0), n / float(span)
+
+    def light_load(self, seconds: float) -> list[float]:
+        """Not measured: the loop polls without pause or NOTIFY, its latency would say nothing."""
+        return []
+
+    def cleanup(self, keep: bool) -> None:
+        """The connection is neurondb's, closed with it."""
+
+
+def enqueue_cost(nq: Neurondb, backlogs: list[int], statements: int, batch: int) -> dict[int, float]:
+    """Median ms of one `batch`-row enqueue statement (`queue.enqueue_many`, autocommit, so its commit
+    included) with `backlog` jobs already pending, for each backlog: the table truncated, filled with
+    one INSERT ... SELECT, analysed and checkpointed; each measured batch is deleted again (untimed), so
+    the backlog stays what it says. The service is stopped: nothing consumes."""
+    conn = nq.conn
+    assert conn is not None
+    out = {}
+    for backlog in backlogs:
+        nq.reset()
+        conn.execute(f"INSERT INTO {NQ_TABLE} (job_type, payload) SELECT %s, jsonb_build_object('i', i) "
+                     "FROM generate_series(1, %s) AS i", (NQ_JOB, backlog))
+        nq.prepare_drain()
+        times = []
+        for _ in range(statements):
+            t0 = time.perf_counter()
+            ids = queue.enqueue_many(conn, NQ_JOB, [{"i": i} for i in range(batch)])
+            times.append((time.perf_counter() - t0) * 1000)
+            conn.execute(f"DELETE FROM {NQ_TABLE} WHERE job_id = ANY(%s)", (ids,))
+        out[backlog] = median(times) or 0.0
+        log(f"enqueue of {batch} rows at {backlog:,} pending: median {out[backlog]:.2f} ms over {statements}")
+    nq.reset()
+    return out
+
+
 # -- PGQueuer -----------------------------------------------------------------------------------------------
 
 
@@ -460,7 +569,7 @@ class PgQueuer:
 # -- one configuration, one repetition ------------------------------------------------------------------------
 
 
-def run_one(system: Neurondb | PgQueuer, fig: Figures, n: int, batch: int, light_s: float) -> None:
+def run_one(system: Neurondb | PgQueuer | NaiveLoop, fig: Figures, n: int, batch: int, light_s: float) -> None:
     """Fresh tables -> consumer up but idle -> enqueue n -> drain -> light load -> consumer down."""
     system.reset()
     system.start(fig.processes)
@@ -487,9 +596,10 @@ def run_one(system: Neurondb | PgQueuer, fig: Figures, n: int, batch: int, light
 
 
 def compare(results: list[Figures]) -> list[dict[str, Any]]:
-    """Summaries with the neurondb/PGQueuer drain ratios and the targets."""
+    """Summaries with the neurondb/PGQueuer and neurondb/naive-loop drain ratios and the targets."""
     pgq = {f.processes: median(f.drain) for f in results if f.system == "PGQueuer" and f.drain}
     best = max((v for v in pgq.values() if v), default=None)
+    naive = next((median(f.drain) for f in results if f.system == "naive" and f.drain), None)
     rows = []
     for f in results:
         row = f.summary()
@@ -497,9 +607,12 @@ def compare(results: list[Figures]) -> list[dict[str, Any]]:
         same = pgq.get(f.processes)
         row["ratio_same_processes"] = d / same if d and same else None
         row["ratio_best_pgqueuer"] = d / best if d and best else None
+        row["ratio_naive"] = d / naive if d and naive else None
         if f.system == "neurondb":
             row["target_drain_met"] = None if row["ratio_same_processes"] is None else \
                 row["ratio_same_processes"] >= TARGET_RATIO
+            row["target_naive_met"] = None if row["ratio_naive"] is None or f.processes != 1 else \
+                row["ratio_naive"] >= TARGET_NAIVE_RATIO
             row["target_pickup_met"] = None if row["pickup_p50_ms"] is None else row["pickup_p50_ms"] < TARGET_P50_MS
         rows.append(row)
     return rows
@@ -509,18 +622,19 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def render(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = ["neurondb queue benchmark: neuranq vs PGQueuer", ""]
+def render(settings: dict[str, Any], rows: list[dict[str, Any]], cost: dict[int, float]) -> str:
+    lines = ["neurondb queue benchmark: neuranq vs PGQueuer and a naive SKIP LOCKED loop", ""]
     lines += [f"  {k:<22} {v}" for k, v in settings.items()]
     header = (f"  {'system':<9} {'procs':>5}  {'enqueue/s':>10}  {'drain/s':>9}  {'drain/s srv':>11}  "
-              f"{'pickup p50':>10}  {'p99':>8}  {'vs PGQ same':>11}  {'vs PGQ best':>11}")
+              f"{'pickup p50':>10}  {'p99':>8}  {'vs PGQ same':>11}  {'vs PGQ best':>11}  {'vs naive':>8}")
     lines += ["", header, "  " + "-" * (len(header) - 2)]
     for r in rows:
         lines.append(
             f"  {r['system']:<9} {r['processes']:>5}  {_fmt(r['enqueue_jobs_s'], ',.0f'):>10}  "
             f"{_fmt(r['drain_jobs_s'], ',.0f'):>9}  {_fmt(r['drain_server_jobs_s'], ',.0f'):>11}  "
             f"{_fmt(r['pickup_p50_ms'], '.2f', ' ms'):>10}  {_fmt(r['pickup_p99_ms'], '.2f', ' ms'):>8}  "
-            f"{_fmt(r['ratio_same_processes'], '.2f', 'x'):>11}  {_fmt(r['ratio_best_pgqueuer'], '.2f', 'x'):>11}")
+            f"{_fmt(r['ratio_same_processes'], '.2f', 'x'):>11}  {_fmt(r['ratio_best_pgqueuer'], '.2f', 'x'):>11}  "
+            f"{_fmt(r['ratio_naive'], '.2f', 'x'):>8}")
     lines += ["", "  per run, in run order:"]
     for r in rows:
         lines.append(f"    {r['system']} {r['processes']}: enqueue {r['runs']['enqueue_jobs_s']}, "
@@ -535,11 +649,24 @@ def render(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         pickup = {True: "met", False: "NOT met", None: "not measured"}[r["target_pickup_met"]]
         lines.append(f"    neurondb {r['processes']} process(es): drain {_fmt(r['ratio_same_processes'], '.2f', 'x')}"
                      f" -> {drain}; pickup p50 {_fmt(r['pickup_p50_ms'], '.2f', ' ms')} -> {pickup}")
+        if r["target_naive_met"] is not None:
+            naive = {True: "met", False: "NOT met"}[r["target_naive_met"]]
+            lines.append(f"    neurondb 1 process vs the naive loop: {_fmt(r['ratio_naive'], '.2f', 'x')} "
+                         f"(target >= {TARGET_NAIVE_RATIO}x) -> {naive}")
+    if cost:
+        first, last = cost[min(cost)], cost[max(cost)]
+        ratio = last / first if first else None
+        met = "not measured" if ratio is None else "met" if ratio <= TARGET_BACKLOG_RATIO else "NOT met"
+        levels = ", ".join(f"{ms:.2f} ms at {b:,}" for b, ms in sorted(cost.items()))
+        lines.append(f"    enqueue of one batch: {levels} pending; {max(cost):,}/{min(cost):,} = "
+                     f"{_fmt(ratio, '.2f', 'x')} (target <= {TARGET_BACKLOG_RATIO}x) -> {met}")
     lines += ["",
               "  drain/s: n / (go -> nothing pending or running, polled every 10 ms); drain/s srv: n / (first claim ->",
               "  last completion, server timestamps). Medians over the runs; pickup = claim now() - enqueue now(),",
               "  all runs pooled, p99 nearest-rank. vs PGQ: neurondb's drain/s over PGQueuer's (same process count,",
-              "  and PGQueuer's best)."]
+              "  and PGQueuer's best); vs naive: over the naive loop's (one connection in this process: claim a batch",
+              "  with SKIP LOCKED and commit, mark it completed and commit). Enqueue cost: median of one batch-row",
+              "  enqueue statement, its commit included, with that many jobs pending and nothing consuming."]
     return "\n".join(lines)
 
 
@@ -567,39 +694,55 @@ def main(argv: list[str] | None = None) -> int:
                         help="neurondb queue process counts (default 1,2)")
     parser.add_argument("--pgq-processes", type=_counts, default=[1, 2], metavar="LIST",
                         help="PGQueuer worker process counts (default 1,2)")
+    parser.add_argument("--no-pgqueuer", action="store_true", help="leave PGQueuer out (the naive loop stays)")
+    parser.add_argument("--enqueue-statements", type=int, default=60, metavar="N",
+                        help="statements timed per backlog for the enqueue cost (default 60; --quick: 20)")
     parser.add_argument("--quick", action="store_true", help="one repetition instead of --reps")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the service's data directory (stopped)")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps = 1
-    if args.n < 1 or args.batch < 1 or args.batch > 10_000 or args.reps < 1 or args.latency_seconds < 0:
-        parser.error("--n and --reps must be >= 1, --batch 1..10000, --latency-seconds >= 0")
-    try:
-        import pgqueuer
-    except ImportError:
-        parser.error("PGQueuer is not installed: pip install -e '.[bench]'")
+        args.enqueue_statements = min(args.enqueue_statements, 20)
+    if args.n < 1 or args.batch < 1 or args.batch > 10_000 or args.reps < 1 or args.latency_seconds < 0 \
+            or args.enqueue_statements < 0:
+        parser.error("--n and --reps must be >= 1, --batch 1..10000, --latency-seconds and --enqueue-statements >= 0")
+    pgqueuer: Any = None
+    if args.no_pgqueuer:
+        args.pgq_processes = []
+    else:
+        try:
+            import pgqueuer
+        except ImportError:
+            parser.error("PGQueuer is not installed: pip install -e '.[bench]' (or leave it out: --no-pgqueuer)")
 
     install_sigterm_handler()
     env = clean_env()   # the benchmark's own settings must win, never the caller's installation or server
     server = Server(args.dsn, env)
-    systems: dict[str, Neurondb | PgQueuer] = {}
-    results = [Figures("neurondb", k) for k in args.processes] + [Figures("PGQueuer", k) for k in args.pgq_processes]
+    systems: dict[str, Neurondb | PgQueuer | NaiveLoop] = {}
+    results = [Figures("neurondb", k) for k in args.processes] + [Figures("PGQueuer", k) for k in args.pgq_processes] \
+        + [Figures("naive", 1)]
+    cost: dict[int, float] = {}
     light_s = args.latency_seconds / args.reps
     load_before = os.getloadavg()
     t_begin = time.monotonic()
 
     def run() -> None:
         server.start()
-        nq = systems["neurondb"] = Neurondb(server.dsn("neurondb"), env, args.batch, depth=args.n + 10_000)
+        nq = systems["neurondb"] = Neurondb(server.dsn("neurondb"), env, args.batch,
+                                            depth=max(args.n, *BACKLOGS) + 10_000)
         nq.setup()
-        pgq = systems["PGQueuer"] = PgQueuer(server.dsn("pgqueuer"), env, args.batch)
-        pgq.setup()
+        systems["naive"] = NaiveLoop(nq, args.batch)
+        if args.pgq_processes:
+            pgq = systems["PGQueuer"] = PgQueuer(server.dsn("pgqueuer"), env, args.batch)
+            pgq.setup()
         for rep in range(args.reps):
             order = results if rep % 2 == 0 else results[::-1]
             for fig in order:
                 log(f"run {rep + 1}/{args.reps}: {fig.system} with {fig.processes} process(es), n = {args.n:,}")
                 run_one(systems[fig.system], fig, args.n, args.batch, light_s)
+        if args.enqueue_statements:
+            cost.update(enqueue_cost(nq, list(BACKLOGS), args.enqueue_statements, args.batch))
 
     def cleanup() -> None:
         for system in systems.values():
@@ -620,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": f"{args.reps} (medians), light load {light_s:.2f} s per run at one job / "
                        f"{LIGHT_INTERVAL_S * 1000:g} ms",
         "neurondb": code_version(show_repo_root=True),
-        "versions": f"PGQueuer {getattr(pgqueuer, '__version__', '?')}, psycopg {psycopg.__version__}, "
+        "versions": f"PGQueuer {getattr(pgqueuer, '__version__', '?') if pgqueuer else 'left out'}, "
+                    f"psycopg {psycopg.__version__}, "
                     f"Python {sys.version.split()[0]}",
         "machine": f"{os.cpu_count()} CPUs, load avg {load_before[0]:.2f} before / {os.getloadavg()[0]:.2f} after",
         "wall time": f"{time.monotonic() - t_begin:.0f} s",
@@ -628,9 +772,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(results)
     if args.json:
         print(json.dumps({"settings": settings, "ok": code == 0, "exit_code": code, "results": rows,
-                          "targets": {"drain_ratio": TARGET_RATIO, "pickup_p50_ms": TARGET_P50_MS}}, indent=2))
+                          "enqueue_ms_by_backlog": cost,
+                          "targets": {"drain_ratio": TARGET_RATIO, "pickup_p50_ms": TARGET_P50_MS,
+                                      "naive_ratio": TARGET_NAIVE_RATIO, "backlog_ratio": TARGET_BACKLOG_RATIO}},
+                         indent=2))
     else:
-        print(render(settings, rows))
+        print(render(settings, rows, cost))
     return code
 
 

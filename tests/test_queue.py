@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from neurondb import queue
+from neurondb.queries import query
 from tests.service import Service, wait_for
 from tests.test_document_sql import document_statements
 
@@ -346,3 +347,16 @@ def test_retention_removes_old_finished_jobs(service: Service, conn: psycopg.Con
     wait_for(lambda: conn.execute("SELECT count(*) FROM neurondb.neurondb_job_queue WHERE job_id = ANY(%s)",
                                   (done,)).fetchone()[0] == 0, 15.0, "retention to remove finished jobs")
     assert job(conn, later)["status"] == "pending"       # unfinished jobs are never touched
+
+
+def test_claim_commits_async_and_leaves_completions_durable(conn: psycopg.Connection) -> None:
+    """The claim turns synchronous_commit off for its own transaction only: the worker's completions on
+    the same connection still wait for their commit to be durable."""
+    ids = queue.enqueue_many(conn, "test.noop", [{}] * 3)
+    rows = conn.execute(query("queue", "claim"), {"batch": 10, "owner": "h:1", "lease_ms": 60000.0, "salt": "s",
+                                                  "capped": [], "caps": []}).fetchall()
+    assert sorted(r[0] for r in rows) == ids
+    assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    done = orjson.dumps([[i, {"n": i}] for i in ids]).decode()
+    assert {r[0] for r in conn.execute(query("queue", "complete"), {"owner": "h:1", "done": done})} == set(ids)
+    assert [job(conn, i)["result"] for i in ids] == [{"n": i} for i in ids]

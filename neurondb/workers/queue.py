@@ -27,13 +27,12 @@ import random
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg.types.json import Jsonb
 
 from neurondb.db import UndecodableJson, decode_json, first_line
 from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
@@ -48,6 +47,7 @@ MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-li
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_BATCH = 1000
 FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
+ABORT_CHECK_EVERY = 0.005    # seconds between checks for a lost supervisor within a batch (a syscall each)
 MAX_ERROR = 2000             # characters of an error message kept per attempt
 
 
@@ -56,7 +56,7 @@ class Outcome:
     job_id: int
     tenant_id: str
     status: str                          # "completed", "retry" or "failed"
-    result: Any = None
+    result: orjson.Fragment | None = None   # a completion's result, already serialised
     error: str = ""
     delay_ms: float = 0.0
     effects: list[tuple[str, Any]] | None = None
@@ -133,40 +133,46 @@ class QueueWorker(Worker):
     def _run_claimed(self, result: BatchResult) -> None:
         batch_size = int(self.config.get("neurondb.neuranq_batch_size"))
         capped, caps = self._allowances(batch_size)
-        # The claim alone commits asynchronously: if the server crashes before it reaches disk, the job is
-        # simply pending again (at-least-once holds). Completions stay synchronous, and their WAL flush
-        # covers the claim before it anyway.
-        with self.conn.transaction():
-            self.conn.execute("SET LOCAL synchronous_commit = off")
-            rows = self.conn.execute(query("queue", "claim"), {
-                "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
-                "salt": str(random.random()), "capped": list(capped), "caps": caps,
-            }).fetchall()
+        # The claim alone commits asynchronously (one statement, its own transaction: see the query): if the
+        # server crashes before it reaches disk, the job is simply pending again (at-least-once holds).
+        # Completions stay synchronous, and their WAL flush covers the claim before it anyway.
+        rows = self.conn.execute(query("queue", "claim"), {
+            "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
+            "salt": str(random.random()), "capped": list(capped), "caps": caps,
+        }).fetchall()
         if not rows:
             self._plan_wakeup()
             return
         rows = self._take_tokens(rows)
         result.more = True
-        last_flush = time.monotonic()
+        # Read once per batch, not per job: a reload applies between batches anyway.
+        default_limit = int(self.config.get("neurondb.neuranq_max_retries"))
+        timeout_s = self._ms("neuranq_timeout") / 1000.0
+        last_flush = next_abort_check = time.monotonic()
         for i, row in enumerate(rows):
-            if self.should_abort():
-                self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
-                break
-            self._run_one(*row)
+            # A fast shutdown is seen before every job, a lost supervisor within a few ms (or one job).
+            now = time.monotonic()
+            if self.shutdown == "fast" or now >= next_abort_check:
+                next_abort_check = now + ABORT_CHECK_EVERY
+                if self.should_abort():
+                    self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
+                    break
+            self._run_one(row, default_limit, timeout_s)
             if time.monotonic() - last_flush > FLUSH_EVERY:
                 self._flush(result)
                 self._extend_leases([r[0] for r in rows[i + 1:]])
                 last_flush = time.monotonic()
         self._flush(result)
 
-    def _run_one(self, job_id: int, job_type: str, payload_text: str, tenant: str, retry_count: int,
-                 max_retries: int | None, last_error: str | None) -> None:
-        """Run one claimed job and add its outcome to self._outcomes. The payload comes as text and is
-        decoded here, so a value the decoder refuses fails this job alone. While the handler runs, the job
-        is listed as running in our slot: if it kills the process, the supervisor charges it alone."""
+    def _run_one(self, row: tuple, default_limit: int, timeout_s: float) -> None:
+        """Run one claimed job (a row of the claim) and add its outcome to self._outcomes. The payload
+        comes as text and is decoded here, so a value the decoder refuses fails this job alone. While the
+        handler runs, the job is listed as running in our slot: if it kills the process, the supervisor
+        charges it alone. Its result is serialised here once, as it will be stored."""
+        job_id, job_type, payload_text, tenant, retry_count, max_retries, last_error = row
         started = time.perf_counter()
         attempt = retry_count + 1
-        limit = int(max_retries if max_retries is not None else self.config.get("neurondb.neuranq_max_retries"))
+        limit = default_limit if max_retries is None else max_retries
         if retry_count > limit:
             error = f"gave up after {retry_count} attempts (limit: {limit} retries); the last one: " \
                     f"{last_error or 'interrupted'}"[:MAX_ERROR]
@@ -185,10 +191,10 @@ class QueueWorker(Worker):
             handler = resolve(job_type).handler
             self.running.add(job_id)
             try:
-                value = self._with_timeout(handler, ctx, payload)
+                value = self._with_timeout(handler, ctx, payload, timeout_s)
             finally:
                 self.running.discard(job_id)
-            result = orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
+            result = orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
             self._outcomes.append(Outcome(job_id, tenant, "completed", result=result, effects=ctx.effects,
                                           ms=(time.perf_counter() - started) * 1000))
         except (psycopg.OperationalError, MemoryError) as exc:
@@ -226,10 +232,11 @@ class QueueWorker(Worker):
     def _on_alarm(self, signum: int, frame: object) -> None:
         raise JobTimeout(f"job exceeded neurondb.neuranq_timeout ({self._ms('neuranq_timeout'):.0f} ms)")
 
-    def _with_timeout(self, handler: Any, ctx: JobContext, payload: dict) -> Any:
+    @staticmethod
+    def _with_timeout(handler: Any, ctx: JobContext, payload: dict, timeout_s: float) -> Any:
         """Run the handler under an interval timer: SIGALRM raises JobTimeout inside it when it overruns
         (Python code and sleeps are interrupted; blocking C calls end at their own timeouts)."""
-        signal.setitimer(signal.ITIMER_REAL, self._ms("neuranq_timeout") / 1000.0)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
             return handler(ctx, payload)
         finally:
@@ -247,9 +254,8 @@ class QueueWorker(Worker):
         conn = self.conn
         if all(o.status == "completed" and not o.effects for o in outcomes):
             # The common case in one statement, no explicit transaction: the lease check is in its WHERE.
-            ours = {r[0] for r in conn.execute(query("queue", "complete"), {
-                "owner": self.owner, "ids": [o.job_id for o in outcomes],
-                "results": [Jsonb(o.result) for o in outcomes]})}
+            ours = {r[0] for r in conn.execute(query("queue", "complete"),
+                                               {"owner": self.owner, "done": self._completions(outcomes)})}
             self._outcomes = []
             self._account([o for o in outcomes if o.job_id in ours], len(outcomes), result)
             return
@@ -271,8 +277,7 @@ class QueueWorker(Worker):
             retry = [o for o in mine if o.status == "retry"]
             failed = [o for o in mine if o.status == "failed"]
             if done:
-                conn.execute(query("queue", "complete"), {"owner": self.owner, "ids": [o.job_id for o in done],
-                                                          "results": [Jsonb(o.result) for o in done]})
+                conn.execute(query("queue", "complete"), {"owner": self.owner, "done": self._completions(done)})
             if retry:
                 conn.execute(query("queue", "retry"), {"owner": self.owner, "ids": [o.job_id for o in retry],
                                                        "errors": [o.error for o in retry],
@@ -282,6 +287,11 @@ class QueueWorker(Worker):
                                                       "errors": [o.error for o in failed]})
         self._outcomes = []
         self._account(mine, len(outcomes), result)
+
+    @staticmethod
+    def _completions(outcomes: list[Outcome]) -> str:
+        """The `complete` query's parameter: [[job_id, result], ...] as JSON text."""
+        return orjson.dumps([[o.job_id, o.result] for o in outcomes]).decode()
 
     def _account(self, mine: list[Outcome], total: int, result: BatchResult) -> None:
         """Counters for the outcomes recorded (`mine`); the rest were cancelled or taken over meanwhile."""
@@ -297,13 +307,15 @@ class QueueWorker(Worker):
         self._count_tenants(mine)
 
     def _count_tenants(self, outcomes: list[Outcome]) -> None:
-        per: dict[str, Counter] = {}
+        """One pass over the outcomes, one update of shared memory per tenant."""
+        per: defaultdict[str, Counter] = defaultdict(Counter)
+        latency: defaultdict[str, float] = defaultdict(float)
         for o in outcomes:
-            per.setdefault(o.tenant_id, Counter())[o.status] += 1
+            per[o.tenant_id][o.status] += 1
+            latency[o.tenant_id] += o.ms
         for tenant, c in per.items():
-            latency = sum(o.ms for o in outcomes if o.tenant_id == tenant)
             self.ctx.shared.tenant_add(tenant, processed=c["completed"], failed=c["failed"], retried=c["retry"],
-                                       latency_ms=latency)
+                                       latency_ms=latency[tenant])
 
     def _hand_back(self, ids: list[int], delay_ms: float) -> None:
         if ids:
@@ -351,8 +363,9 @@ class QueueWorker(Worker):
         """Spend one token per claimed job; jobs over their tenant's allowance (another process spent it
         first) go back to pending for when the next token is due."""
         keep, over = [], []
+        limits: dict[str, tuple[float, float]] = {}   # per tenant of the batch, looked up once
         for row in rows:
-            rate, burst = self.rate_of(row[3])
+            rate, burst = limits.get(row[3]) or limits.setdefault(row[3], self.rate_of(row[3]))
             if rate <= 0 or self.ctx.shared.tenant_take_token(row[3], rate, burst):
                 keep.append(row)
             else:

@@ -6,8 +6,13 @@
 -- pending work come from a loose index scan, in an order shuffled per claim by %(salt)s; each gets an equal
 -- share of the batch (its head of line by priority, then age), at most its rate-limit allowance
 -- (%(capped)s / %(caps)s). SKIP LOCKED inside each tenant's scan lets concurrent claimers take the next
--- jobs instead of colliding on the same ones.
-WITH RECURSIVE tenants AS (
+-- jobs instead of colliding on the same ones. Run on its own (autocommit), it commits asynchronously: the
+-- set_config below is local to its transaction, and a transaction that claims anything has evaluated it
+-- (`eligible` joins it). A claim lost in a server crash leaves its jobs pending; at-least-once holds.
+WITH RECURSIVE async_commit AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+),
+tenants AS (
     (SELECT tenant_id FROM neurondb.neurondb_job_queue WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
     UNION ALL
     SELECT (SELECT q.tenant_id FROM neurondb.neurondb_job_queue q
@@ -17,6 +22,7 @@ WITH RECURSIVE tenants AS (
 eligible AS (
     SELECT t.tenant_id, coalesce(c.cap, %(batch)s) AS cap
       FROM tenants t
+     CROSS JOIN async_commit
       LEFT JOIN unnest(%(capped)s::text[], %(caps)s::int[]) AS c(tenant_id, cap) USING (tenant_id)
      WHERE t.tenant_id IS NOT NULL AND coalesce(c.cap, 1) > 0
      ORDER BY md5(t.tenant_id || %(salt)s)
@@ -55,11 +61,13 @@ SELECT job_id FROM neurondb.neurondb_job_queue
 
 -- name: complete
 -- Also the whole recording step of a batch whose outcomes are all plain completions: the WHERE clause checks
--- the lease, and RETURNING says which jobs were still ours.
+-- the lease, and RETURNING says which jobs were still ours. %(done)s is one JSON array of [job_id, result]
+-- pairs: one parameter the worker serialises with orjson, where a bigint[] and a jsonb[] cost psycopg
+-- about 5 us per job to adapt element by element.
 UPDATE neurondb.neurondb_job_queue q
    SET status = 'completed', result = v.result, completed_at = now(), lease_expires_at = NULL,
        error_message = NULL
-  FROM unnest(%(ids)s::bigint[], %(results)s::jsonb[]) AS v(job_id, result)
+  FROM (SELECT (e ->> 0)::bigint, e -> 1 FROM jsonb_array_elements(%(done)s::jsonb) AS e) AS v(job_id, result)
  WHERE q.job_id = v.job_id AND q.status = 'processing' AND q.lease_owner = %(owner)s
 RETURNING q.job_id;
 
