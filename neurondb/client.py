@@ -49,6 +49,8 @@ VECTOR_SAMPLE_RATE = 0.05     # fraction of searches whose vector and results ar
 CANDIDATES = 4                # hybrid: candidates per list, as a multiple of k
 CATALOG_TTL = 5.0
 FRESH_MS = 1000               # a graph not caught up this recently is checked in PostgreSQL instead
+SAMPLE_BATCH = 16             # search samples handed to the ring at once...
+SAMPLE_FLUSH = 0.1            # ...or after this many seconds
 MAX_K = 1000
 MAX_EF = 10_000
 
@@ -88,6 +90,8 @@ class Client:
         self._embedders: dict[str, Any] = {}
         self._config: Config | None = None
         self._consistent_default: bool | None = None
+        self._samples: list[Sample] = []        # search samples not yet in the ring
+        self._flush_at = 0.0
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -187,19 +191,24 @@ class Client:
         query_id = random.getrandbits(63)
         while True:
             ef_used = max(arrays.ef_search if ef is None else ef, pool)
-            labels, dist, rows = hnsw.search(arrays, q, pool, ef_used, tenant_code(tenant), return_ids=True)
+            try:
+                labels, dist, block = hnsw.search_lists(arrays, q, pool, ef_used, tenant_code(tenant))
+            except ValueError:
+                raise SearchError("query vector contains NaN or infinite values") from None
             vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
-            scores = self._similarity(dist, info["metric"])
+            scores = _similarity(dist, info["metric"])
             if consistent or with_content or not _fresh(arrays):
                 if weight < 1.0:
                     labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id, {})
                 found = self._documents(index, labels, scores, tenant, k, with_content)
             else:
-                known = _keys(arrays, labels, rows)
-                if weight < 1.0:
-                    labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k, query_id,
-                                                  known)
-                found = self._from_keys(index, labels, scores, tenant, k, known)
+                found = _hits_from_keys(block, scores, tenant, k) if weight >= 1.0 else None
+                if found is None:       # hybrid, or a key that did not fit: the general path
+                    known = _keys(block, labels)
+                    if weight < 1.0:
+                        labels, scores = self._hybrid(index, labels, scores, text, tenant, weight, pool, k,
+                                                      query_id, known)
+                    found = self._from_keys(index, labels, scores, tenant, k, known)
             # Another tenant whose name hashes like this one's shares its graph code: its nodes filled some of
             # the k places and were dropped. Rare; search wider until k are the tenant's own or none are left.
             if tenant is None or weight < 1.0 or len(found) >= k or len(labels) < pool or pool >= MAX_K:
@@ -231,16 +240,17 @@ class Client:
         arrays = self._graph(index)
         ef_used = max(arrays.ef_search if ef is None else ef, k)
         labels, dist, rows = hnsw.search_many(arrays, queries, k, ef_used, tenant_code(tenant), return_ids=True)
-        scores = np.where(labels >= 0, self._similarity(dist, info["metric"]), np.nan)
+        scores = np.where(labels >= 0, 1.0 / (1.0 + dist.astype(np.float64)) if info["metric"] == "l2" else
+                          1.0 - dist.astype(np.float64), np.nan)
         if as_arrays:
             out: list[Hits] | tuple[np.ndarray, np.ndarray] = (labels, scores)
         else:
             hits = []
             for i in range(len(queries)):
                 n = int(np.count_nonzero(labels[i] >= 0))
-                lab, sc = labels[i, :n], scores[i, :n]
+                lab, sc = labels[i, :n].tolist(), scores[i, :n].tolist()
                 found = (self._documents(index, lab, sc, tenant, k, False) if consistent or not _fresh(arrays) else
-                         self._from_keys(index, lab, sc, tenant, k, _keys(arrays, lab, rows[i, :n])))
+                         self._from_keys(index, lab, sc, tenant, k, _keys(arrays.keys[rows[i, :n]].tobytes(), lab)))
                 hits.append(Hits(found, random.getrandbits(63)))
             out = hits
         per_query = (time.perf_counter() - started) * 1000 / max(len(queries), 1)
@@ -259,16 +269,15 @@ class Client:
             raise SearchError(f"consistent must be True, False or None, not {_shown(consistent)}")
         return consistent
 
-    def _from_keys(self, index: str, labels: np.ndarray, scores: np.ndarray, tenant: str | None, k: int,
+    def _from_keys(self, index: str, labels: list[int], scores: list[float], tenant: str | None, k: int,
                    known: dict[int, tuple[str, str] | None]) -> list[Hit]:
         """Hits from the graph's keys alone; rows whose key was not stored are looked up (one query)."""
-        labels_list = labels.tolist()
-        missing = [label for label in labels_list if known.get(label) is None]
+        missing = [label for label in labels if known.get(label) is None]
         if missing:
             for r in self.conn.execute(query("index", "hits"), {"ids": missing, "index": index, "tenant": tenant}):
                 known[r[0]] = (r[1], r[2])
         hits = []
-        for label, score in zip(labels_list, scores.tolist(), strict=True):
+        for label, score in zip(labels, scores, strict=True):
             key = known.get(label)
             if key is None or (tenant is not None and key[1] != tenant):
                 continue        # deleted (it was looked up), or another tenant's hash twin
@@ -277,22 +286,18 @@ class Client:
                 break
         return hits
 
-    @staticmethod
-    def _similarity(dist: np.ndarray, metric: str) -> np.ndarray:
-        d = dist.astype(np.float64)
-        return 1.0 / (1.0 + d) if metric == "l2" else 1.0 - d
-
-    def _hybrid(self, index: str, labels: np.ndarray, scores: np.ndarray, text: str, tenant: str | None,
+    def _hybrid(self, index: str, labels: list[int], scores: list[float], text: str, tenant: str | None,
                 weight: float, pool: int, k: int, query_id: int, known: dict[int, tuple[str, str] | None]
-                ) -> tuple[np.ndarray, np.ndarray]:
+                ) -> tuple[list[int], list[float]]:
         """Combine with the full-text candidates (the one query of a hybrid search, which also names its
         candidates' documents, added to `known`)."""
         ranked = self.conn.execute(query("index", "text_candidates_recorded"), {
             "text": text, "index": index, "tenant": tenant, "limit": pool, "query_id": query_id, "k": k,
-            "weight": weight, "vector_ids": labels.tolist(), "vector_scores": scores.tolist()}).fetchall()
+            "weight": weight, "vector_ids": labels, "vector_scores": scores}).fetchall()
         known.update((r[0], (r[2], r[3])) for r in ranked)
-        return hybrid.combine(labels.tolist(), scores, [r[0] for r in ranked],
-                              np.array([r[1] for r in ranked], np.float64), weight)
+        ids, combined = hybrid.combine(labels, np.asarray(scores, np.float64), [r[0] for r in ranked],
+                                       np.array([r[1] for r in ranked], np.float64), weight)
+        return ids.tolist(), combined.tolist()
 
     def feedback(self, query_id: int, doc_id: str, relevance: float = 1.0) -> None:
         """Report how relevant `doc_id` was for the search that returned `query_id` (0 = not relevant, up to
@@ -306,14 +311,15 @@ class Client:
         self.conn.execute(query("index", "feedback"), {"query_id": query_id, "doc_id": doc_id,
                                                        "relevance": float(relevance)})
 
-    def _documents(self, index: str, labels: np.ndarray, scores: np.ndarray, tenant: str | None, k: int,
+    def _documents(self, index: str, labels: list[int], scores: list[float], tenant: str | None, k: int,
                    with_content: bool) -> list[Hit]:
-        if labels.size == 0:
+        """Hits checked in PostgreSQL (one query): live rows of the index and tenant, with content if asked."""
+        if not labels:
             return []
         rows = {r[0]: r for r in self.conn.execute(query("index", "hits"),
-                                                    {"ids": labels.tolist(), "index": index, "tenant": tenant})}
+                                                    {"ids": labels, "index": index, "tenant": tenant})}
         hits = []
-        for label, score in zip(labels.tolist(), scores.tolist(), strict=True):
+        for label, score in zip(labels, scores, strict=True):
             row = rows.get(label)
             if row is None:
                 continue        # deleted (or another tenant's hash twin) since the graph saw it
@@ -323,14 +329,26 @@ class Client:
                 break
         return hits
 
-    def _record(self, sample: Sample, q: np.ndarray, labels: np.ndarray) -> None:
+    def _record(self, sample: Sample, q: np.ndarray, labels: Any) -> None:
+        """Keep the search's sample; they go to the shared ring SAMPLE_BATCH at a time (or after
+        SAMPLE_FLUSH seconds, and at close): taking the ring's lock cost more than a sample."""
         if self._ring is None:
             return
         if random.random() < VECTOR_SAMPLE_RATE:
-            sample.vector, sample.labels = q, np.asarray(labels, np.int64)
-        self._ring.record(sample)
+            sample.vector, sample.labels = np.array(q, np.float32), np.asarray(labels, np.int64)
+        self._samples.append(sample)
+        now = time.monotonic()
+        if len(self._samples) >= SAMPLE_BATCH or now >= self._flush_at:
+            self._flush_samples(now)
+
+    def _flush_samples(self, now: float) -> None:
+        if self._ring is not None and self._samples:
+            self._ring.record_many(self._samples)
+        self._samples = []
+        self._flush_at = now + SAMPLE_FLUSH
 
     def close(self) -> None:
+        self._flush_samples(time.monotonic())
         for idx in self._indexes.values():
             idx.close()
         self._indexes.clear()
@@ -377,12 +395,34 @@ def _fresh(arrays: hnsw.HnswArrays) -> bool:
     return time.time() * 1000 - int(arrays.header[hnsw.H_SYNCED_MS]) <= FRESH_MS
 
 
-def _keys(arrays: hnsw.HnswArrays, labels: np.ndarray, rows: np.ndarray) -> dict[int, tuple[str, str] | None]:
-    """label -> (doc id, tenant) from the graph's keys of the result rows (None where none was stored), read
-    as one bytes object (hnsw.decode_key's format, without a numpy call per row)."""
-    block = arrays.keys[rows].tobytes()
+def _similarity(dist: list[float], metric: str) -> list[float]:
+    """Scores from distances: 1 / (1 + d) for l2, 1 - d for cosine and ip."""
+    return [1.0 / (1.0 + d) for d in dist] if metric == "l2" else [1.0 - d for d in dist]
+
+
+def _hits_from_keys(block: bytes, scores: list[float], tenant: str | None, k: int) -> list[Hit] | None:
+    """The hits of a vector search straight from its keys (the common case, in one pass), or None when a key
+    was not stored (NO_KEY: the caller looks it up)."""
+    hits = []
+    for i, score in enumerate(scores):
+        at = i * hnsw.KEY_BYTES
+        ld, lt = block[at], block[at + 1]
+        if ld == hnsw.NO_KEY:
+            return None
+        owner = block[at + 2 + ld: at + 2 + ld + lt].decode()
+        if tenant is not None and owner != tenant:
+            continue            # another tenant's hash twin
+        hits.append(Hit(block[at + 2: at + 2 + ld].decode(), score, owner))
+        if len(hits) == k:
+            break
+    return hits
+
+
+def _keys(block: bytes, labels: list[int]) -> dict[int, tuple[str, str] | None]:
+    """label -> (doc id, tenant) from the graph's keys of the results, one bytes object (hnsw.decode_key's
+    format, parsed without a numpy call per row); None where none was stored."""
     out: dict[int, tuple[str, str] | None] = {}
-    for i, label in enumerate(labels.tolist()):
+    for i, label in enumerate(labels):
         at = i * hnsw.KEY_BYTES
         ld, lt = block[at], block[at + 1]
         out[label] = None if ld == hnsw.NO_KEY else \
@@ -413,6 +453,8 @@ def _query_matrix(vectors: Any, index: str, dim: int) -> np.ndarray:
 def _query_vector(vector: Any, index: str, dim: int) -> np.ndarray:
     """`vector` as float32 of shape (dim,), or a SearchError: a string, a mapping, a 2-D array (several
     queries: one call searches one vector), text or None elements, wrong length, NaN or infinity."""
+    if type(vector) is np.ndarray and vector.dtype == np.float32 and vector.shape == (dim,):
+        return vector         # the common case, checked cheaply (NaN and infinity: by the kernel)
     rule = f"vector must be one vector of {dim} finite numbers"
     if isinstance(vector, (str, bytes, Mapping)):
         raise SearchError(f"{rule}, not {_shown(vector)}")

@@ -152,6 +152,7 @@ def test_metrics_reach_the_document_queries(client, conn: psycopg.Connection, do
              "the index to load")
     for q in rng.standard_normal((400, DIM)).astype(np.float32):
         client.search("docs", q, k=10, ef=32)
+    client.close()          # hands over the samples it still buffers (up to neurondb.client.SAMPLE_BATCH)
 
     def flushed() -> int:
         return conn.execute("SELECT count(*) FROM neurondb.neurondb_query_metrics").fetchone()[0]

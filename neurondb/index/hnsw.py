@@ -1485,6 +1485,13 @@ class _Scratch:
         self.visited = np.zeros(capacity + 1, np.uint16)
         self.cand_d = np.empty(capacity + 1, np.float32)
         self.cand_i = np.empty(capacity + 1, np.int32)
+        self.out: tuple[np.ndarray, ...] = ()       # search_lists' result buffers, grown to the largest k
+
+    def outputs(self, k: int) -> tuple[np.ndarray, ...]:
+        if not self.out or self.out[0].shape[1] < k:
+            self.out = (np.empty((1, k), np.int64), np.empty((1, k), np.float32), np.empty((1, k), np.int64),
+                        np.empty(1, np.int64))
+        return self.out
 
 
 _tls = threading.local()
@@ -1560,6 +1567,21 @@ def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = 
     if return_ids:
         return out[0][0, :n], out[1][0, :n], out[2][0, :n]
     return out[0][0, :n], out[1][0, :n]
+
+
+def search_lists(arrays: HnswArrays, query: np.ndarray, k: int, ef: int, tenant: int
+                 ) -> tuple[list[int], list[float], bytes]:
+    """One float32 query of the index's dimension, as `search`, with results as lists (labels, distances)
+    and the results' keys as one bytes object (KEY_BYTES each), the result buffers reused: the path of
+    neurondb's client, where a search's Python work around the kernel call is most of what it costs beyond
+    the walk. ValueError for NaN or infinity."""
+    s = _scratch(arrays.capacity)
+    out_labels, out_dist, out_ids, out_n = s.outputs(k)
+    if _search_many_kernel(*arrays.kernel_args, query.reshape(1, -1), k, max(ef, 1), tenant, s.visited, s.cand_d,
+                           s.cand_i, out_labels, out_dist, out_ids, out_n):
+        raise ValueError("the query contains NaN or infinite values")
+    n = int(out_n[0])
+    return out_labels[0, :n].tolist(), out_dist[0, :n].tolist(), arrays.keys[out_ids[0, :n]].tobytes()
 
 
 def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | None = None,
@@ -1996,6 +2018,7 @@ __all__ = [
     "relink",
     "repair",
     "search",
+    "search_lists",
     "search_many",
     "stats",
     "tombstone_count",
