@@ -26,8 +26,15 @@ DIM = 16
 N = 3000
 K = 10
 EF = 32
+def window_not_now() -> str:
+    """A maintenance window that does not contain the present hour: the tests that expect a compaction
+    must not get a rebuild because they happen to run inside the default window (02:00-04:00)."""
+    hour = time.localtime().tm_hour
+    return f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+
+
 FAST = {"neurondb.neurandefrag_naptime": "1s", "neurondb.neuranmon_enabled": "off",
-        "neurondb.neurandefrag_compact_threshold": "0"}
+        "neurondb.neurandefrag_compact_threshold": "0", "neurondb.neurandefrag_maintenance_window": window_not_now()}
 
 
 @pytest.fixture
@@ -199,9 +206,8 @@ def test_rebuild_waits_for_the_window_unless_now(tmp_path: Path, fresh_dsn: str,
     """Outside neurandefrag_maintenance_window a requested rebuild waits (cycles pass, none runs); --now
     runs it at once, with the new graph published and recorded; compaction needs no window."""
     copy_in(conn, data(N, 1), 0)
-    hour = time.localtime().tm_hour
-    window = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"        # never now
-    svc = Service(tmp_path / "data", fresh_dsn, {**FAST, "neurondb.neurandefrag_maintenance_window": window})
+    window = FAST["neurondb.neurandefrag_maintenance_window"]
+    svc = Service(tmp_path / "data", fresh_dsn, FAST)
     svc.start()
     try:
         loaded(conn, svc, N)
