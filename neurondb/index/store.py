@@ -204,11 +204,18 @@ class IndexWriter:
         now = time.monotonic()
         self.free.extend((now, int(row)) for row in rows)
 
-    def _reusable(self) -> int:
+    def _reusable(self, needed: int) -> int:
+        """How many of `needed` new rows free rows past their grace can take (counting stops at `needed`:
+        after a large delete the free list holds millions)."""
         if self.build is not None:      # a row reused under a compaction's copy would change beneath it
             return 0
         limit = time.monotonic() - REUSE_GRACE
-        return sum(1 for at, _ in self.free if at <= limit)   # oldest first: stops mattering past the first young
+        n = 0
+        for at, _ in self.free:         # oldest first: the first young one ends the usable ones
+            if n >= needed or at > limit:
+                break
+            n += 1
+        return n
 
     def _take(self, n: int) -> list[int]:
         limit = time.monotonic() - REUSE_GRACE
@@ -239,7 +246,7 @@ class IndexWriter:
         """Insert new labels, replace the vectors or keys of known ones (a new node; the old one is
         tombstoned). New nodes take free rows past their grace period first, and append only for the rest."""
         if self.arrays is not None:
-            self.ensure_room(max(len(labels) - self._reusable(), 0))
+            self.ensure_room(len(labels) - self._reusable(len(labels)))
         else:
             self.ensure_room(len(labels))
         a = self.arrays
