@@ -306,3 +306,26 @@ def test_a_node_cut_off_from_the_graph_is_reconnected(tmp_path: Path, fresh_dsn:
         if shared is not None:
             shared.close()
         svc.close()
+
+
+def test_unreachable_recall_triggers_one_rebuild(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
+    """When neuranmon reports a recall target it cannot reach at the maximum ef (its state row, written here
+    as neuranmon writes it; neuranmon itself is off), the next cycle rebuilds the graph from the table, outside
+    the window and with no fragmentation, and does not rebuild again for that within a day."""
+    copy_in(conn, data(N, 1), 0)
+    svc = Service(tmp_path / "data", fresh_dsn, FAST)
+    svc.start()
+    try:
+        loaded(conn, svc, N)
+        conn.execute("INSERT INTO neurondb.neurondb_tuning_state (index_name, state, reason) VALUES ('docs', "
+                     "'unattainable', 'SLO unattainable: recall 0.999 not reached at the maximum ef 800 "
+                     "(recall 0.990, lower bound 0.985)')")
+
+        def rebuilds() -> list[tuple]:
+            return conn.execute("SELECT status FROM neurondb.neurondb_index_maintenance "
+                                "WHERE operation = 'rebuild'").fetchall()
+        wait_for(lambda: rebuilds() == [("completed",)], 30.0, f"the rebuild\n{svc.log_tail(20)}")
+        time.sleep(3.5)                                   # three more cycles: no second rebuild
+        assert rebuilds() == [("completed",)]
+    finally:
+        svc.close()
