@@ -405,29 +405,20 @@ def _hits_from_keys(block: bytes, scores: list[float], tenant: str | None, k: in
     was not stored (NO_KEY: the caller looks it up)."""
     hits = []
     for i, score in enumerate(scores):
-        at = i * hnsw.KEY_BYTES
-        ld, lt = block[at], block[at + 1]
-        if ld == hnsw.NO_KEY:
+        key = hnsw.decode_key(block, i)
+        if key is None:
             return None
-        owner = block[at + 2 + ld: at + 2 + ld + lt].decode()
-        if tenant is not None and owner != tenant:
+        if tenant is not None and key[1] != tenant:
             continue            # another tenant's hash twin
-        hits.append(Hit(block[at + 2: at + 2 + ld].decode(), score, owner))
+        hits.append(Hit(key[0], score, key[1]))
         if len(hits) == k:
             break
     return hits
 
 
 def _keys(block: bytes, labels: list[int]) -> dict[int, tuple[str, str] | None]:
-    """label -> (doc id, tenant) from the graph's keys of the results, one bytes object (hnsw.decode_key's
-    format, parsed without a numpy call per row); None where none was stored."""
-    out: dict[int, tuple[str, str] | None] = {}
-    for i, label in enumerate(labels):
-        at = i * hnsw.KEY_BYTES
-        ld, lt = block[at], block[at + 1]
-        out[label] = None if ld == hnsw.NO_KEY else \
-            (block[at + 2: at + 2 + ld].decode(), block[at + 2 + ld: at + 2 + ld + lt].decode())
-    return out
+    """label -> (doc id, tenant) from the graph's keys of the results (None where none was stored)."""
+    return {label: hnsw.decode_key(block, i) for i, label in enumerate(labels)}
 
 
 def _query_matrix(vectors: Any, index: str, dim: int) -> np.ndarray:

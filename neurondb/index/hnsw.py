@@ -1785,14 +1785,14 @@ def encode_key(doc_id: str, tenant: str) -> np.ndarray:
     return key
 
 
-def decode_key(key: np.ndarray) -> tuple[str, str] | None:
-    """(doc id, tenant) of a row's key, or None when it was not stored (NO_KEY)."""
-    ld = int(key[0])
+def decode_key(block: bytes, i: int = 0) -> tuple[str, str] | None:
+    """(doc id, tenant) of the i-th key in `block` (rows of `keys` as one bytes object, KEY_BYTES each: the
+    reader takes the hits' keys at once, e.g. `search_lists`), or None when it was not stored (NO_KEY)."""
+    at = i * KEY_BYTES
+    ld, lt = block[at], block[at + 1]
     if ld == NO_KEY:
         return None
-    lt = int(key[1])
-    raw = key[2: 2 + ld + lt].tobytes()
-    return raw[:ld].decode(), raw[ld:].decode()
+    return block[at + 2: at + 2 + ld].decode(), block[at + 2 + ld: at + 2 + ld + lt].decode()
 
 
 # -- maintenance -------------------------------------------------------------------------------------
