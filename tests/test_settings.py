@@ -511,3 +511,23 @@ def test_concurrent_set_auto_loses_no_entry(datadir: DataDir) -> None:
     config = Config.load(datadir)
     assert len(_auto_lines(datadir)) == len(names)
     assert all(config[name] == 1 for name in names)
+
+
+def test_typed_reads_follow_the_declared_type(datadir: DataDir) -> None:
+    _write_conf(datadir, "neurondb.neuranq_batch_size = 7\nneurondb.neuranllm_timeout = 2500\n"
+                         "neurondb.neuranmon_target_recall = 0.9\n")
+    config = Config.load(datadir)
+    assert config.get_int("neurondb.neuranq_batch_size") == 7
+    assert config.get_int("neuranq_batch_size") == 7                     # the prefix may be left out
+    assert config.get_float("neuranmon_target_recall") == 0.9
+    assert config.get_float("neuranq_batch_size") == 7.0                 # an integer read as a float
+    assert config.get_seconds("neuranllm_timeout") == 2.5                # ms to seconds
+    assert config.get_bool("neuranq_enabled") is True
+    assert config.get_str("neurandefrag_maintenance_window") == REGISTRY[
+        "neurondb.neurandefrag_maintenance_window"].default
+    for read, name in ((config.get_int, "neuranmon_target_recall"), (config.get_bool, "neuranq_batch_size"),
+                       (config.get_str, "neuranq_enabled"), (config.get_seconds, "neuranq_batch_size")):
+        with pytest.raises(TypeError, match=name):
+            read(name)
+    with pytest.raises(SettingError, match="unrecognized"):
+        config.get_int("no_such_setting")
