@@ -63,6 +63,13 @@ def until(svc: Service, name: str, expected: float, timeout: float = 20.0, **lab
     return wait_for(reached, timeout, f"{name}{labels} == {expected}", interval=0.2)
 
 
+def at_least(svc: Service, name: str, minimum: float, timeout: float = 30.0, **labels: str) -> Samples:
+    def reached() -> Samples | None:
+        samples = scrape(svc)
+        return samples if value(samples, name, **labels) >= minimum else None
+    return wait_for(reached, timeout, f"{name}{labels} >= {minimum}", interval=0.2)
+
+
 def test_counters_equal_a_known_workload(service: Service, conn: psycopg.Connection, fresh_dsn: str) -> None:
     """N jobs of which F fail, M searches: the counters are those numbers; depths and graph figures agree."""
     ok = queue.enqueue_many(conn, "test.noop", [{}] * 30, tenant_id="t1")
@@ -100,6 +107,12 @@ def test_counters_equal_a_known_workload(service: Service, conn: psycopg.Connect
         assert value(samples, "neurondb_worker_up", kind=kind) == 1
         assert value(samples, "neurondb_worker_state", kind=kind, state="fatal") == 0
     assert value(samples, "neurondb_build_info") == 1
+    # neurandefrag's operations: deleting a fifth of the index starts a prune at once.
+    conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE doc_id = ANY(%s)", ([f"d{i}" for i in range(40)],))
+    samples = at_least(service, "neurondb_maintenance_operations_total", 1, index="docs", operation="prune",
+                       status="completed")
+    assert value(samples, "neurondb_maintenance_duration_seconds_count", operation="prune") >= 1
+    until(service, "neurondb_index_vectors", 160, index="docs")
     assert ok and bad and retried
     # Every family of the catalogue is announced, even those with no sample yet.
     text = httpx.get(metrics_url(service)).text
