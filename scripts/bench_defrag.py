@@ -33,8 +33,10 @@ Measured per round, against exact ground truth (chunked numpy brute force over t
 - recall@10 at a fixed ef (`--ef`, 64);
 - QPS at recall 0.95: the query batch in one call, single-threaded (hnswlib's knn_query(num_threads=1)),
   at ef 16, 24, 32, 48, 64, 96, 128, 192, 256 until recall passes 0.95, each point the median of
-  `--repeats` timed runs with the three indexes alternating; log QPS interpolated linearly in recall at
-  0.95 (`bench_index.interp_qps`);
+  `--repeats` timed runs (5) with the three indexes alternating; log QPS interpolated linearly in recall at
+  0.95 (`bench_index.interp_qps`). The query set has 2,000 queries by default: with 500 (one timed batch
+  about 20 ms) and 3 repeats, round 0, two builds of the same rows, read 0.97 x each other, the noise of
+  the measurement next to the 0.95 target;
 - memory: neurondb = its current segment's size (what vector_stats.memory_bytes publishes, read from the
   attached segment so that it is never a stale row), fresh = its arrays' bytes (the same layout),
   hnswlib = the size of its save_index file;
@@ -97,7 +99,7 @@ POLL_S = 0.2
 SYSTEMS = ("neurondb", "fresh", "hnswlib")
 QUICK = {"n": 6000, "dim": 64, "rounds": 6, "queries": 200, "noise": 0.5, "round_timeout": 5.0,
          "idle_seconds": 1.0}
-DEFAULTS = {"n": 20_000, "dim": 128, "rounds": 20, "queries": 500, "noise": 0.3, "round_timeout": 60.0,
+DEFAULTS = {"n": 20_000, "dim": 128, "rounds": 20, "queries": 2000, "noise": 0.3, "round_timeout": 60.0,
             "idle_seconds": 2.0}
 
 
@@ -545,7 +547,7 @@ def main() -> int:
     ap.add_argument("--latency-every", type=int, default=1, help="probe latency in every N-th round (default 1)")
     ap.add_argument("--ef", type=int, default=64, help="the fixed ef of the recall column and the latency probe")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per QPS point (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per QPS point (median; default 5)")
     ap.add_argument("--build-timeout", type=float, default=600.0, help="seconds for the service's first build")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dsn", help="your server (a scratch database) instead of the embedded PostgreSQL")
