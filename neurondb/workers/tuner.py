@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from neurondb import caches, hybrid, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
+from neurondb.observability.history import HistorySampler
 from neurondb.queries import query
 from neurondb.shm.ring import QueryRing, Sample
 from neurondb.workers.base import BatchResult, Worker
@@ -61,15 +62,17 @@ class TunerWorker(Worker):
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._next_sync = 0.0
         self._next_tune = time.monotonic() + self.naptime
+        self.history = HistorySampler(self.config, self.ctx.shared, self._beat)
 
     def idle_nap(self) -> float:
-        return min(self.naptime, SYNC_EVERY)
+        return min(self.naptime, SYNC_EVERY, self.history.due_in())
 
     def run_batch(self) -> BatchResult:
         now = time.monotonic()
         if now >= self._next_retention:
             self._retention()
         flushed = self._flush_samples()
+        self.history.tick(self.conn)       # after the flush: the percentiles include this batch's samples
         if now >= self._next_sync:
             self._next_sync = now + SYNC_EVERY
             catalog = self._catalog()
