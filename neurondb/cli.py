@@ -588,6 +588,25 @@ def status(inst: Instance, as_json: bool, watch: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@instance_options
+def health(inst: Instance, as_json: bool) -> None:
+    """For probes and systemd, like pg_isready: exit 0 healthy, 1 degraded (the reasons are printed), 2 down."""
+    from neurondb.observability.health import WorkerHealth, evaluate
+    from neurondb.status import read_status
+
+    snapshot = read_status(inst.datadir, inst.explicit_dsn)
+    timeout = Config.load_lenient(inst.datadir)[0].get_seconds("worker_heartbeat_timeout")
+    verdict = evaluate(snapshot.running, [WorkerHealth(w.name, w.state, w.heartbeat_age_s) for w in snapshot.workers],
+                       snapshot.database_error, timeout)
+    if as_json:
+        click.echo(orjson.dumps(verdict.to_dict()).decode())
+    else:
+        click.echo(verdict.word + "".join(f"\n  {reason}" for reason in verdict.reasons))
+    raise SystemExit(verdict.code)
+
+
+@main.command()
 @click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
               help="The HTML file to write.")
 @click.option("--since", default="1h", show_default=True,

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 TENANT_LABELS = 100          # distinct tenant label values before "other"
 OTHER = "other"
+# Where neuranmon publishes the port its endpoint bound (index into its slot's `gauges`; 0: not listening).
+PORT_GAUGE = 7
 REFRESH_SECONDS = 5.0        # the database figures' cache is at most this old (plus one query's time)
 
-# Histogram bucket upper bounds in seconds (the last, +Inf, is implied). One set for every latency: from a
-# 0.5 ms search to a minute-long LLM call.
-BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                              5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass(frozen=True)
