@@ -160,13 +160,25 @@ def assert_self_contained(page: str) -> None:
 def test_report_of_an_empty_history_says_no_data(tmp_path: Path, fresh_dsn: str) -> None:
     svc = Service(tmp_path / "data", fresh_dsn)
     out = tmp_path / "empty.html"
-    svc.cli("report", "-o", str(out))
+    svc.cli("report", "-o", str(out), "--since", "24h")
     page = out.read_text()
     assert page.count("No data") == SECTIONS and "<svg" not in page
+    assert "The last 1 d of" in page
     assert_self_contained(page)
     bad = svc.cli("report", "--since", "yesterday", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert 'invalid value for parameter "--since": "yesterday"' in bad.stderr
+
+
+def test_report_without_matplotlib_says_which_extra(tmp_path: Path, fresh_dsn: str) -> None:
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
+    svc = Service(tmp_path / "data", fresh_dsn, env={"PYTHONPATH": f"{shim.parent}:{REPO}"})
+    result = svc.cli("report", "-o", str(tmp_path / "x.html"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("neurondb report needs matplotlib: install neurondb[report]")
+    assert not (tmp_path / "x.html").exists()
 
 
 # The sample names a family of each type declares in a scrape, series or not (HELP and TYPE lines).

@@ -136,6 +136,14 @@ def _svg(fig: Any) -> str:
     return _XMLNS.sub("", text[text.index("<svg"):])
 
 
+def _duration(seconds: int) -> str:
+    """86400 -> '1 d', 5400 -> '90 min': the largest unit that divides it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
 def _page(sections: list[Section], since_s: int) -> str:
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     body = []
@@ -156,7 +164,7 @@ svg {{ max-width: 100%; height: auto; }}
 </head>
 <body>
 <h1>neurondb report</h1>
-<p>The last {since_s} s of neuranmon's history (neurondb.neurondb_metrics_history), generated {generated}.</p>
+<p>The last {_duration(since_s)} of neuranmon's history (neurondb.neurondb_metrics_history), generated {generated}.</p>
 {chr(10).join(body)}
 </body>
 </html>
