@@ -81,6 +81,7 @@ def build(conn: psycopg.Connection, since_s: int) -> str:
     latency: Series = {}
     for metric, suffix in (("search_p50_ms", "p50"), ("search_p99_ms", "p99")):
         latency |= {f"{index} {suffix}": points for index, points in history.get(metric, {}).items()}
+    colour = {index: f"C{i % 10}" for i, index in enumerate(sorted({label.rsplit(" ", 1)[0] for label in latency}))}
     llm = {"attempts/s": history.get("llm_attempts_per_second", {}).get("", ([], [])),
            "errors/s": history.get("llm_errors_per_second", {}).get("", ([], []))}
     sections = [
@@ -90,7 +91,8 @@ def build(conn: psycopg.Connection, since_s: int) -> str:
                 chart(("jobs/s", history.get("jobs_per_second", {})))),
         Section("Search latency per index", "Client-observed p50 (solid) and p99 (dashed) of each sample "
                 "interval's searches, in ms.",
-                chart(("ms", latency), style=lambda label: {"linestyle": "--" if label.endswith("p99") else "-"})),
+                chart(("ms", latency), style=lambda label: {"linestyle": "--" if label.endswith("p99") else "-",
+                                                            "color": colour[label.rsplit(" ", 1)[0]]})),
         Section("Recall and ef_search per index", "The auto-tuner's measured recall@k at the ef it chose, and "
                 "that ef.", chart(("recall", history.get("recall", {})), ("ef_search", history.get("ef_search", {})))),
         Section("LLM attempts and errors per second", "LLM job attempts per second, and those that failed or "
@@ -104,6 +106,8 @@ def build(conn: psycopg.Connection, since_s: int) -> str:
 def _curves(figure: Any, curves: dict[str, tuple[list[int], list[float | None], list[float | None]]]) -> str | None:
     if not curves:
         return None
+    from matplotlib.ticker import ScalarFormatter  # matplotlib is there: _figure_class found it
+
     fig = figure(figsize=(9.2, 3.0), layout="constrained")
     recall_ax, latency_ax = fig.subplots(1, 2)
     for index, (efs, recalls, latencies) in sorted(curves.items()):
@@ -111,6 +115,7 @@ def _curves(figure: Any, curves: dict[str, tuple[list[int], list[float | None], 
         latency_ax.plot(efs, latencies, marker="o", label=index)
     for ax, ylabel in ((recall_ax, "recall@k"), (latency_ax, "kernel latency (ms)")):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())     # 64, not 2^6
         ax.set_xlabel("ef_search")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
