@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ from neurondb import llm, queue
 from neurondb.client import SearchError
 from neurondb.observability import families
 from neurondb.observability.history import METRICS
-from tests.service import Service, wait_for
+from tests.service import FAST_SETTINGS, Service, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "neurondb.json"
@@ -139,6 +140,13 @@ def test_history_fills_is_bounded_and_the_report_draws_it(tmp_path: Path, fresh_
                                 "WHERE metric = 'jobs_per_second'").fetchone()[0] > 0
             assert conn.execute("SELECT count(*) FROM neurondb.neurondb_metrics_history WHERE "
                                 "metric = 'search_p99_ms' AND subject = 'docs'").fetchone()[0] > 0
+
+        svc.write_settings({**FAST_SETTINGS, **HISTORY, "neurondb.metrics_history_interval": "0"})
+        svc.cli("reload")                  # 0 turns the sampling off, without a restart
+        time.sleep(0.5)
+        rows = conn.execute("SELECT count(*) FROM neurondb.neurondb_metrics_history").fetchone()[0]
+        time.sleep(1.0)
+        assert conn.execute("SELECT count(*) FROM neurondb.neurondb_metrics_history").fetchone()[0] == rows
 
         out = tmp_path / "report.html"
         result = svc.cli("report", "-o", str(out), "--since", "1h")

@@ -17,8 +17,9 @@ inserts one row per figure into neurondb.neurondb_metrics_history, in one statem
   and failed) and the part of them that failed or is retried, from the neuranllm slot.
 
 The rates need two samples, so the first sample after a start has none. Rows older than
-`neurondb.metrics_history_retention` are deleted `RETENTION_BATCH` at a time, soon after start and then
-every tenth of the retention (at most every minute), like the query samples.
+`neurondb.metrics_history_retention` are deleted `RETENTION_BATCH` at a time, at most `RETENTION_BATCHES`
+batches a tick (so a tick stays short whatever the backlog), soon after start and then every tenth of the
+retention (at most every minute).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MIN_INTERVAL = 0.1           # seconds; a shorter interval (but 0, which disable
 RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often (a tenth of it, >= 1 s)
 RETENTION_FIRST = 5.0
 RETENTION_BATCH = 5000
+RETENTION_BATCHES = 20       # per tick at most (100,000 rows); a longer backlog goes on at the next tick
 
 # metric -> (worker kind, slot counters summed): the rates computed from shared memory.
 RATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -57,7 +59,7 @@ class HistorySampler:
         self.config = config
         self.shared = shared
         self.beat = beat
-        self._next_sample = 0.0
+        self._last_sample = -math.inf                                  # monotonic
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._previous: tuple[float, dict[str, int]] | None = None   # (monotonic time, counter totals)
 
@@ -69,9 +71,10 @@ class HistorySampler:
     def due_in(self) -> float:
         """Seconds until the next sample is due (infinite when sampling is off): the worker's nap is no
         longer than this."""
-        if self.interval() == 0:
+        interval = self.interval()
+        if interval == 0:
             return math.inf
-        return max(0.0, self._next_sample - time.monotonic())
+        return max(0.0, self._last_sample + interval - time.monotonic())
 
     def tick(self, conn: psycopg.Connection) -> None:
         now = time.monotonic()
@@ -81,9 +84,9 @@ class HistorySampler:
         if interval == 0:
             self._previous = None          # a rate over the time sampling was off would mislead
             return
-        if now < self._next_sample:
+        if now - self._last_sample < interval:     # from the last sample: a reloaded interval applies at once
             return
-        self._next_sample = now + interval
+        self._last_sample = now
         self.sample(conn, interval)
 
     def sample(self, conn: psycopg.Connection, window_s: float) -> None:
@@ -112,6 +115,10 @@ class HistorySampler:
         self._next_retention = time.monotonic() + min(RETENTION_EVERY, max(1.0, retention / 10))
         if retention <= 0:
             return
-        while conn.execute(query("history", "delete_old"), {"retention_s": retention,
-                                                            "limit": RETENTION_BATCH}).rowcount >= RETENTION_BATCH:
+        for _ in range(RETENTION_BATCHES):
+            deleted = conn.execute(query("history", "delete_old"), {"retention_s": retention,
+                                                                    "limit": RETENTION_BATCH}).rowcount
             self.beat()
+            if deleted < RETENTION_BATCH:
+                return
+        self._next_retention = time.monotonic()      # more to delete: go on at the next tick
