@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import neurondb
 from neurondb import queue
 from neurondb.observability import families
+from neurondb.settings import REGISTRY
 from tests.service import Service, wait_for
 
 DIM = 8
@@ -172,12 +176,36 @@ def test_a_scrape_under_load_takes_milliseconds(service: Service, conn: psycopg.
     assert statistics.median(times) < 0.1, times
 
 
+def check_output_composes(svc: Service) -> None:
+    """Not a terminal: `status` and `config show` print whole tab-separated rows; `status --watch --json`
+    one JSON object per line."""
+    lines = svc.cli("status").stdout.splitlines()
+    workers = {w.name: w.pid for w in svc.status().workers}
+    rows = [line.split("\t") for line in lines if line.startswith("worker\t")]
+    assert {r[1]: int(r[2]) for r in rows} == workers and all(len(r) == 10 for r in rows), lines
+    assert "#worker\tworker\tpid\tstate" in lines[2], lines
+    settings = [line.split("\t") for line in svc.cli("config", "show").stdout.splitlines()]
+    assert settings[0] == ["name", "setting", "unit", "context", "source", "range", "description"]
+    assert {r[0] for r in settings[1:]} == set(REGISTRY) and all(len(r) == 7 for r in settings)
+    assert max(len(r[6]) for r in settings) > 120                        # descriptions are not cut
+    watch = subprocess.Popen([sys.executable, "-m", "neurondb", "status", "--watch", "--json", "-D",
+                              str(svc.datadir.root)], stdout=subprocess.PIPE, env=svc.env, text=True)
+    try:
+        snapshots = [orjson.loads(watch.stdout.readline()) for _ in range(2)]
+    finally:
+        watch.terminate()
+        watch.wait(10)
+    assert [s["running"] for s in snapshots] == [True, True] and snapshots[1]["uptime_s"] > snapshots[0]["uptime_s"]
+
+
 def test_health_exit_codes_and_healthz(tmp_path: Path, fresh_dsn: str) -> None:
-    """healthy: 0 and /healthz 200; a FATAL worker: 1 with the reason and 503; stopped: 2."""
+    """healthy: 0 and /healthz 200; a FATAL worker: 1 with the reason and 503; stopped: 2. (And, on the same
+    service, the plain output of status and config show.)"""
     svc = Service(tmp_path / "data", fresh_dsn, {**SETTINGS, "neurondb.worker_max_crashes": "1"})
     svc.start()
     try:
         url = metrics_url(svc).replace("/metrics", "/healthz")
+        check_output_composes(svc)
         healthy = svc.cli("health", check=False)
         assert healthy.returncode == 0 and healthy.stdout.strip() == "healthy", healthy.stdout
         assert httpx.get(url).json() == {"status": "healthy", "code": 0, "reasons": []}
