@@ -78,7 +78,6 @@ class TunerWorker(Worker):
             self._retention()
         self.endpoint.ensure()
         flushed = self._flush_samples()
-        self.history.tick(self.conn)       # after the flush: the percentiles include this batch's samples
         if now >= self._next_sync:
             self._next_sync = now + SYNC_EVERY
             catalog = self._catalog()
@@ -87,6 +86,7 @@ class TunerWorker(Worker):
                 self._next_tune = now + self.naptime
                 self._tune(catalog)
                 self._rotate_caches()
+        self.history.tick(self.conn)       # last: the percentiles include this batch's samples
         return BatchResult(processed=flushed, more=flushed >= 1000)
 
     # -- samples --------------------------------------------------------------------------------------
