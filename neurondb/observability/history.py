@@ -5,10 +5,12 @@ inserts one row per figure into neurondb.neurondb_metrics_history, in one statem
 `sample`). `neurondb report` (observability/report.py) draws them. The figures, by `metric` (and what
 `subject` holds):
 
-- `queue_depth` (pending, processing, failed, dead_letter): jobs in each state; pending is the O(1)
-  counter `neurondb.pending_jobs()`, dead letters those not replayed;
-- `jobs_per_second` (''): jobs the queue workers completed per second since the previous sample, from their
-  shared-memory slots (`jobs_processed`, which spans worker restarts);
+- `queue_depth` (pending, processing, dead_letter): jobs in each state; pending is the O(1) counter
+  `neurondb.pending_jobs()`, dead letters those not replayed;
+- `jobs_per_second`, `jobs_failed_per_second` (''): jobs the queue workers completed, and failed for good,
+  per second since the previous sample, from their shared-memory slots (`jobs_processed`, `jobs_failed`,
+  which span worker restarts). A rate rather than a count of failed rows, which would read up to
+  `neurondb.job_retention`'s finished jobs every sample;
 - `search_p50_ms`, `search_p99_ms` (index): client-observed latency of the searches recorded in
   neurondb_query_metrics during the last interval (no searches: no row);
 - `recall`, `ef_search` (index): the auto-tuner's view, neurondb.tuning_status (no recall measured yet: no
@@ -44,12 +46,13 @@ RETENTION_BATCHES = 20       # per tick at most (100,000 rows); a longer backlog
 # metric -> (worker kind, slot counters summed): the rates computed from shared memory.
 RATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "jobs_per_second": ("neuranq", ("jobs_processed",)),
+    "jobs_failed_per_second": ("neuranq", ("jobs_failed",)),
     "llm_attempts_per_second": ("neuranllm", ("jobs_processed", "jobs_retried", "jobs_failed")),
     "llm_errors_per_second": ("neuranllm", ("jobs_retried", "jobs_failed")),
 }
 # Every metric a sample can hold, in the order the report draws them.
-METRICS = ("queue_depth", "jobs_per_second", "search_p50_ms", "search_p99_ms", "recall", "ef_search",
-           "llm_attempts_per_second", "llm_errors_per_second")
+METRICS = ("queue_depth", "jobs_per_second", "jobs_failed_per_second", "search_p50_ms", "search_p99_ms", "recall",
+           "ef_search", "llm_attempts_per_second", "llm_errors_per_second")
 
 
 class HistorySampler:

@@ -82,13 +82,15 @@ def build(conn: psycopg.Connection, since_s: int) -> str:
     for metric, suffix in (("search_p50_ms", "p50"), ("search_p99_ms", "p99")):
         latency |= {f"{index} {suffix}": points for index, points in history.get(metric, {}).items()}
     colour = {index: f"C{i % 10}" for i, index in enumerate(sorted({label.rsplit(" ", 1)[0] for label in latency}))}
+    jobs = {"completed": history.get("jobs_per_second", {}).get("", ([], [])),
+            "failed": history.get("jobs_failed_per_second", {}).get("", ([], []))}
     llm = {"attempts/s": history.get("llm_attempts_per_second", {}).get("", ([], [])),
            "errors/s": history.get("llm_errors_per_second", {}).get("", ([], []))}
     sections = [
-        Section("Queue depth by status", "Jobs pending, being processed, failed for good, and dead letters not "
-                "replayed.", chart(("jobs", history.get("queue_depth", {})))),
-        Section("Jobs per second", "Jobs the queue workers completed per second.",
-                chart(("jobs/s", history.get("jobs_per_second", {})))),
+        Section("Queue depth by status", "Jobs pending, being processed, and dead letters not replayed.",
+                chart(("jobs", history.get("queue_depth", {})))),
+        Section("Jobs per second", "Jobs the queue workers completed, and failed for good, per second.",
+                chart(("jobs/s", {k: v for k, v in jobs.items() if v[0]}))),
         Section("Search latency per index", "Client-observed p50 (solid) and p99 (dashed) of each sample "
                 "interval's searches, in ms.",
                 chart(("ms", latency), style=lambda label: {"linestyle": "--" if label.endswith("p99") else "-",

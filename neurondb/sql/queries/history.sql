@@ -4,15 +4,14 @@
 -- One sample of every headline figure in one statement: what PostgreSQL holds is read here, the rates
 -- neuranmon computed from shared memory come in as arrays (%(metric)s, %(subject)s, %(value)s). Search
 -- percentiles are over the samples recorded in the last %(window_s)s seconds (none: no row for that index).
+-- Failed jobs are not counted here (that would scan up to neurondb.job_retention's finished jobs every
+-- sample): they come in as a rate, jobs_failed_per_second.
 INSERT INTO neurondb.neurondb_metrics_history (sampled_at, metric, subject, value)
 SELECT now(), metric, subject, value FROM (
     SELECT 'queue_depth', 'pending', neurondb.pending_jobs()::float8
     UNION ALL
     SELECT 'queue_depth', 'processing', count(*)::float8
       FROM neurondb.neurondb_job_queue WHERE status = 'processing'
-    UNION ALL
-    SELECT 'queue_depth', 'failed', count(*)::float8
-      FROM neurondb.neurondb_job_queue WHERE status = 'failed'
     UNION ALL
     SELECT 'queue_depth', 'dead_letter', count(*)::float8
       FROM neurondb.neurondb_dead_letter WHERE replayed_at IS NULL
