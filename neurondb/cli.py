@@ -634,7 +634,10 @@ def report(inst: Instance, output: str, since: str) -> None:
             page = build(conn, since_s)
         except ReportError as exc:
             raise click.ClickException(str(exc)) from None
-    Path(output).write_text(page, encoding="utf-8")
+    try:
+        Path(output).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report to {output}: {exc.strerror}") from None
     click.echo(f"wrote {output}")
 
 

@@ -177,6 +177,9 @@ def test_report_of_an_empty_history_says_no_data(tmp_path: Path, fresh_dsn: str)
     bad = svc.cli("report", "--since", "yesterday", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert 'invalid value for parameter "--since": "yesterday"' in bad.stderr
+    nowhere = svc.cli("report", "-o", str(tmp_path / "missing" / "x.html"), check=False)
+    assert nowhere.returncode == 1 and "Traceback" not in nowhere.stderr
+    assert f"cannot write the report to {tmp_path / 'missing' / 'x.html'}: No such file or directory" in nowhere.stderr
 
 
 def test_report_without_matplotlib_says_which_extra(tmp_path: Path, fresh_dsn: str) -> None:
