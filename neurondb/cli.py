@@ -617,6 +617,30 @@ def health(inst: Instance, as_json: bool) -> None:
     raise SystemExit(verdict.code)
 
 
+@main.command()
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write.")
+@click.option("--since", default="1h", show_default=True,
+              help="How far back: 90s, 30min, 1h, 24h, 7d (plain numbers are seconds).")
+@instance_options
+def report(inst: Instance, output: str, since: str) -> None:
+    """Write one self-contained HTML page (inline SVG, no JavaScript, no network) charting neuranmon's
+    history and the auto-tuner's curves; needs the extra neurondb[report] (matplotlib)."""
+    from neurondb.observability.report import ReportError, build, parse_since
+
+    since_s = parse_since(since)
+    with inst.connect("report") as conn:
+        try:
+            page = build(conn, since_s)
+        except ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+    try:
+        Path(output).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report to {output}: {exc.strerror}") from None
+    click.echo(f"wrote {output}")
+
+
 # -- the queue --------------------------------------------------------------------------------------------
 
 def _json_arg(text: str | None, what: str) -> dict:

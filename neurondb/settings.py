@@ -336,6 +336,13 @@ _SETTINGS = [
     Setting("neurondb.query_metrics_retention", "integer", 259200, "sighup",
             "How long sampled searches are kept in neurondb_query_metrics; 0 keeps them forever.",
             unit="s", min=0, max=INT_MAX),
+    Setting("neurondb.metrics_history_interval", "integer", 5000, "sighup",
+            "How often neuranmon samples the headline figures into neurondb_metrics_history (what "
+            "`neurondb report` draws); 0 disables the sampling, below 100 ms counts as 100 ms.",
+            unit="ms", min=0, max=DAY_MS),
+    Setting("neurondb.metrics_history_retention", "integer", 604800, "sighup",
+            "How long rows of neurondb_metrics_history are kept; 0 keeps them forever.",
+            unit="s", min=0, max=INT_MAX),
     Setting("neurondb.http_allowlist", "string", "", "sighup",
             "Comma-separated hosts, IP addresses or CIDR networks that http_call jobs may reach even if "
             "loopback, private or link-local; '*' allows every address.", check=parse_host_list,

@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from neurondb import caches, hybrid, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
+from neurondb.observability.history import HistorySampler
 from neurondb.observability.server import MetricsEndpoint
 from neurondb.queries import query
 from neurondb.shm.ring import QueryRing, Sample
@@ -62,13 +63,14 @@ class TunerWorker(Worker):
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._next_sync = 0.0
         self._next_tune = time.monotonic() + self.naptime
+        self.history = HistorySampler(self.config, self.ctx.shared, self._beat)
         self.endpoint = MetricsEndpoint(
             self.ctx.shared, self.ctx.slot, self.ctx.dsn, self.config.get_str("metrics_listen_address"),
             self.config.get_int("metrics_port"), lambda: self.config.get_seconds("worker_heartbeat_timeout"))
         self.endpoint.start()
 
     def idle_nap(self) -> float:
-        return min(self.naptime, SYNC_EVERY)
+        return min(self.naptime, SYNC_EVERY, self.history.due_in())
 
     def run_batch(self) -> BatchResult:
         now = time.monotonic()
@@ -84,6 +86,7 @@ class TunerWorker(Worker):
                 self._next_tune = now + self.naptime
                 self._tune(catalog)
                 self._rotate_caches()
+        self.history.tick(self.conn)       # last: the percentiles include this batch's samples
         return BatchResult(processed=flushed, more=flushed >= 1000)
 
     # -- samples --------------------------------------------------------------------------------------
