@@ -38,7 +38,8 @@ from neurondb.db import UndecodableJson, decode_json, first_line
 from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
 from neurondb.queries import query
 from neurondb.settings import parse_module_list
-from neurondb.shm.control import RunningJobs
+from neurondb.shm.buckets import Claim
+from neurondb.shm.control import RunningJobs, tenant_bucket
 from neurondb.workers import leases
 from neurondb.workers.base import BatchResult, Worker
 
@@ -353,11 +354,7 @@ class QueueWorker(Worker):
         return capped, caps
 
     def _tokens(self, tenant: str, rate: float, burst: float) -> float:
-        row = self.ctx.shared.tenant_stats(tenant)
-        last = float(row["last_refill"])
-        if last == 0:
-            return burst
-        return min(burst, float(row["tokens"]) + (time.monotonic() - last) * rate)
+        return self.ctx.shared.buckets.level(tenant_bucket(tenant), rate, burst)
 
     def _take_tokens(self, rows: list[tuple]) -> list[tuple]:
         """Spend one token per claimed job; jobs over their tenant's allowance (another process spent it
@@ -394,7 +391,7 @@ class QueueWorker(Worker):
         lose tokens to scheduling delays once the bucket is full."""
         rate, burst = self.rate_of(tenant)
         want = min(burst, max(1.0, rate * 0.1))
-        return max(want - self._tokens(tenant, rate, burst), 0.0) / rate
+        return self.ctx.shared.buckets.peek([Claim(tenant_bucket(tenant), want, rate, burst)])
 
     def _known_tenants(self) -> set[str]:
         """Tenants seen by any process on this machine (shared memory) or with limits of their own."""
