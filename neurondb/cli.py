@@ -763,7 +763,7 @@ def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_co
     """Register index NAME; its graph is built in shared memory by the running service."""
     with inst.connect("cli") as conn:
         try:
-            conn.execute("SELECT neurondb.create_index(%s, %s, %s, %s, %s, %s, %s, %s)",
+            conn.execute(query("index_cli", "create_index"),
                          (name, dim, metric, m, ef_construction, provider, model, ef_search))
         except (psycopg.errors.DuplicateObject, psycopg.errors.CheckViolation) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from None
@@ -776,8 +776,7 @@ def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_co
 def index_list(inst: Instance, as_json: bool) -> None:
     """Indexes with their sizes (neurondb.vector_stats)."""
     with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        rows = cur.execute("SELECT index_name, dim, metric, vectors, graph_nodes, tombstones, memory, ef_search,"
-                           " pending_changes, task FROM neurondb.vector_stats ORDER BY index_name").fetchall()
+        rows = cur.execute(query("index_cli", "list_indexes")).fetchall()
     _print_rows(rows, as_json)
 
 
@@ -788,7 +787,7 @@ def index_list(inst: Instance, as_json: bool) -> None:
 def index_stats(inst: Instance, name: str, as_json: bool) -> None:
     """Vectors, tombstones, memory, levels, edges, entry point, snapshot age of index NAME."""
     with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        row = cur.execute("SELECT * FROM neurondb.vector_stats WHERE index_name = %s", (name,)).fetchone()
+        row = cur.execute(query("index_cli", "index_stats"), (name,)).fetchone()
     if row is None:
         raise click.ClickException(f"no index {name!r}")
     if as_json:
@@ -930,7 +929,7 @@ def index_tune(inst: Instance, name: str, ef: str | None, pin: bool | None, targ
 def index_drop(inst: Instance, name: str) -> None:
     """Drop index NAME with its vectors."""
     with inst.connect("cli") as conn:
-        if not conn.execute("SELECT neurondb.drop_index(%s)", (name,)).fetchone()[0]:
+        if not conn.execute(query("index_cli", "drop_index"), (name,)).fetchone()[0]:
             raise click.ClickException(f"no index {name!r}")
     for path in (inst.datadir.root / "indexes").glob(f"{name}.snap"):
         path.unlink()
@@ -974,8 +973,7 @@ def _ask_maintenance(inst: Instance, name: str, operation: str, now: bool) -> No
         if not asked:
             raise click.ClickException(f"no index {name!r}")
         if not now:
-            window = conn.execute("SELECT setting FROM neurondb.neurondb_settings "
-                                  "WHERE name = 'neurondb.neurandefrag_maintenance_window'").fetchone()
+            window = conn.execute(query("index_cli", "maintenance_window")).fetchone()
             click.echo(f"{operation} of {name} requested: it runs in the maintenance window "
                        f"{window[0] if window else '(unknown)'} (neurondb.neurandefrag_maintenance_window)"
                        f"{'' if running else ' once neurondb runs'}; --now runs it at once")

@@ -569,9 +569,7 @@ class Supervisor:
             return [(logging.WARNING, "could not read neurondb.alter_system() requests: no database connection")]
         try:
             with self._conn.transaction():
-                rows = self._conn.execute(
-                    "DELETE FROM neurondb.neurondb_settings_requests RETURNING request_id, name, value"
-                ).fetchall()
+                rows = self._conn.execute(query("supervisor", "take_settings_requests")).fetchall()
         except psycopg.Error as exc:
             self._drop_connection()
             return [(logging.WARNING, f"could not read neurondb.alter_system() requests: {exc}")]
@@ -648,17 +646,7 @@ class Supervisor:
                          s["last_error"] or None, host))
         try:
             with self._conn.transaction(), self._conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO neurondb.neurondb_worker_status (worker, pid, state, started_at, last_heartbeat,"
-                    " last_batch_at, restarts, jobs_processed, jobs_failed, last_error, host, updated_at)"
-                    " VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s,"
-                    " now()) ON CONFLICT (worker) DO UPDATE SET pid = EXCLUDED.pid, state = EXCLUDED.state,"
-                    " started_at = EXCLUDED.started_at, last_heartbeat = EXCLUDED.last_heartbeat,"
-                    " last_batch_at = EXCLUDED.last_batch_at, restarts = EXCLUDED.restarts,"
-                    " jobs_processed = EXCLUDED.jobs_processed, jobs_failed = EXCLUDED.jobs_failed,"
-                    " last_error = EXCLUDED.last_error, host = EXCLUDED.host, updated_at = now()",
-                    rows,
-                )
+                cur.executemany(query("supervisor", "upsert_worker_status"), rows)
         except psycopg.Error as exc:
             log.debug("could not refresh neurondb.workers: %s", exc)
             self._drop_connection()

@@ -429,7 +429,7 @@ class QueueWorker(Worker):
         retention = float(self.config.get("neurondb.job_retention"))
         if retention <= 0:
             return
-        if not self.conn.execute("SELECT pg_try_advisory_lock(hashtext('neurondb.retention'))").fetchone()[0]:
+        if not self.conn.execute(query("queue", "retention_lock")).fetchone()[0]:
             return
         try:
             total = 0
@@ -442,7 +442,7 @@ class QueueWorker(Worker):
             if total:
                 self.log.info("retention: removed %d finished jobs older than %.0f s", total, retention)
         finally:
-            self.conn.execute("SELECT pg_advisory_unlock(hashtext('neurondb.retention'))")
+            self.conn.execute(query("queue", "retention_unlock"))
 
     def on_stop(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
