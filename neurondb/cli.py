@@ -395,7 +395,7 @@ def _log_tail(inst: Instance, lines: int = 15) -> str:
 
 
 def _log_level(inst: Instance) -> int:
-    return getattr(logging, str(Config.load(inst.datadir).get("neurondb.log_level")).upper(), logging.INFO)
+    return getattr(logging, Config.load(inst.datadir).get_str("log_level").upper(), logging.INFO)
 
 
 @main.command()

@@ -122,7 +122,7 @@ class Child:
 
 def worker_layout(config: Config) -> list[tuple[str, str]]:
     """(kind, name) of every worker process, in slot order."""
-    n_queue = int(config.get("neurondb.neuranq_workers"))
+    n_queue = config.get_int("neuranq_workers")
     layout = [("neuranq", "neuranq" if i == 0 else f"neuranq-{i + 1}") for i in range(n_queue)]
     return layout + [(kind, kind) for kind in ("neuranmon", "neurandefrag", "neuranllm")]
 
@@ -385,7 +385,7 @@ class Supervisor:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
             return
-        interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
+        interval = self.config.get_seconds("worker_restart_interval")
         slot = self.shared.read_slot(child.slot)
         if slot["last_error"] and slot["last_error_at"] >= child.started_at:   # written by this process
             how = f"{how}: {slot['last_error']}"
@@ -398,11 +398,11 @@ class Supervisor:
                         "restarting in %.2f s", child.name, pid, how, interval)
             return
         now = time.time()
-        window = float(self.config.get("neurondb.worker_crash_window")) / 1000.0
+        window = self.config.get_seconds("worker_crash_window")
         child.crashes.append(now)
         while child.crashes and child.crashes[0] < now - window:
             child.crashes.popleft()
-        max_crashes = int(self.config.get("neurondb.worker_max_crashes"))
+        max_crashes = self.config.get_int("worker_max_crashes")
         if len(child.crashes) >= max_crashes:
             child.fatal = True
             self.shared.set_state(child.slot, "fatal")
@@ -467,7 +467,7 @@ class Supervisor:
                         log.warning("handed %d jobs of %s (gone since a previous run) back to %s", n, owner, table)
 
     def _check_heartbeats(self) -> None:
-        timeout = float(self.config.get("neurondb.worker_heartbeat_timeout")) / 1000.0
+        timeout = self.config.get_seconds("worker_heartbeat_timeout")
         if timeout <= 0:
             return
         now, now_mono = time.time(), time.monotonic()

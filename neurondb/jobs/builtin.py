@@ -212,9 +212,9 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
     if not 0 < timeout <= 300:
         raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {shown(timeout)}")
     expected = _statuses(payload)
-    limit = int(ctx.config.get("neurondb.http_max_response_size")) * 1024
+    limit = ctx.config.get_int("http_max_response_size") * 1024
     try:
-        with guarded_client(str(ctx.config.get("neurondb.http_allowlist") or ""), timeout) as client, \
+        with guarded_client(ctx.config.get_str("http_allowlist"), timeout) as client, \
                 client.stream(method, url, headers=headers, content=body, json=payload.get("json")) as response:
             content, truncated = read_bounded(response, limit)
     except NetguardError as exc:
