@@ -614,6 +614,21 @@ def _print_rows(rows: list[dict], as_json: bool) -> None:
     console.print(table)
 
 
+def _show_job(inst: Instance, job_id: int, get: Callable[[psycopg.Connection, int], dict | None], what: str) -> None:
+    """`jobs show` and `llm show`: the job `get` reads (queue.get, llm.get), as JSON."""
+    with inst.connect("cli") as conn:
+        job = get(conn, job_id)
+    if job is None:
+        raise click.ClickException(f"no {what} {job_id}")
+    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+def _list_jobs(inst: Instance, list_jobs: Callable[..., list[dict]], as_json: bool, **filters: Any) -> None:
+    """`jobs list` and `llm list`: the rows `list_jobs` returns (queue.list_jobs, llm.list_jobs)."""
+    with inst.connect("cli") as conn:
+        _print_rows(list_jobs(conn, **filters), as_json)
+
+
 @main.group()
 def jobs() -> None:
     """The job queue (neuranq): enqueue, inspect, retry, cancel, dead letters."""
@@ -653,11 +668,7 @@ def jobs_show(inst: Instance, job_id: int) -> None:
     """One job with its result and attempt history, as JSON."""
     from neurondb import queue
 
-    with inst.connect("cli") as conn:
-        job = queue.get(conn, job_id)
-    if job is None:
-        raise click.ClickException(f"no job {job_id}")
-    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+    _show_job(inst, job_id, queue.get, "job")
 
 
 @jobs.command("list")
@@ -672,8 +683,7 @@ def jobs_list(inst: Instance, status: str | None, job_type: str | None, tenant: 
     """Recent jobs, newest first."""
     from neurondb import queue
 
-    with inst.connect("cli") as conn:
-        _print_rows(queue.list_jobs(conn, status=status, job_type=job_type, tenant_id=tenant, limit=limit), as_json)
+    _list_jobs(inst, queue.list_jobs, as_json, status=status, job_type=job_type, tenant_id=tenant, limit=limit)
 
 
 @jobs.command("cancel")
@@ -1105,11 +1115,7 @@ def llm_show(inst: Instance, job_id: int) -> None:
     """One LLM job with its inputs, results, tokens, latency and attempt history, as JSON."""
     from neurondb import llm
 
-    with inst.connect("cli") as conn:
-        job = llm.get(conn, job_id)
-    if job is None:
-        raise click.ClickException(f"no LLM job {job_id}")
-    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+    _show_job(inst, job_id, llm.get, "LLM job")
 
 
 @llm_group.command("list")
@@ -1124,5 +1130,4 @@ def llm_list(inst: Instance, status: str | None, operation: str | None, tenant: 
     """Recent LLM jobs, newest first (without inputs and results: `neurondb llm show` has them)."""
     from neurondb import llm
 
-    with inst.connect("cli") as conn:
-        _print_rows(llm.list_jobs(conn, status=status, operation=operation, tenant_id=tenant, limit=limit), as_json)
+    _list_jobs(inst, llm.list_jobs, as_json, status=status, operation=operation, tenant_id=tenant, limit=limit)
