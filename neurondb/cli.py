@@ -403,7 +403,7 @@ def _log_tail(inst: Instance, lines: int = 15) -> str:
 
 
 def _log_level(inst: Instance) -> int:
-    return getattr(logging, str(Config.load(inst.datadir).get("neurondb.log_level")).upper(), logging.INFO)
+    return getattr(logging, Config.load(inst.datadir).get_str("log_level").upper(), logging.INFO)
 
 
 @main.command()
@@ -668,6 +668,21 @@ def _print_rows(rows: list[dict], as_json: bool) -> None:
     console.print(table)
 
 
+def _show_job(inst: Instance, job_id: int, get: Callable[[psycopg.Connection, int], dict | None], what: str) -> None:
+    """`jobs show` and `llm show`: the job `get` reads (queue.get, llm.get), as JSON."""
+    with inst.connect("cli") as conn:
+        job = get(conn, job_id)
+    if job is None:
+        raise click.ClickException(f"no {what} {job_id}")
+    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+def _list_jobs(inst: Instance, list_jobs: Callable[..., list[dict]], as_json: bool, **filters: Any) -> None:
+    """`jobs list` and `llm list`: the rows `list_jobs` returns (queue.list_jobs, llm.list_jobs)."""
+    with inst.connect("cli") as conn:
+        _print_rows(list_jobs(conn, **filters), as_json)
+
+
 @main.group()
 def jobs() -> None:
     """The job queue (neuranq): enqueue, inspect, retry, cancel, dead letters."""
@@ -707,11 +722,7 @@ def jobs_show(inst: Instance, job_id: int) -> None:
     """One job with its result and attempt history, as JSON."""
     from neurondb import queue
 
-    with inst.connect("cli") as conn:
-        job = queue.get(conn, job_id)
-    if job is None:
-        raise click.ClickException(f"no job {job_id}")
-    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+    _show_job(inst, job_id, queue.get, "job")
 
 
 @jobs.command("list")
@@ -726,8 +737,7 @@ def jobs_list(inst: Instance, status: str | None, job_type: str | None, tenant: 
     """Recent jobs, newest first."""
     from neurondb import queue
 
-    with inst.connect("cli") as conn:
-        _print_rows(queue.list_jobs(conn, status=status, job_type=job_type, tenant_id=tenant, limit=limit), as_json)
+    _list_jobs(inst, queue.list_jobs, as_json, status=status, job_type=job_type, tenant_id=tenant, limit=limit)
 
 
 @jobs.command("cancel")
@@ -817,7 +827,7 @@ def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_co
     """Register index NAME; its graph is built in shared memory by the running service."""
     with inst.connect("cli") as conn:
         try:
-            conn.execute("SELECT neurondb.create_index(%s, %s, %s, %s, %s, %s, %s, %s)",
+            conn.execute(query("index_cli", "create_index"),
                          (name, dim, metric, m, ef_construction, provider, model, ef_search))
         except (psycopg.errors.DuplicateObject, psycopg.errors.CheckViolation) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from None
@@ -830,8 +840,7 @@ def index_create(inst: Instance, name: str, dim: int, metric: str, m: int, ef_co
 def index_list(inst: Instance, as_json: bool) -> None:
     """Indexes with their sizes (neurondb.vector_stats)."""
     with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        rows = cur.execute("SELECT index_name, dim, metric, vectors, graph_nodes, tombstones, memory, ef_search,"
-                           " pending_changes, task FROM neurondb.vector_stats ORDER BY index_name").fetchall()
+        rows = cur.execute(query("index_cli", "list_indexes")).fetchall()
     _print_rows(rows, as_json)
 
 
@@ -842,7 +851,7 @@ def index_list(inst: Instance, as_json: bool) -> None:
 def index_stats(inst: Instance, name: str, as_json: bool) -> None:
     """Vectors, tombstones, memory, levels, edges, entry point, snapshot age of index NAME."""
     with inst.connect("cli") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        row = cur.execute("SELECT * FROM neurondb.vector_stats WHERE index_name = %s", (name,)).fetchone()
+        row = cur.execute(query("index_cli", "index_stats"), (name,)).fetchone()
     if row is None:
         raise click.ClickException(f"no index {name!r}")
     if as_json:
@@ -984,7 +993,7 @@ def index_tune(inst: Instance, name: str, ef: str | None, pin: bool | None, targ
 def index_drop(inst: Instance, name: str) -> None:
     """Drop index NAME with its vectors."""
     with inst.connect("cli") as conn:
-        if not conn.execute("SELECT neurondb.drop_index(%s)", (name,)).fetchone()[0]:
+        if not conn.execute(query("index_cli", "drop_index"), (name,)).fetchone()[0]:
             raise click.ClickException(f"no index {name!r}")
     for path in (inst.datadir.root / "indexes").glob(f"{name}.snap"):
         path.unlink()
@@ -1028,8 +1037,7 @@ def _ask_maintenance(inst: Instance, name: str, operation: str, now: bool) -> No
         if not asked:
             raise click.ClickException(f"no index {name!r}")
         if not now:
-            window = conn.execute("SELECT setting FROM neurondb.neurondb_settings "
-                                  "WHERE name = 'neurondb.neurandefrag_maintenance_window'").fetchone()
+            window = conn.execute(query("index_cli", "maintenance_window")).fetchone()
             click.echo(f"{operation} of {name} requested: it runs in the maintenance window "
                        f"{window[0] if window else '(unknown)'} (neurondb.neurandefrag_maintenance_window)"
                        f"{'' if running else ' once neurondb runs'}; --now runs it at once")
@@ -1161,11 +1169,7 @@ def llm_show(inst: Instance, job_id: int) -> None:
     """One LLM job with its inputs, results, tokens, latency and attempt history, as JSON."""
     from neurondb import llm
 
-    with inst.connect("cli") as conn:
-        job = llm.get(conn, job_id)
-    if job is None:
-        raise click.ClickException(f"no LLM job {job_id}")
-    click.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2, default=str).decode())
+    _show_job(inst, job_id, llm.get, "LLM job")
 
 
 @llm_group.command("list")
@@ -1180,5 +1184,4 @@ def llm_list(inst: Instance, status: str | None, operation: str | None, tenant: 
     """Recent LLM jobs, newest first (without inputs and results: `neurondb llm show` has them)."""
     from neurondb import llm
 
-    with inst.connect("cli") as conn:
-        _print_rows(llm.list_jobs(conn, status=status, operation=operation, tenant_id=tenant, limit=limit), as_json)
+    _list_jobs(inst, llm.list_jobs, as_json, status=status, operation=operation, tenant_id=tenant, limit=limit)

@@ -263,7 +263,7 @@ class Client:
     def _consistent(self, consistent: bool | None) -> bool:
         if consistent is None:
             if self._consistent_default is None:       # read once: the client's settings are its connect's
-                self._consistent_default = bool(self.config.get("neurondb.search_consistent"))
+                self._consistent_default = self.config.get_bool("search_consistent")
             return self._consistent_default
         if not isinstance(consistent, bool):
             raise SearchError(f"consistent must be True, False or None, not {_shown(consistent)}")

@@ -16,6 +16,7 @@ import psycopg
 from neurondb import queue
 from neurondb.client import Client, SearchError
 from neurondb.instance import Instance
+from neurondb.queries import query
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ def sentence(rng: random.Random) -> str:
 
 def seed(conn: psycopg.Connection, documents: int = 300) -> bool:
     """Create the demo index and enqueue its documents; False if it already exists (nothing done)."""
-    if conn.execute("SELECT 1 FROM neurondb.neurondb_indexes WHERE index_name = 'demo'").fetchone():
+    if conn.execute(query("index_cli", "demo_exists")).fetchone():
         return False
-    conn.execute("SELECT neurondb.create_index('demo', 384)")
+    conn.execute(query("index_cli", "create_demo"))
     rng = random.Random(7)
     for tenant in TENANTS:
         docs = [{"doc_id": f"{tenant}-{i}", "text": sentence(rng)} for i in range(documents // len(TENANTS))]

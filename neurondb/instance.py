@@ -17,6 +17,7 @@ import psycopg
 from neurondb import db
 from neurondb.migrate import migrate
 from neurondb.paths import DataDir, write_private_file
+from neurondb.queries import query
 from neurondb.settings import Config
 
 if TYPE_CHECKING:
@@ -91,20 +92,13 @@ def publish_settings(conn: psycopg.Connection, config: Config,
 
     `rejections` are values refused outside the files (from `neurondb.alter_system()`): name -> (value, why).
     """
-    columns = ("name", "setting", "unit", "short_desc", "context", "vartype", "source", "min_val", "max_val",
-               "enumvals", "boot_val", "sourcefile", "sourceline", "pending_restart", "rejected_value",
-               "rejected_reason", "sql_settable")
     rows = []
     for row in config.rows():
         row = {**row, "rejected_reason": row.get("rejected_error")}
         if rejections and row["name"] in rejections:
             row["rejected_value"], row["rejected_reason"] = rejections[row["name"]]
-        rows.append(tuple(row.get(c) for c in columns))
+        rows.append(row)
     with conn.transaction():
-        conn.execute("DELETE FROM neurondb.neurondb_settings")
+        conn.execute(query("settings", "clear_settings"))
         with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO neurondb.neurondb_settings ({', '.join(columns)}) "
-                f"VALUES ({', '.join(['%s'] * len(columns))})",
-                rows,
-            )
+            cur.executemany(query("settings", "insert_setting"), rows)

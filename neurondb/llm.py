@@ -7,7 +7,7 @@ commit (the insert sends a NOTIFY).
 
     from neurondb import llm
     job_id = llm.submit(conn, "completion", "gpt-4o-mini", "Say hello", parameters={"max_tokens": 20})
-    job = llm.wait(conn, job_id)            # the row, once completed or failed
+    job = llm.wait(conn, job_id)            # the row, once completed, failed or cancelled
     job["result_text"], job["prompt_tokens"], job["cache_hit"]
 """
 
@@ -159,7 +159,8 @@ def wait(conn: psycopg.Connection, job_ids: Sequence[int], timeout: float = ...)
 
 
 def wait(conn: psycopg.Connection, job_ids: int | Sequence[int], timeout: float = 60.0) -> Any:
-    """Block until the job (or every job of a list) is completed or failed; the row(s), in the order asked.
+    """Block until the job (or every job of a list) is finished (completed, failed or cancelled); the row(s),
+    in the order asked.
 
     Polls one cheap count, from 5 ms up to 200 ms apart: a result is seen within a few ms of its commit
     for short jobs without hammering the server for long ones. TimeoutError names how many are unfinished.

@@ -328,7 +328,7 @@ _SETTINGS = [
     Setting("neurondb.tenant_burst", "integer", 10, "sighup",
             "Default number of jobs a tenant may start at once on top of its rate.", min=1, max=1_000_000),
     Setting("neurondb.job_retention", "integer", 604800, "sighup",
-            "How long finished (completed or failed) jobs are kept; 0 keeps them forever.",
+            "How long finished (completed, failed or cancelled) jobs are kept; 0 keeps them forever.",
             unit="s", min=0, max=INT_MAX),
     Setting("neurondb.search_consistent", "bool", False, "sighup",
             "Whether searches check every hit in PostgreSQL by default (read-your-writes, one round trip per "

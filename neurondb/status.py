@@ -149,10 +149,8 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
     if with_database:
         try:
             with db.connect(db.resolve_dsn(datadir, dsn), "status", connect_timeout=3) as conn:
-                status.queue = dict(conn.execute(
-                    "SELECT status, count(*) FROM neurondb.neurondb_job_queue GROUP BY status").fetchall())
-                status.llm_jobs = dict(conn.execute(
-                    "SELECT status, count(*) FROM neurondb.neurondb_llm_jobs GROUP BY status").fetchall())
+                status.queue = dict(conn.execute(query("status", "queue_counts")).fetchall())
+                status.llm_jobs = dict(conn.execute(query("status", "llm_job_counts")).fetchall())
                 with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
                     status.indexes = [IndexStatus(**row) for row in cur.execute(query("tune_cli", "index_status"))]
                     status.caches = {row.pop("cache_name"): {k: int(v or 0) for k, v in row.items()}

@@ -124,7 +124,7 @@ class Child:
 
 def worker_layout(config: Config) -> list[tuple[str, str]]:
     """(kind, name) of every worker process, in slot order."""
-    n_queue = int(config.get("neurondb.neuranq_workers"))
+    n_queue = config.get_int("neuranq_workers")
     layout = [("neuranq", "neuranq" if i == 0 else f"neuranq-{i + 1}") for i in range(n_queue)]
     return layout + [(kind, kind) for kind in ("neuranmon", "neurandefrag", "neuranllm")]
 
@@ -390,7 +390,7 @@ class Supervisor:
             log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
             return
         self.metrics.inc("neurondb_worker_crashes", child.name, child.kind)
-        interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
+        interval = self.config.get_seconds("worker_restart_interval")
         slot = self.shared.read_slot(child.slot)
         if slot["last_error"] and slot["last_error_at"] >= child.started_at:   # written by this process
             how = f"{how}: {slot['last_error']}"
@@ -403,11 +403,11 @@ class Supervisor:
                         "restarting in %.2f s", child.name, pid, how, interval)
             return
         now = time.time()
-        window = float(self.config.get("neurondb.worker_crash_window")) / 1000.0
+        window = self.config.get_seconds("worker_crash_window")
         child.crashes.append(now)
         while child.crashes and child.crashes[0] < now - window:
             child.crashes.popleft()
-        max_crashes = int(self.config.get("neurondb.worker_max_crashes"))
+        max_crashes = self.config.get_int("worker_max_crashes")
         if len(child.crashes) >= max_crashes:
             child.fatal = True
             self.shared.set_state(child.slot, "fatal")
@@ -472,7 +472,7 @@ class Supervisor:
                         log.warning("handed %d jobs of %s (gone since a previous run) back to %s", n, owner, table)
 
     def _check_heartbeats(self) -> None:
-        timeout = float(self.config.get("neurondb.worker_heartbeat_timeout")) / 1000.0
+        timeout = self.config.get_seconds("worker_heartbeat_timeout")
         if timeout <= 0:
             return
         now, now_mono = time.time(), time.monotonic()
@@ -574,9 +574,7 @@ class Supervisor:
             return [(logging.WARNING, "could not read neurondb.alter_system() requests: no database connection")]
         try:
             with self._conn.transaction():
-                rows = self._conn.execute(
-                    "DELETE FROM neurondb.neurondb_settings_requests RETURNING request_id, name, value"
-                ).fetchall()
+                rows = self._conn.execute(query("supervisor", "take_settings_requests")).fetchall()
         except psycopg.Error as exc:
             self._drop_connection()
             return [(logging.WARNING, f"could not read neurondb.alter_system() requests: {exc}")]
@@ -653,17 +651,7 @@ class Supervisor:
                          s["last_error"] or None, host))
         try:
             with self._conn.transaction(), self._conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO neurondb.neurondb_worker_status (worker, pid, state, started_at, last_heartbeat,"
-                    " last_batch_at, restarts, jobs_processed, jobs_failed, last_error, host, updated_at)"
-                    " VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s,"
-                    " now()) ON CONFLICT (worker) DO UPDATE SET pid = EXCLUDED.pid, state = EXCLUDED.state,"
-                    " started_at = EXCLUDED.started_at, last_heartbeat = EXCLUDED.last_heartbeat,"
-                    " last_batch_at = EXCLUDED.last_batch_at, restarts = EXCLUDED.restarts,"
-                    " jobs_processed = EXCLUDED.jobs_processed, jobs_failed = EXCLUDED.jobs_failed,"
-                    " last_error = EXCLUDED.last_error, host = EXCLUDED.host, updated_at = now()",
-                    rows,
-                )
+                cur.executemany(query("supervisor", "upsert_worker_status"), rows)
         except psycopg.Error as exc:
             log.debug("could not refresh neurondb.workers: %s", exc)
             self._drop_connection()

@@ -24,25 +24,10 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from neurondb.shm import (
-    GenerationReader,
-    Latch,
-    Segment,
-    SharedState,
-    attach_latches,
-    generation_name,
-    get_text,
-    heartbeat,
-    instance_prefix,
-    list_objects,
-    object_name,
-    publish_generation,
-    set_text,
-    state_name,
-    unlink_all,
-)
-from neurondb.shm.control import TENANTS_LOCK, control_name
-from neurondb.shm.names import segment_path, semaphore_path
+from neurondb.shm.control import TENANTS_LOCK, SharedState, control_name, get_text, heartbeat, set_text, state_name
+from neurondb.shm.latch import Latch, attach_latches
+from neurondb.shm.names import instance_prefix, list_objects, object_name, segment_path, semaphore_path, unlink_all
+from neurondb.shm.segment import GenerationReader, Segment, generation_name, publish_generation
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1676,7 +1676,7 @@ def stats(arrays: HnswArrays) -> dict:
     n = a.count
     e0, eu = _edge_counts(a.header, a.links0, a.levels, a.upper_offset, a.pool)
     hist = np.bincount(a.levels[:n].astype(np.int64), minlength=1) if n else np.zeros(1, np.int64)
-    deleted = int(np.count_nonzero(a.tombstones[:n] == DELETED))
+    deleted = tombstone_count(a)
     free = int(np.count_nonzero(a.tombstones[:n] == FREE))
     return {
         "count": n,
@@ -1858,7 +1858,7 @@ def fragmentation(arrays: HnswArrays) -> dict:
     nodes = np.empty(MAX_RELINK, np.int64)
     edges, dead, no_out, unreachable, invalid, entry_live, top_live, nout = _fragmentation_kernel(
         a.header, a.links0, a.levels, a.upper_offset, a.pool, a.tombstones, level_live, nodes)
-    deleted = int(np.count_nonzero(a.tombstones[:n] == DELETED))
+    deleted = tombstone_count(a)
     free = int(np.count_nonzero(a.tombstones[:n] == FREE))
     live = n - deleted - free
     at_least = np.cumsum(level_live[::-1])[::-1]

@@ -28,20 +28,11 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve
+from neurondb.queries import query
 from neurondb.redaction import redact_url, redact_urls, shorten, shown
 
 MAX_DOCUMENTS = 10_000
 MAX_AGE_S = 100 * 365 * 86_400   # older_than bound: a century, well inside PostgreSQL's interval (1e308 s is not)
-
-UPSERT_VECTORS = """
-INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, tenant_id, content, embedding, metadata)
-SELECT %(index)s, u.doc_id, u.tenant_id, u.content, u.embedding::real[], u.metadata
-  FROM unnest(%(doc_ids)s::text[], %(tenants)s::text[], %(contents)s::text[], %(embeddings)s::text[],
-              %(metadata)s::jsonb[]) AS u(doc_id, tenant_id, content, embedding, metadata)
-ON CONFLICT (index_name, doc_id) DO UPDATE
-   SET tenant_id = EXCLUDED.tenant_id, content = EXCLUDED.content, embedding = EXCLUDED.embedding,
-       metadata = EXCLUDED.metadata
-"""
 
 
 def _documents(payload: dict) -> list[dict]:
@@ -88,8 +79,7 @@ def embed(ctx: JobContext, payload: dict) -> dict:
     index = require(payload, "index", str)
     docs = _documents(payload)
     asked = require(payload, "model", str, default=None)
-    row = ctx.conn.execute("SELECT dim, provider, model_name FROM neurondb.neurondb_indexes WHERE index_name = %s",
-                           (index,)).fetchone()
+    row = ctx.conn.execute(query("jobs", "index_of"), (index,)).fetchone()
     if row is None:
         raise PermanentJobError(f"index {shown(index)} does not exist (create it with `neurondb index create`)")
     dim, provider, model = row
@@ -101,7 +91,7 @@ def embed(ctx: JobContext, payload: dict) -> dict:
                                 f"{vectors.shape}; index {index!r} expects {dim} dimensions")
     if not np.isfinite(vectors).all():
         raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned NaN or infinite values")
-    ctx.defer(UPSERT_VECTORS, {
+    ctx.defer(query("jobs", "upsert_vectors"), {
         "index": index,
         "doc_ids": [str(d["doc_id"]) for d in docs],
         "tenants": [str(d.get("tenant_id") or ctx.tenant_id) for d in docs],
@@ -116,7 +106,7 @@ def embed(ctx: JobContext, payload: dict) -> dict:
 def rerank(ctx: JobContext, payload: dict) -> dict:
     from neurondb.providers.registry import reranker_for
 
-    query = require(payload, "query", str)
+    question = require(payload, "query", str)
     docs = require(payload, "documents", list)
     if len(docs) > MAX_DOCUMENTS:
         raise PermanentJobError(f"payload has {len(docs)} documents; at most {MAX_DOCUMENTS} per job")
@@ -135,38 +125,10 @@ def rerank(ctx: JobContext, payload: dict) -> dict:
     top_n = require(payload, "top_n", int, default=None)
     with _provider_errors():
         reranker = reranker_for(ctx.config, model=model)
-        order = reranker.rerank(query, texts, top_n)
+        order = reranker.rerank(question, texts, top_n)
     return {"model": reranker.model, "ranking": [{"index": i, "id": ids[i], "score": float(s)} for i, s in order]}
 
 
-EXPIRE_LLM = """
-DELETE FROM neurondb.neurondb_llm_cache
- WHERE (%(operation)s::text IS NULL OR operation = %(operation)s)
-   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
-        OR cache_key = ANY(%(keys)s::text[])
-        OR created_at < now() - %(older_than)s * interval '1 second'
-        OR expires_at < now())
-"""
-EXPIRE_RESULTS = """
-DELETE FROM neurondb.neurondb_result_cache
- WHERE cache_name = %(name)s
-   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
-        OR cache_key = ANY(%(keys)s::text[])
-        OR refreshed_at < now() - %(older_than)s * interval '1 second'
-        OR expires_at < now())
-"""
-STALE_RESULTS = """
-SELECT cache_key, source FROM neurondb.neurondb_result_cache
- WHERE cache_name = %(name)s AND source IS NOT NULL
-   AND ((%(keys)s::text[] IS NULL AND %(older_than)s::float8 IS NULL)
-        OR cache_key = ANY(%(keys)s::text[])
-        OR refreshed_at < now() - %(older_than)s * interval '1 second')
- ORDER BY refreshed_at LIMIT 1000
-"""
-STORE_RESULT = """
-UPDATE neurondb.neurondb_result_cache SET value = %(value)s, refreshed_at = now()
- WHERE cache_name = %(name)s AND cache_key = %(key)s
-"""
 
 
 @job_type("cache_refresh")
@@ -184,21 +146,21 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
     if cache in ("llm", "embedding"):
         if action == "refresh":
             raise PermanentJobError(f"{cache} cache entries are recomputed on their next use: use action 'expire'")
-        ctx.defer(EXPIRE_LLM, {**params, "operation": "embedding" if cache == "embedding" else None})
+        ctx.defer(query("jobs", "expire_llm"), {**params, "operation": "embedding" if cache == "embedding" else None})
         return {"cache": cache, "action": action}
     if cache != "result":
         raise PermanentJobError(f"payload field 'cache' must be llm, embedding or result, got {shown(cache)}")
     params["name"] = require(payload, "name", str)
     if action == "expire":
-        ctx.defer(EXPIRE_RESULTS, params)
+        ctx.defer(query("jobs", "expire_results"), params)
         return {"cache": cache, "name": params["name"], "action": action}
     refreshed = 0
-    for key, source in ctx.conn.execute(STALE_RESULTS, params).fetchall():
+    for key, source in ctx.conn.execute(query("jobs", "stale_results"), params).fetchall():
         if not isinstance(source, dict) or not isinstance(source.get("job_type"), str):
             raise PermanentJobError(f"result cache entry {key!r} has no usable source (job_type + payload)")
         handler = resolve(source["job_type"]).handler
         value = handler(ctx, source.get("payload") or {})
-        ctx.defer(STORE_RESULT, {"value": Jsonb(value), "name": params["name"], "key": key})
+        ctx.defer(query("jobs", "store_result"), {"value": Jsonb(value), "name": params["name"], "key": key})
         refreshed += 1
     return {"cache": cache, "name": params["name"], "action": action, "refreshed": refreshed}
 
@@ -250,9 +212,9 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
     if not 0 < timeout <= 300:
         raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {shown(timeout)}")
     expected = _statuses(payload)
-    limit = int(ctx.config.get("neurondb.http_max_response_size")) * 1024
+    limit = ctx.config.get_int("http_max_response_size") * 1024
     try:
-        with guarded_client(str(ctx.config.get("neurondb.http_allowlist") or ""), timeout) as client, \
+        with guarded_client(ctx.config.get_str("http_allowlist"), timeout) as client, \
                 client.stream(method, url, headers=headers, content=body, json=payload.get("json")) as response:
             content, truncated = read_bounded(response, limit)
     except NetguardError as exc:

@@ -1,17 +1,20 @@
-"""Token buckets and 429 back-off shared by every process of an installation: the LLM provider rate limits.
+"""Token buckets and 429 back-off shared by every process of an installation: the rate limits of the LLM
+providers and of the queue's tenants.
 
-A provider's limits (requests per second, tokens per minute) hold for the whole machine, whatever number
-of processes call it, so their state lives in shared memory: one small segment of its own,
-`<prefix>.llmbuckets` (the control block's layout is not touched), created by whichever process needs
-it first and unlinked with everything else of the installation when the supervisor exits.
+A rate limit (a provider's requests per second or tokens per minute, a tenant's jobs per second) holds
+for the whole machine, whatever number of processes serve it, so its state lives in shared memory: one
+small segment of its own, `<prefix>.buckets` (the control block's layout is not touched), created by
+whichever process needs it first and unlinked with the control block (`SharedState.unlink`) and with
+everything else of the installation when the supervisor exits.
 
-The segment is a table of ENTRY rows found by key (open addressing, linear probing), every row guarded
-by one RobustLock ("llm-buckets"), so a process SIGKILLed while holding it blocks nobody. All-zero memory
-is an empty table: there is nothing to initialise, and the creator and the first attacher cannot race.
+The segment is a table of ENTRY rows found by key (`hashtable.probe`), every row guarded by one
+RobustLock ("buckets"), so a process SIGKILLed while holding it blocks nobody. All-zero memory is an
+empty table: there is nothing to initialise, and the creator and the first attacher cannot race.
 
 Keys are free-form; the LLM worker uses `rps:<provider>`, `tpm:<provider>` and the same with
-`:<tenant>` for a tenant's share. Callers pass the rate and capacity with every call, so a reload that
-changes a limit applies at the next call; stored state is only (tokens, when).
+`:<tenant>` for a tenant's share, the queue `jobs:<tenant>` (`SharedState.tenant_take_token`). Callers
+pass the rate and capacity with every call, so a reload that changes a limit applies at the next call;
+stored state is only (tokens, when).
 
 Back-off after a 429 ("AIMD"): each provider row also carries a factor in (0, 1] that a 429 halves
 (several 429s within HOLD_S count once: they are one burst's answers) and that then grows back linearly
@@ -23,21 +26,23 @@ Times are CLOCK_MONOTONIC, which is system-wide on Linux, so every process reads
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from neurondb.shm.control import SharedState
+from neurondb.shm.hashtable import probe
 from neurondb.shm.names import object_name
 from neurondb.shm.segment import Segment
 
+if TYPE_CHECKING:  # the control block holds the lock table; it opens this table, not the other way round
+    from neurondb.shm.control import SharedState
+
 N_ENTRIES = 512
 KEY_BYTES = 128
-LOCK_NAME = "llm-buckets"
+LOCK_NAME = "buckets"
 HOLD_S = 1.0           # 429s closer together than this halve the factor once
 RECOVER_PER_S = 0.05   # factor regained per second after a halving
 MIN_FACTOR = 1 / 64
@@ -57,6 +62,10 @@ ENTRY = np.dtype([
     ("refused", "<i8"),
     ("throttled", "<i8"),
 ], align=True)
+
+
+def segment_name(prefix: str) -> str:
+    return object_name(prefix, "buckets")
 
 
 class Claim(NamedTuple):
@@ -80,7 +89,7 @@ class Buckets:
     @classmethod
     def open(cls, shared: SharedState) -> Buckets:
         """Attach the installation's table, creating it if no process has yet."""
-        name = object_name(shared.prefix, "llmbuckets")
+        name = segment_name(shared.prefix)
         size = ENTRY.itemsize * N_ENTRIES
         deadline = time.monotonic() + ATTACH_RETRY_S
         while True:
@@ -111,16 +120,10 @@ class Buckets:
         row = self._index.get(key)
         if row is not None and self.rows["ready"][row] and self.rows["key"][row] == key:
             return row
-        start = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % N_ENTRIES
-        ready, keys = self.rows["ready"], self.rows["key"]
-        for k in range(N_ENTRIES):
-            row = (start + k) % N_ENTRIES
-            if not ready[row]:
-                return None
-            if keys[row] == key:
-                self._index[key] = row
-                return row
-        return None
+        row, _ = probe(self.rows["ready"], self.rows["key"], key)
+        if row is not None:
+            self._index[key] = row
+        return row
 
     def _row(self, key: str, now: float) -> int:
         """Row of `key`, inserted if new. Call with the lock held."""
@@ -128,13 +131,9 @@ class Buckets:
         row = self._find(raw)
         if row is not None:
             return row
-        start = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") % N_ENTRIES
+        _, row = probe(self.rows["ready"], self.rows["key"], raw)
         ready = self.rows["ready"]
-        for k in range(N_ENTRIES):
-            row = (start + k) % N_ENTRIES
-            if not ready[row]:
-                break
-        else:
+        if row is None:
             # Full: take over the row idle longest (its bucket is full again by now anyway). A lookup of
             # the evicted key then misses and starts it afresh.
             row = int(np.argmin(self.rows["last_used"]))
@@ -188,6 +187,13 @@ class Buckets:
                     self.rows["last_used"][row] = t
                     self.rows["taken" if wait == 0 else "refused"][row] += 1
         return wait
+
+    def level(self, key: str, rate: float, capacity: float, now: float | None = None) -> float:
+        """Tokens in bucket `key` now (full when it was never taken from); lock-free, so only a hint."""
+        row = self._find(key.encode()[:KEY_BYTES])
+        if row is None:
+            return capacity
+        return self._refilled(row, rate, capacity, time.monotonic() if now is None else now)
 
     def peek(self, claims: Sequence[Claim], now: float | None = None) -> float:
         """Seconds until `claims` could be taken (0: now), taking nothing; lock-free, so only a hint."""

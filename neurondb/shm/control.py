@@ -5,7 +5,7 @@ counters, per-tenant table. One segment, laid out as consecutive numpy structure
                slots        SLOT_DTYPE    x n_slots
                locks        LOCK_ENTRY    x N_LOCKS  (state of every RobustLock; semaphores beside it)
                generations  GEN_ENTRY     x N_GENERATIONS
-               tenants      TENANT_DTYPE  x n_tenants (open addressing, linear probing)
+               tenants      TENANT_DTYPE  x n_tenants (found by `hashtable.probe`)
 
 Each section starts on a 64-byte boundary and every dtype is aligned, so each int64/float64 field is
 one aligned 8-byte word that other processes read whole. There is no lock around reads: a status
@@ -18,13 +18,15 @@ The control block is the supervisor's. Tables that several processes extend (loc
 tenants) are extended under a lock, and an entry becomes visible to lock-free lookups only when its
 `ready` word is set, after its key is completely written.
 
+The tenants' rate limits (token buckets) are kept with the LLM providers' in `buckets.Buckets`, a segment
+of its own that this block opens when a tenant first takes a token, and unlinks with itself.
+
 Attach refuses a block whose magic is not written yet (the supervisor writes it last) or whose
 layout version differs (code and running supervisor disagree on the layout).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any
@@ -32,13 +34,16 @@ from typing import Any
 import numpy as np
 import posix_ipc
 
+from neurondb.shm.buckets import Buckets, Claim
+from neurondb.shm.buckets import segment_name as buckets_segment_name
+from neurondb.shm.hashtable import probe
 from neurondb.shm.latch import Latch, create_latches, latch_name, unlink_latches
 from neurondb.shm.lock import LOCK_FIELDS, PID_MASK, RecoveryGuard, RobustLock
 from neurondb.shm.names import object_name
 from neurondb.shm.segment import Segment
 
 MAGIC = b"NEURONDB"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: the tenants' token buckets moved to buckets.Buckets
 N_LOCKS = 32
 RUNNING_MAX = 256  # job ids a worker can list as running (the LLM worker: jobs of its calls in flight)
 N_GENERATIONS = 32
@@ -116,8 +121,6 @@ TENANT_DTYPE = np.dtype([
     ("retried", "<i8"),
     ("rate_limited", "<i8"),
     ("latency_sum_ms", "<f8"),
-    ("tokens", "<f8"),  # token bucket: tokens left ...
-    ("last_refill", "<f8"),  # ... as of this CLOCK_MONOTONIC time (0: bucket not started)
     ("counters", "<i8", (4,)),
 ], align=True)
 
@@ -175,6 +178,7 @@ class SharedState:
         self._guard = RecoveryGuard(segment.name)
         self._lock_cache: dict[str, RobustLock] = {}
         self._latches: dict[int, Latch] = {}
+        self._buckets: Buckets | None = None
 
     @classmethod
     def create(cls, prefix: str, n_slots: int, n_tenants: int = 256) -> SharedState:
@@ -389,17 +393,18 @@ class SharedState:
         """Token bucket shared by all workers: refill at `rate` tokens/s up to `burst`, take one.
         False (and `rate_limited` counted) when the tenant is over its rate."""
         row = self.tenant_stats(tenant_id)
+        if self.buckets.take([Claim(tenant_bucket(tenant_id), 1.0, rate, burst)], now) == 0:
+            return True
         with self.lock(TENANTS_LOCK):
-            t = time.monotonic() if now is None else now
-            last = float(row["last_refill"])
-            tokens = burst if last == 0 else min(burst, float(row["tokens"]) + max(0.0, t - last) * rate)
-            row["last_refill"] = t
-            if tokens >= 1.0:
-                row["tokens"] = tokens - 1.0
-                return True
-            row["tokens"] = tokens
             row["rate_limited"] += 1
-            return False
+        return False
+
+    @property
+    def buckets(self) -> Buckets:
+        """The installation's rate-limit buckets (opened, or created, on first use)."""
+        if self._buckets is None:
+            self._buckets = Buckets.open(self)
+        return self._buckets
 
     def close(self) -> None:
         """Close this process's handles. The arrays above stay readable until this object is dropped
@@ -409,38 +414,39 @@ class SharedState:
         for lock in self._lock_cache.values():
             lock.close()
         self._latches, self._lock_cache = {}, {}
+        if self._buckets is not None:
+            self._buckets.close()
+            self._buckets = None
         self._guard.close()
         self.segment.close()
 
     def unlink(self) -> None:
-        """Remove the control segment, every lock semaphore and every latch (idempotent). Segments of
-        structures (generations) are their owners' to unlink; `names.unlink_all` removes everything."""
+        """Remove the control segment, every lock semaphore, every latch and the rate-limit buckets
+        (idempotent). Segments of structures (generations) are their owners' to unlink;
+        `names.unlink_all` removes everything."""
         for row in range(N_LOCKS):
             try:
                 posix_ipc.unlink_semaphore(lock_sem_name(self.prefix, row))
             except posix_ipc.ExistentialError:
                 pass
         unlink_latches(self.prefix, self.n_slots)
+        try:
+            posix_ipc.unlink_shared_memory(buckets_segment_name(self.prefix))
+        except posix_ipc.ExistentialError:
+            pass
         self.segment.unlink()
 
     def _probe_tenant(self, key: bytes, *, insert: bool) -> int | None:
-        """Row of `key`; with `insert` (tenants lock held) claims the first free row on its probe path.
-        A row whose `ready` is 0 is free: either never used or left by an inserter that died."""
-        n = len(self.tenants)
-        start = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % n
-        ready, names = self.tenants["ready"], self.tenants["tenant"]
-        for k in range(n):
-            row = (start + k) % n
-            if not ready[row]:
-                if not insert:
-                    return None
-                self.tenants[row] = np.zeros((), TENANT_DTYPE)
-                names[row] = key
-                ready[row] = 1
-                return row
-            if names[row] == key:
-                return row
-        raise TenantTableFull(f"all {n} tenant rows are taken; raise the tenant table size")
+        """Row of `key`; with `insert` (tenants lock held) claims the first free row on its probe path."""
+        row, free = probe(self.tenants["ready"], self.tenants["tenant"], key)
+        if row is not None or not insert:
+            return row
+        if free is None:
+            raise TenantTableFull(f"all {len(self.tenants)} tenant rows are taken; raise the tenant table size")
+        self.tenants[free] = np.zeros((), TENANT_DTYPE)
+        self.tenants["tenant"][free] = key
+        self.tenants["ready"][free] = 1
+        return free
 
 
 class RunningJobs:
@@ -478,6 +484,11 @@ class RunningJobs:
         else:
             self._ids[entry] = 0
             self._free.append(entry)
+
+
+def tenant_bucket(tenant_id: str) -> str:
+    """The key of a tenant's job-rate bucket in `Buckets`."""
+    return f"jobs:{tenant_id}"
 
 
 def state_code(name: str) -> int:

@@ -97,11 +97,11 @@ class Worker:
 
     @property
     def naptime(self) -> float:
-        return float(self.config.get(f"neurondb.{self.kind}_naptime")) / 1000.0
+        return self.config.get_seconds(f"{self.kind}_naptime")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.config.get(f"neurondb.{self.kind}_enabled"))
+        return self.config.get_bool(f"{self.kind}_enabled")
 
     # -- hooks for subclasses -------------------------------------------------------------------------
 

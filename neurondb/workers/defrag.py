@@ -92,9 +92,9 @@ class DefragWorker(Worker):
 
     def _policy(self) -> Policy:
         c = self.config
-        return Policy(cycle=self.naptime, compact_threshold=int(c.get("neurondb.neurandefrag_compact_threshold")),
-                      fragmentation_threshold=float(c.get("neurondb.neurandefrag_fragmentation_threshold")),
-                      window=parse_maintenance_window(str(c.get("neurondb.neurandefrag_maintenance_window"))))
+        return Policy(cycle=self.naptime, compact_threshold=c.get_int("neurandefrag_compact_threshold"),
+                      fragmentation_threshold=c.get_float("neurandefrag_fragmentation_threshold"),
+                      window=parse_maintenance_window(c.get_str("neurandefrag_maintenance_window")))
 
     def _check_tables(self, now: float) -> None:
         """VACUUM and ANALYZE in a thread on a connection of its own: a VACUUM of a big table takes as long

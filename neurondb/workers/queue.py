@@ -38,7 +38,8 @@ from neurondb.db import UndecodableJson, decode_json, first_line
 from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
 from neurondb.queries import query
 from neurondb.settings import parse_module_list
-from neurondb.shm.control import RunningJobs
+from neurondb.shm.buckets import Claim
+from neurondb.shm.control import RunningJobs, tenant_bucket
 from neurondb.workers import leases
 from neurondb.workers.base import BatchResult, Worker
 
@@ -76,7 +77,7 @@ class QueueWorker(Worker):
     def on_start(self) -> None:
         """Import the job types first: a typo in neuranq_job_modules stops the worker loudly at start (and
         turns FATAL after repeated crashes) instead of failing every job later."""
-        load_job_types(parse_module_list(str(self.config.get("neurondb.neuranq_job_modules") or "")))
+        load_job_types(parse_module_list(self.config.get_str("neuranq_job_modules")))
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.tenant_limits: dict[str, tuple[float | None, int | None]] = {}
         self._next_maintenance = 0.0
@@ -91,16 +92,13 @@ class QueueWorker(Worker):
 
     # -- settings -------------------------------------------------------------------------------------
 
-    def _ms(self, name: str) -> float:
-        return float(self.config.get(f"neurondb.{name}"))
-
     def rate_of(self, tenant: str) -> tuple[float, float]:
         """(jobs/s, burst) for `tenant`: its row in neurondb_tenants, else the defaults; rate 0 = unlimited."""
         rate, burst = self.tenant_limits.get(tenant, (None, None))
         if rate is None:
-            rate = float(self.config.get("neurondb.tenant_rate_limit"))
+            rate = self.config.get_float("tenant_rate_limit")
         if burst is None:
-            burst = int(self.config.get("neurondb.tenant_burst"))
+            burst = self.config.get_int("tenant_burst")
         return rate, float(burst)
 
     # -- the batch ------------------------------------------------------------------------------------
@@ -132,13 +130,13 @@ class QueueWorker(Worker):
             self.log.warning("handed back %d claimed jobs that had not run before the batch was interrupted", n)
 
     def _run_claimed(self, result: BatchResult) -> None:
-        batch_size = int(self.config.get("neurondb.neuranq_batch_size"))
+        batch_size = self.config.get_int("neuranq_batch_size")
         capped, caps = self._allowances(batch_size)
         # The claim alone commits asynchronously (one statement, its own transaction: see the query): if the
         # server crashes before it reaches disk, the job is simply pending again (at-least-once holds).
         # Completions stay synchronous, and their WAL flush covers the claim before it anyway.
         rows = self.conn.execute(query("queue", "claim"), {
-            "batch": batch_size, "owner": self.owner, "lease_ms": self._ms("neuranq_lease_time"),
+            "batch": batch_size, "owner": self.owner, "lease_ms": self.config.get_float("neuranq_lease_time"),
             "salt": str(random.random()), "capped": list(capped), "caps": caps,
         }).fetchall()
         if not rows:
@@ -147,8 +145,8 @@ class QueueWorker(Worker):
         rows = self._take_tokens(rows)
         result.more = True
         # Read once per batch, not per job: a reload applies between batches anyway.
-        default_limit = int(self.config.get("neurondb.neuranq_max_retries"))
-        timeout_s = self._ms("neuranq_timeout") / 1000.0
+        default_limit = self.config.get_int("neuranq_max_retries")
+        timeout_s = self.config.get_seconds("neuranq_timeout")
         last_flush = next_abort_check = time.monotonic()
         for i, row in enumerate(rows):
             # A fast shutdown is seen before every job, a lost supervisor within a few ms (or one job).
@@ -214,7 +212,8 @@ class QueueWorker(Worker):
         ms = (time.perf_counter() - started) * 1000
         retryable = getattr(exc, "retryable", True) and not isinstance(exc, (TypeError, orjson.JSONEncodeError))
         if retryable and attempt <= limit:
-            delay = backoff_ms(attempt, self._ms("neuranq_retry_delay"), self._ms("neuranq_retry_max_delay"))
+            delay = backoff_ms(attempt, self.config.get_float("neuranq_retry_delay"),
+                               self.config.get_float("neuranq_retry_max_delay"))
             self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
                           delay, error)
             return Outcome(job_id, tenant, "retry", error=error, delay_ms=delay, ms=ms, job_type=job_type)
@@ -232,7 +231,7 @@ class QueueWorker(Worker):
     # -- timeouts -------------------------------------------------------------------------------------
 
     def _on_alarm(self, signum: int, frame: object) -> None:
-        raise JobTimeout(f"job exceeded neurondb.neuranq_timeout ({self._ms('neuranq_timeout'):.0f} ms)")
+        raise JobTimeout(f"job exceeded neurondb.neuranq_timeout ({self.config.get_float('neuranq_timeout'):.0f} ms)")
 
     @staticmethod
     def _with_timeout(handler: Any, ctx: JobContext, payload: dict, timeout_s: float) -> Any:
@@ -334,12 +333,12 @@ class QueueWorker(Worker):
 
     def _extend_leases(self, ids: list[int]) -> None:
         if ids:
-            leases.extend_leases(self.conn, TABLE, self.owner, ids, self._ms("neuranq_lease_time"))
+            leases.extend_leases(self.conn, TABLE, self.owner, ids, self.config.get_float("neuranq_lease_time"))
 
     def _log_summary(self) -> None:
         """Once per neuranq_log_summary_interval, one INFO line with the outcomes recorded since the last
         one, so that a busy queue shows in the log without a line per job; nothing when nothing happened."""
-        interval = float(self.config.get("neurondb.neuranq_log_summary_interval"))
+        interval = self.config.get_seconds("neuranq_log_summary_interval")
         now = time.monotonic()
         if interval > 0 and now - self._summary_since < interval:
             return
@@ -364,11 +363,7 @@ class QueueWorker(Worker):
         return capped, caps
 
     def _tokens(self, tenant: str, rate: float, burst: float) -> float:
-        row = self.ctx.shared.tenant_stats(tenant)
-        last = float(row["last_refill"])
-        if last == 0:
-            return burst
-        return min(burst, float(row["tokens"]) + (time.monotonic() - last) * rate)
+        return self.ctx.shared.buckets.level(tenant_bucket(tenant), rate, burst)
 
     def _take_tokens(self, rows: list[tuple]) -> list[tuple]:
         """Spend one token per claimed job; jobs over their tenant's allowance (another process spent it
@@ -405,7 +400,7 @@ class QueueWorker(Worker):
         lose tokens to scheduling delays once the bucket is full."""
         rate, burst = self.rate_of(tenant)
         want = min(burst, max(1.0, rate * 0.1))
-        return max(want - self._tokens(tenant, rate, burst), 0.0) / rate
+        return self.ctx.shared.buckets.peek([Claim(tenant_bucket(tenant), want, rate, burst)])
 
     def _known_tenants(self) -> set[str]:
         """Tenants seen by any process on this machine (shared memory) or with limits of their own."""
@@ -436,14 +431,14 @@ class QueueWorker(Worker):
             self._retention()
 
     def _retention_every(self) -> float:
-        return min(RETENTION_EVERY, max(1.0, float(self.config.get("neurondb.job_retention")) / 10))
+        return min(RETENTION_EVERY, max(1.0, self.config.get_seconds("job_retention") / 10))
 
     def _retention(self) -> None:
         """Delete finished jobs past neurondb.job_retention in small batches; one queue process at a time."""
-        retention = float(self.config.get("neurondb.job_retention"))
+        retention = self.config.get_seconds("job_retention")
         if retention <= 0:
             return
-        if not self.conn.execute("SELECT pg_try_advisory_lock(hashtext('neurondb.retention'))").fetchone()[0]:
+        if not self.conn.execute(query("queue", "retention_lock")).fetchone()[0]:
             return
         try:
             total = 0
@@ -456,7 +451,7 @@ class QueueWorker(Worker):
             if total:
                 self.log.info("retention: removed %d finished jobs older than %.0f s", total, retention)
         finally:
-            self.conn.execute("SELECT pg_advisory_unlock(hashtext('neurondb.retention'))")
+            self.conn.execute(query("queue", "retention_unlock"))
 
     def on_stop(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

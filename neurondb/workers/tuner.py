@@ -95,7 +95,7 @@ class TunerWorker(Worker):
         samples = self.ring.drain()
         if not samples:
             return 0
-        size = int(self.config.get("neurondb.neuranmon_sample_size"))
+        size = self.config.get_int("neuranmon_sample_size")
         truths = self._sample_truths(samples)
         recalls: list[float | None] = []
         for s, truth in zip(samples, truths, strict=True):
@@ -181,10 +181,10 @@ class TunerWorker(Worker):
                 arrays.ef_search = row["ef_search"]
 
     def _targets(self, row: dict) -> tuning.Targets:
-        recall = row["target_recall"] or float(self.config.get("neurondb.neuranmon_target_recall"))
-        latency = row["target_latency_ms"] or float(self.config.get("neurondb.neuranmon_target_latency"))
+        recall = row["target_recall"] or self.config.get_float("neuranmon_target_recall")
+        latency = row["target_latency_ms"] or self.config.get_float("neuranmon_target_latency")
         return tuning.Targets(recall=recall, latency_ms=latency,
-                              priority=str(self.config.get("neurondb.neuranmon_priority")))
+                              priority=self.config.get_str("neuranmon_priority"))
 
     def _exact(self, name: str, arrays: hnsw.HnswArrays, window: tuning.Window) -> list[np.ndarray]:
         """Exact results of the window's queries, computed again only for queries new to this graph version."""
@@ -201,8 +201,8 @@ class TunerWorker(Worker):
         return [cache[q.seq] for q in window.queries]
 
     def _tune(self, catalog: list[dict]) -> None:
-        max_ef = int(self.config.get("neurondb.hnsw_max_ef_search"))
-        size = int(self.config.get("neurondb.neuranmon_sample_size"))
+        max_ef = self.config.get_int("hnsw_max_ef_search")
+        size = self.config.get_int("neuranmon_sample_size")
         for row in catalog:
             name = row["index_name"]
             arrays = self._graph(name)
@@ -298,7 +298,7 @@ class TunerWorker(Worker):
     def _rotate_caches(self) -> None:
         """The LLM and query-embedding cache within its TTL and size (neurondb/caches.py); recorded in
         neurondb_cache_rotation (view neurondb.cache_status) when anything changed."""
-        limit = int(self.config.get("neurondb.llm_cache_max_entries"))
+        limit = self.config.get_int("llm_cache_max_entries")
         rotation = caches.rotate(self.conn, limit, lambda: bool(self.shutdown))
         if rotation.expired or rotation.evicted or rotation.entries != self._cache_entries:
             self.conn.execute(query("tuner", "record_rotation"), {
@@ -313,7 +313,7 @@ class TunerWorker(Worker):
 
     def _retention(self) -> None:
         """Delete query samples older than neurondb.query_metrics_retention (0 keeps them)."""
-        retention = float(self.config.get("neurondb.query_metrics_retention"))
+        retention = self.config.get_seconds("query_metrics_retention")
         self._next_retention = time.monotonic() + min(RETENTION_EVERY, max(1.0, retention / 10))
         if retention <= 0:
             return

@@ -113,6 +113,13 @@ DELETE FROM neurondb.neurondb_job_queue
                      AND completed_at < now() - %(retention_s)s * interval '1 second'
                    ORDER BY completed_at LIMIT %(limit)s);
 
+-- name: retention_lock
+-- Retention runs in one queue process at a time (session advisory lock; false: another one has it).
+SELECT pg_try_advisory_lock(hashtext('neurondb.retention'));
+
+-- name: retention_unlock
+SELECT pg_advisory_unlock(hashtext('neurondb.retention'));
+
 -- name: tenant_limits
 SELECT tenant_id, rate_limit, burst FROM neurondb.neurondb_tenants
  WHERE rate_limit IS NOT NULL OR burst IS NOT NULL;
