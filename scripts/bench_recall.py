@@ -38,9 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_index import Mixture, ground_truth  # noqa: E402
+from bench_index import Mixture, ground_truth
 
-from neurondb.index import adaptive, hnsw  # noqa: E402
+from neurondb.index import adaptive, hnsw
 
 TARGETS = (0.90, 0.95, 0.99)
 SPEEDUP = 1.3

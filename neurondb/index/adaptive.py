@@ -43,7 +43,8 @@ TRAIN_SHARE = 0.6          # queries the trees are fitted on; the others calibra
 MARGIN = 0.002             # calibrated mean recall above the declared one
 MIN_QUERIES = 50           # replayed queries a model needs (20 of them calibrate it)
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
-_NO_SPLIT = 1e300          # threshold of a node that sends everything left
+_BIG = 1e30                # features are clamped to +-this (a search that ended by itself has no frontier: inf)
+_NO_SPLIT = _BIG           # threshold of a node that sends everything left
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def replay(arrays: hnsw.HnswArrays, queries: np.ndarray, truth: list[np.ndarray]
         if n == 0 or t.size == 0:
             continue
         hits = np.isin(ti[q, :n], t).sum(axis=1)
-        feats.append(tf[q, :n])
+        feats.append(np.clip(np.nan_to_num(tf[q, :n], nan=0.0, posinf=_BIG, neginf=-_BIG), -_BIG, _BIG))
         recall.append(hits / t.size)
         qid.append(np.full(n, q))
     if not feats:

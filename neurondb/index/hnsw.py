@@ -504,6 +504,16 @@ def _heap_sift_down(hd, hi, n, d, i):
 
 
 @njit(**_JIT)
+def _keep(hd, hi, n, cap, d, i):
+    """Offer (d, i) to the max-heap of at most `cap` best: pushed while it has room, else it replaces the
+    top (the caller checked d beats it); returns the new size."""
+    if n < cap:
+        return _heap_push(hd, hi, n, d, i)
+    _heap_sift_down(hd, hi, n, d, i)
+    return n
+
+
+@njit(**_JIT)
 def _heap_pop(hd, hi, n):
     """Remove the top of the max-heap of size n; returns the new size."""
     n -= 1
@@ -568,9 +578,12 @@ def _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, cur, cur_d, t
 
 
 @njit(**_JIT)
-def _gather(vectors, lst, cnt, n_pub, visited, tag, nbuf):
-    """The unvisited neighbours of a list into nbuf (marking them visited, prefetching their vectors);
-    returns how many."""
+def _gather(vectors, lst, n_pub, visited, tag, nbuf):
+    """The unvisited neighbours of a list (count, ids...) into nbuf, marking them visited and prefetching
+    their vectors; returns how many. The count is clamped to the list (it may be mid-rewrite)."""
+    cnt = np.int64(lst[0])
+    if cnt > lst.shape[0] - 1:
+        cnt = lst.shape[0] - 1
     nn = 0
     for j in range(1, cnt + 1):
         nb = np.int64(lst[j])
@@ -586,6 +599,27 @@ def _gather(vectors, lst, cnt, n_pub, visited, tag, nbuf):
 
 
 @njit(**_JIT)
+def _allowed(tombstones, tenants, i, tenant):
+    """Whether node i may be a result: live, and of `tenant` when tenant >= 0."""
+    return tombstones[i] == 0 and (tenant < 0 or tenants[i] == tenant)
+
+
+@njit(**_JIT)
+def _start(visited, tombstones, tenants, tenant, ep, ep_d, top_d, top_i, cand_d, cand_i):
+    """A layer search's first step: a new visited stamp, the entry point as the first candidate (and first
+    result if allowed); returns (tag, candidates, results, bound)."""
+    tag = _next_tag(visited)
+    ntop = np.int64(0)  # np.int64(): a literal 0 would make numba compile extra specialisations
+    lower = _INF
+    visited[ep] = tag
+    if _allowed(tombstones, tenants, ep, tenant):
+        ntop = _heap_push(top_d, top_i, ntop, ep_d, ep)
+        lower = ep_d
+    ncand = _heap_push(cand_d, cand_i, np.int64(0), -ep_d, ep)
+    return tag, ncand, ntop, lower
+
+
+@njit(**_JIT)
 def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombstones, q, metric, n_pub,
                   ep, ep_d, level, ef, tenant, filtering, visited, cand_d, cand_i, top_d, top_i, nbuf):
     """hnswlib's searchBaseLayer(ST): best-first search on `level` from `ep` with `ef` results.
@@ -593,15 +627,7 @@ def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombston
     Candidates: a max-heap on -distance (cand_d, cand_i); results: a max-heap on distance (top_d, top_i)
     holding only allowed nodes (not tombstoned, and of `tenant` when tenant >= 0). Neighbour ids are
     checked against n_pub. Returns the number of results in the top heap."""
-    tag = _next_tag(visited)
-    ncand = np.int64(0)  # np.int64(): a literal 0 would make numba compile extra specialisations
-    ntop = np.int64(0)
-    lower = _INF
-    visited[ep] = tag
-    if tombstones[ep] == 0 and (tenant < 0 or tenants[ep] == tenant):
-        ntop = _heap_push(top_d, top_i, ntop, ep_d, ep)
-        lower = ep_d
-    ncand = _heap_push(cand_d, cand_i, ncand, -ep_d, ep)
+    tag, ncand, ntop, lower = _start(visited, tombstones, tenants, tenant, ep, ep_d, top_d, top_i, cand_d, cand_i)
     while ncand > 0:
         cd = -cand_d[0]
         c = np.int64(cand_i[0])
@@ -611,20 +637,14 @@ def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombston
         lst = _list_of(level, c, links0, upper_offset, levels, pool)
         if lst.shape[0] == 0:
             continue
-        cnt = np.int64(lst[0])
-        if cnt > lst.shape[0] - 1:
-            cnt = lst.shape[0] - 1
-        nn = _gather(vectors, lst, cnt, n_pub, visited, tag, nbuf)
+        nn = _gather(vectors, lst, n_pub, visited, tag, nbuf)
         for t in range(nn):
             nb = np.int64(nbuf[t])
             d = _dist(vectors, nb, q, metric)
             if ntop < ef or d < lower:
                 ncand = _heap_push(cand_d, cand_i, ncand, -d, nb)
-                if tombstones[nb] == 0 and (tenant < 0 or tenants[nb] == tenant):
-                    if ntop < ef:
-                        ntop = _heap_push(top_d, top_i, ntop, d, nb)
-                    else:
-                        _heap_sift_down(top_d, top_i, ntop, d, nb)
+                if _allowed(tombstones, tenants, nb, tenant):
+                    ntop = _keep(top_d, top_i, ntop, ef, d, nb)
                     lower = top_d[0]
         if ncand > 0:
             _prefetch(links0, cand_i[0], 0)
@@ -694,11 +714,8 @@ def _search_layer_adaptive(vectors, links0, tenants, tombstones, q, metric, n_pu
     """`_search_layer` on level 0 with `ef` as the limit, stopped early once `_predict` says the top k reached
     `tau`; every checkpoint's features and top k (labels) go to trace_f / trace_i while they have room (the
     training's record; a final row when the search ends by itself). Returns (results, checkpoints)."""
-    tag = _next_tag(visited)
-    ncand = np.int64(0)
-    ntop = np.int64(0)
-    nk = np.int64(0)
-    lower = _INF
+    tag, ncand, ntop, lower = _start(visited, tombstones, tenants, tenant, ep, ep_d, top_d, top_i, cand_d, cand_i)
+    nk = _keep(kd, ki, np.int64(0), k, ep_d, ep) if ntop else np.int64(0)
     predict = model.shape[0] > 0
     f = np.empty(NF, np.float64)
     ndis = np.int64(1)
@@ -708,12 +725,6 @@ def _search_layer_adaptive(vectors, links0, tenants, tombstones, q, metric, n_pu
     next_check = np.int64(interval)
     nck = np.int64(0)
     passed = np.int64(0)
-    visited[ep] = tag
-    if tombstones[ep] == 0 and (tenant < 0 or tenants[ep] == tenant):
-        ntop = _heap_push(top_d, top_i, ntop, ep_d, ep)
-        nk = _heap_push(kd, ki, nk, ep_d, ep)
-        lower = ep_d
-    ncand = _heap_push(cand_d, cand_i, ncand, -ep_d, ep)
     while ncand > 0:
         cd = -cand_d[0]
         c = np.int64(cand_i[0])
@@ -736,31 +747,21 @@ def _search_layer_adaptive(vectors, links0, tenants, tombstones, q, metric, n_pu
                 return ntop, nck
         ncand = _heap_pop(cand_d, cand_i, ncand)
         hops += 1
-        lst = links0[c]
-        cnt = np.int64(lst[0])
-        if cnt > lst.shape[0] - 1:
-            cnt = lst.shape[0] - 1
-        nn = _gather(vectors, lst, cnt, n_pub, visited, tag, nbuf)
+        nn = _gather(vectors, links0[c], n_pub, visited, tag, nbuf)
         ndis += nn
         for t in range(nn):
             nb = np.int64(nbuf[t])
             d = _dist(vectors, nb, q, metric)
-            if ntop < ef or d < lower:
-                ncand = _heap_push(cand_d, cand_i, ncand, -d, nb)
-                if tombstones[nb] == 0 and (tenant < 0 or tenants[nb] == tenant):
-                    if ntop < ef:
-                        ntop = _heap_push(top_d, top_i, ntop, d, nb)
-                    else:
-                        _heap_sift_down(top_d, top_i, ntop, d, nb)
-                    lower = top_d[0]
-                    if nk < k:
-                        nk = _heap_push(kd, ki, nk, d, nb)
-                        inserts += 1
-                        last_insert = ndis
-                    elif d < kd[0]:
-                        _heap_sift_down(kd, ki, nk, d, nb)
-                        inserts += 1
-                        last_insert = ndis
+            if not (ntop < ef or d < lower):
+                continue
+            ncand = _heap_push(cand_d, cand_i, ncand, -d, nb)
+            if _allowed(tombstones, tenants, nb, tenant):
+                ntop = _keep(top_d, top_i, ntop, ef, d, nb)
+                lower = top_d[0]
+                if nk < k or d < kd[0]:           # the top k (kd, ki) the features and the trace read
+                    nk = _keep(kd, ki, nk, k, d, nb)
+                    inserts += 1
+                    last_insert = ndis
         if ncand > 0:
             _prefetch(links0, cand_i[0], 0)
     if nk >= k and nck < trace_f.shape[0]:      # the search ended by itself: its final state
