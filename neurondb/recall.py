@@ -34,8 +34,9 @@ from neurondb.shm.segment import (
 from neurondb.tuning import SampledQuery
 
 BAND = 0.005               # measured recall this far below the target: retrain
-EF_MAX_FACTOR = 8          # the adaptive search's limit: this many times the static ef ...
-EF_MAX_FLOOR = 256         # ... but at least this, and at most hnsw_max_ef_search
+EF_MAX_FACTOR = 4          # the adaptive search's limit: this many times the static ef ...
+EF_MAX_FLOOR = 64          # ... but at least this, and at most hnsw_max_ef_search (a larger limit lets hard
+                           # queries go further, but every search then keeps more candidates: slower per step)
 WITHDRAWN = np.zeros(hnsw.MODEL_HEADER, np.float64)    # a model no search uses (magic 0)
 
 

@@ -16,7 +16,7 @@ from neurondb.index import adaptive, hnsw
 from neurondb.shm import SharedState, instance_prefix, list_objects, unlink_all
 from neurondb.tuning import SampledQuery
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)     # a cold numba cache compiles the kernels first
 
 K = 10
 
@@ -185,3 +185,66 @@ def test_model_that_cannot_meet_the_target_is_withdrawn(shared, data) -> None:
     finally:
         keeper.close()
         keeper.writer.unlink()
+
+
+# -- the client -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def service_client(tmp_path: Path, fresh_dsn: str) -> Iterator[tuple]:
+    """A running service (neuranmon off: the test publishes the models) with 600 points in index 'docs'."""
+    import psycopg
+
+    import neurondb
+    from tests.service import Service, wait_for
+
+    pts = clusters(600, 8, 4, 1.0, 0.3, seed=9)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("SELECT neurondb.create_index('docs', 8, 'l2')")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, embedding) "
+                            "VALUES ('docs', %s, %s)", [(f"d{i}", v.tolist()) for i, v in enumerate(pts)])
+        svc = Service(tmp_path / "data", fresh_dsn, {"neurondb.neuranmon_enabled": "off"})
+        svc.start()
+        try:
+            with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+                wait_for(lambda: conn.execute("SELECT graph_nodes, pending_changes FROM neurondb.vector_stats")
+                         .fetchone() == (600, 0), 60.0, "the graph to hold the table")
+                yield client, conn, pts
+        finally:
+            svc.close()
+
+
+def test_client_target_recall_uses_the_published_model_and_falls_back(service_client) -> None:
+    from neurondb.client import SearchError
+
+    client, conn, pts = service_client
+    q = pts[:40] + 0.05
+    for bad in (0, 1.5, "high", float("nan")):
+        with pytest.raises(SearchError, match="target_recall"):
+            client.search("docs", q[0], target_recall=bad)
+    with pytest.raises(SearchError, match="not both"):
+        client.search("docs", q[0], ef=32, target_recall=0.9)
+
+    def ids(**kw) -> list[list[str]]:
+        return [[h.doc_id for h in client.search("docs", v, k=K, **kw)] for v in q]
+
+    static = ids()
+    assert ids(target_recall=0.95) == static                 # no model yet: the tuned static ef
+    writer = recall.ModelWriter(client._shared_state(), "docs")
+    try:
+        # a model that always predicts recall 1: every search stops at its first checkpoint
+        eager = np.array([hnsw.MODEL_MAGIC, 0, 1, 1.0, 0, 64, 16, 1, 0.95, 0.5])
+        writer.publish(eager)
+        early = ids(target_recall=0.95)
+        assert early != static
+        conn.execute("UPDATE neurondb.neurondb_indexes SET recall_mode = 'adaptive', target_recall = 0.9")
+        client._catalog_at = float("-inf")                      # re-read the catalog now, not after its TTL
+        assert ids() == early                                   # the index's mode: declared recall by default
+        assert ids(ef=64) != early                              # an explicit ef is a static search
+        assert ids(target_recall=0.99) == ids(ef=client._graph("docs").ef_search)   # not calibrated that high
+        writer.publish(recall.WITHDRAWN)
+        assert ids(target_recall=0.95) == static                # withdrawn: the static ef again
+        assert conn.execute("SELECT recall_mode, model_state FROM neurondb.tuning_status").fetchone() == \
+            ("adaptive", "waiting")
+    finally:
+        writer.unlink()

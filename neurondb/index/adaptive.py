@@ -11,9 +11,9 @@ neuranmon in a second and to evaluate inside the numba search kernel:
    checkpoint and how long ago the last one was) and its current top k, whose recall against the exact
    result is then known.
 2. **Model.** Gradient-boosted regression trees (`TREES` complete trees of depth `DEPTH`, squared loss,
-   splits on `BINS` quantile bins per feature) predict that recall from the features, fitted on 60 % of
-   the queries.
-3. **Calibration.** On the other 40 %, each candidate threshold tau is applied as the kernel would apply
+   splits on `BINS` quantile bins per feature) predict that recall from the features, fitted on all
+   the queries (and, for the calibration, on each half of them).
+3. **Calibration.** On out-of-fold predictions, each candidate threshold tau is applied as the kernel would apply
    it (a query stops at its first checkpoint whose prediction reaches tau, else where its search ends by
    itself) and the mean recall it reaches is computed; for every declared recall of `TARGETS` the model
    keeps the smallest tau whose mean recall meets it (plus `MARGIN`). A declared recall above what the
@@ -39,9 +39,8 @@ LEARNING_RATE = 0.2
 MIN_LEAF = 20              # rows on each side of a split
 INTERVAL = 32              # distance computations between the first checkpoints
 TRACE = 256                # checkpoints recorded per replayed query (about 90 reach past 30,000 distances)
-TRAIN_SHARE = 0.6          # queries the trees are fitted on; the others calibrate the thresholds
 MARGIN = 0.002             # calibrated mean recall above the declared one
-MIN_QUERIES = 50           # replayed queries a model needs (20 of them calibrate it)
+MIN_QUERIES = 50           # replayed queries a model needs
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995)
 _BIG = 1e30                # features are clamped to +-this (a search that ended by itself has no frontier: inf)
 _NO_SPLIT = _BIG           # threshold of a node that sends everything left
@@ -201,9 +200,9 @@ def _stops(pred: np.ndarray, qid: np.ndarray, tau: float) -> np.ndarray:
     return np.where(cand <= ends, cand, ends)
 
 
-def calibrate(model: np.ndarray, cal: Replay) -> list[Calibration]:
-    """Step 3: per declared recall, the smallest threshold meeting it on the calibration queries."""
-    pred = predict(model, cal.features)
+def calibrate(pred: np.ndarray, cal: Replay) -> list[Calibration]:
+    """Step 3: per declared recall, the smallest threshold meeting it on the calibration queries, whose
+    checkpoints `cal` are predicted `pred`."""
     taus = np.unique(np.quantile(pred, np.linspace(0, 1, 201)))
     rows = [_stops(pred, cal.query, tau) for tau in taus]
     recalls = np.array([cal.recall[r].mean() for r in rows])
@@ -222,22 +221,29 @@ def calibrate(model: np.ndarray, cal: Replay) -> list[Calibration]:
 def train(parts: list[Replay], ef_max: int, version: int, seed: int = 0, interval: int = INTERVAL
           ) -> Trained | None:
     """A model from replays (one per group of queries with the same k and tenant), or None with fewer than
-    MIN_QUERIES queries or when not even the lowest declared recall can be calibrated."""
+    MIN_QUERIES queries or when not even the lowest declared recall can be calibrated. Thresholds are
+    calibrated on out-of-fold predictions (two halves, each predicted by trees fitted on the other), so that
+    every query calibrates and none is judged by trees that saw it; the model shipped is fitted on all."""
     rep = join(parts)
     nq = int(rep.query.max()) + 1 if rep.query.size else 0
     if nq < MIN_QUERIES:
         return None
-    order = np.random.default_rng(seed).permutation(nq)
-    is_train = np.zeros(nq, bool)
-    is_train[order[: int(nq * TRAIN_SHARE)]] = True
-    tr = is_train[rep.query]
-    base, body = fit(rep.features[tr], rep.recall[tr])
-    header = np.array([hnsw.MODEL_MAGIC, TREES, DEPTH, base, version, ef_max, interval, 0], np.float64)
-    model = np.concatenate([header, body])
-    cal = Replay(rep.features[~tr], rep.recall[~tr], rep.query[~tr])
-    rows = calibrate(model, cal)
-    if not rows:
+    fold = np.zeros(nq, np.int64)
+    fold[np.random.default_rng(seed).permutation(nq)[: nq // 2]] = 1
+    rows = fold[rep.query]
+    oof = np.empty(rep.recall.shape)
+    for f in (0, 1):
+        part = _model(*fit(rep.features[rows == f], rep.recall[rows == f]), ef_max, version, interval)
+        oof[rows != f] = predict(part, rep.features[rows != f])
+    model = _model(*fit(rep.features, rep.recall), ef_max, version, interval)
+    cal = calibrate(oof, rep)
+    if not cal:
         return None
-    model[7] = len(rows)
-    model = np.concatenate([model, np.array([(c.target, c.tau) for c in rows], np.float64).ravel()])
-    return Trained(model, rows, nq)
+    model[7] = len(cal)
+    model = np.concatenate([model, np.array([(c.target, c.tau) for c in cal], np.float64).ravel()])
+    return Trained(model, cal, nq)
+
+
+def _model(base: float, body: np.ndarray, ef_max: int, version: int, interval: int) -> np.ndarray:
+    header = np.array([hnsw.MODEL_MAGIC, TREES, DEPTH, base, version, ef_max, interval, 0], np.float64)
+    return np.concatenate([header, body])

@@ -655,7 +655,7 @@ def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombston
 # search runs with a large ef and, every so many distance computations, computes these features of its state
 # and asks the model for the recall of its current top k; it stops when the prediction reaches the threshold
 # the caller derived from the declared recall.
-NF = 13            # features: see _features
+NF = 12            # features: see _features
 MODEL_HEADER = 8   # model[0..7]: MODEL_MAGIC, trees, depth, base prediction, version, ef_max, interval, calibration
                    # pairs; then the trees (`_predict`), then the pairs (declared recall, threshold), ascending
 MODEL_MAGIC = 0x52434C31   # "RCL1"
@@ -681,11 +681,9 @@ def _predict(model, f):
 
 
 @njit(**_JIT)
-def _features(f, ndis, hops, kd, nk, ep_d, frontier, inserts, stale, passed):
+def _features(f, ndis, hops, kd, nk, ep_d, frontier, inserts, stale):
     """The search's state at a checkpoint: effort so far, the best and the k-th distance found, how far the
-    closest unexpanded candidate lies beyond the k-th, how recently the top k changed, and `passed`: the
-    largest ef whose plain search would have stopped by now (so the model can do at least what a static ef
-    does)."""
+    closest unexpanded candidate lies beyond the k-th, and how recently the top k changed."""
     d1 = kd[0]
     for j in range(1, nk):
         if kd[j] < d1:
@@ -704,7 +702,6 @@ def _features(f, ndis, hops, kd, nk, ep_d, frontier, inserts, stale, passed):
     f[9] = stale / ndis
     f[10] = frontier - dk
     f[11] = dk - d1
-    f[12] = passed
 
 
 @njit(**_JIT)
@@ -724,18 +721,13 @@ def _search_layer_adaptive(vectors, links0, tenants, tombstones, q, metric, n_pu
     last_insert = np.int64(0)
     next_check = np.int64(interval)
     nck = np.int64(0)
-    passed = np.int64(0)
     while ncand > 0:
         cd = -cand_d[0]
         c = np.int64(cand_i[0])
         if cd > lower and (ntop >= ef or not filtering):
             break
         if nk >= k and ndis >= next_check:
-            below = np.int64(0)      # results closer than the frontier: a plain search with ef <= this stops here
-            for j in range(ntop):
-                below += top_d[j] < cd
-            passed = max(passed, below)
-            _features(f, ndis, hops, kd, nk, ep_d, cd, inserts, ndis - last_insert, passed)
+            _features(f, ndis, hops, kd, nk, ep_d, cd, inserts, ndis - last_insert)
             inserts = 0
             next_check = ndis + max(interval, ndis >> 4)
             if nck < trace_f.shape[0]:
@@ -765,7 +757,7 @@ def _search_layer_adaptive(vectors, links0, tenants, tombstones, q, metric, n_pu
         if ncand > 0:
             _prefetch(links0, cand_i[0], 0)
     if nk >= k and nck < trace_f.shape[0]:      # the search ended by itself: its final state
-        _features(f, ndis, hops, kd, nk, ep_d, _INF, inserts, ndis - last_insert, ntop)
+        _features(f, ndis, hops, kd, nk, ep_d, _INF, inserts, ndis - last_insert)
         trace_f[nck] = f
         for j in range(k):
             trace_i[nck, j] = labels[ki[j]]
