@@ -198,7 +198,9 @@ class Client:
         while True:
             ef_used = max(arrays.ef_search if ef is None else ef, pool)
             try:
-                labels, dist, block = hnsw.search_lists(arrays, q, pool, ef_used, tenant_code(tenant), stop)
+                # the model was trained on searches for k results: a hybrid search's wider pool walks statically
+                labels, dist, block = hnsw.search_lists(arrays, q, pool, ef_used, tenant_code(tenant),
+                                                        stop if pool == k else None)
             except ValueError:
                 raise SearchError("query vector contains NaN or infinite values") from None
             vector_labels = labels[:k]       # what the graph found: the tuner measures its recall

@@ -167,6 +167,7 @@ class Keeper:
     def __init__(self, shared: SharedState, index: str) -> None:
         self.writer = ModelWriter(shared, index)
         self.reader = ModelReader(shared, index)
+        self._failed: tuple | None = None      # what a training that failed saw: not tried again on the same
 
     def cycle(self, arrays: hnsw.HnswArrays, queries: list[SampledQuery], truth: list[np.ndarray], target: float,
               static_ef: int, max_ef: int) -> Outcome:
@@ -179,12 +180,16 @@ class Keeper:
             why = f"model v{version} reached {m.recall:.3f} < target {target:.3f} - {BAND}: retrained"
         else:
             why = "no model yet" if version == 0 else f"model v{version} not usable at {target:.3f}: retrained"
+        seen = (int(arrays.header[hnsw.H_GENERATION]), int(arrays.header[hnsw.H_MUTATIONS]), len(queries), target)
+        if stop is None and seen == self._failed:
+            return Outcome(None, version, None, None, "withdrawn; static ef (nothing changed since the last try)")
         started = time.perf_counter()
         trained = train(arrays, queries, truth, ef_limit(static_ef, max_ef))
         train_ms = (time.perf_counter() - started) * 1000
         new = None if trained is None else hnsw.early_stop(trained.model, target)
         m = None if new is None else measure(arrays, new, queries, truth, target)
         if trained is None or m is None or m.recall < target - BAND:
+            self._failed = seen
             if stop is None and version > 0 and self.reader.withdrawn():
                 return Outcome(None, version, None, None, "withdrawn; static ef")
             version = self.writer.publish(WITHDRAWN)

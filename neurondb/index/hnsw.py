@@ -580,7 +580,9 @@ def _greedy(vectors, levels, upper_offset, pool, q, metric, n_pub, cur, cur_d, t
 @njit(**_JIT)
 def _gather(vectors, lst, n_pub, visited, tag, nbuf):
     """The unvisited neighbours of a list (count, ids...) into nbuf, marking them visited and prefetching
-    their vectors; returns how many. The count is clamped to the list (it may be mid-rewrite)."""
+    their vectors; returns how many. The count is clamped to the list (it may be mid-rewrite). The plain
+    `_search_layer` keeps this loop (and its heap updates) inline, as it was: calling this helper there
+    measured 3-13 % fewer QPS in an A/B against the previous kernel, the inline copy none."""
     cnt = np.int64(lst[0])
     if cnt > lst.shape[0] - 1:
         cnt = lst.shape[0] - 1
@@ -627,7 +629,15 @@ def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombston
     Candidates: a max-heap on -distance (cand_d, cand_i); results: a max-heap on distance (top_d, top_i)
     holding only allowed nodes (not tombstoned, and of `tenant` when tenant >= 0). Neighbour ids are
     checked against n_pub. Returns the number of results in the top heap."""
-    tag, ncand, ntop, lower = _start(visited, tombstones, tenants, tenant, ep, ep_d, top_d, top_i, cand_d, cand_i)
+    tag = _next_tag(visited)
+    ncand = np.int64(0)  # np.int64(): a literal 0 would make numba compile extra specialisations
+    ntop = np.int64(0)
+    lower = _INF
+    visited[ep] = tag
+    if tombstones[ep] == 0 and (tenant < 0 or tenants[ep] == tenant):
+        ntop = _heap_push(top_d, top_i, ntop, ep_d, ep)
+        lower = ep_d
+    ncand = _heap_push(cand_d, cand_i, ncand, -ep_d, ep)
     while ncand > 0:
         cd = -cand_d[0]
         c = np.int64(cand_i[0])
@@ -637,19 +647,35 @@ def _search_layer(vectors, links0, levels, upper_offset, pool, tenants, tombston
         lst = _list_of(level, c, links0, upper_offset, levels, pool)
         if lst.shape[0] == 0:
             continue
-        nn = _gather(vectors, lst, n_pub, visited, tag, nbuf)
+        cnt = np.int64(lst[0])
+        if cnt > lst.shape[0] - 1:
+            cnt = lst.shape[0] - 1
+        # gather the unvisited neighbours, prefetching their vectors, then compute distances
+        nn = 0
+        for j in range(1, cnt + 1):
+            nb = np.int64(lst[j])
+            if nb < 0 or nb >= n_pub:
+                continue
+            if visited[nb] == tag:
+                continue
+            visited[nb] = tag
+            _prefetch_vector(vectors, nb)
+            nbuf[nn] = nb
+            nn += 1
         for t in range(nn):
             nb = np.int64(nbuf[t])
             d = _dist(vectors, nb, q, metric)
             if ntop < ef or d < lower:
                 ncand = _heap_push(cand_d, cand_i, ncand, -d, nb)
-                if _allowed(tombstones, tenants, nb, tenant):
-                    ntop = _keep(top_d, top_i, ntop, ef, d, nb)
+                if tombstones[nb] == 0 and (tenant < 0 or tenants[nb] == tenant):
+                    if ntop < ef:
+                        ntop = _heap_push(top_d, top_i, ntop, d, nb)
+                    else:
+                        _heap_sift_down(top_d, top_i, ntop, d, nb)
                     lower = top_d[0]
         if ncand > 0:
             _prefetch(links0, cand_i[0], 0)
     return ntop
-
 
 # Per-query early termination (declarative recall, neurondb/index/adaptive.py trains the model). The level-0
 # search runs with a large ef and, every so many distance computations, computes these features of its state
@@ -1643,6 +1669,7 @@ class _Scratch:
         self.cand_d = np.empty(capacity + 1, np.float32)
         self.cand_i = np.empty(capacity + 1, np.int32)
         self.out: tuple[np.ndarray, ...] = ()       # search_lists' result buffers, grown to the largest k
+        self.fixed = _mode(None, 1)                 # search_lists' kernel mode arguments (the kernel writes one)
 
     def outputs(self, k: int) -> tuple[np.ndarray, ...]:
         if not self.out or self.out[0].shape[1] < k:
@@ -1763,8 +1790,6 @@ def _mode(stop: EarlyStop | None, nq: int, trace: int = 0, k: int = 1) -> tuple:
     return stop.model, stop.tau, np.int64(stop.interval), trace_f, trace_i, trace_n
 
 
-_FIXED_ONE = _mode(None, 1)
-
 
 def search(arrays: HnswArrays, query: np.ndarray, k: int = 10, ef: int | None = None, tenant: int | None = -1,
            return_ids: bool = False, stop: EarlyStop | None = None):
@@ -1787,7 +1812,7 @@ def search_lists(arrays: HnswArrays, query: np.ndarray, k: int, ef: int, tenant:
     the walk. ValueError for NaN or infinity. With `stop`, ef is stop.ef_max."""
     s = _scratch(arrays.capacity)
     out_labels, out_dist, out_ids, out_n = s.outputs(k)
-    mode = _FIXED_ONE if stop is None else _mode(stop, 1)
+    mode = s.fixed if stop is None else _mode(stop, 1)
     ef = ef if stop is None else max(stop.ef_max, ef)
     if _search_many_kernel(*arrays.kernel_args, query.reshape(1, -1), k, max(ef, 1), tenant, s.visited, s.cand_d,
                            s.cand_i, out_labels, out_dist, out_ids, out_n, *mode):
