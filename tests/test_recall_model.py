@@ -204,8 +204,8 @@ def service_client(tmp_path: Path, fresh_dsn: str) -> Iterator[tuple]:
             cur.executemany("INSERT INTO neurondb.neurondb_vectors (index_name, doc_id, embedding) "
                             "VALUES ('docs', %s, %s)", [(f"d{i}", v.tolist()) for i, v in enumerate(pts)])
         svc = Service(tmp_path / "data", fresh_dsn, {"neurondb.neuranmon_enabled": "off"})
-        svc.start()
         try:
+            svc.start()         # inside: a start that fails half-way still gets its processes stopped
             with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
                 wait_for(lambda: conn.execute("SELECT graph_nodes, pending_changes FROM neurondb.vector_stats")
                          .fetchone() == (600, 0), 60.0, "the graph to hold the table")
