@@ -1813,7 +1813,7 @@ def search_lists(arrays: HnswArrays, query: np.ndarray, k: int, ef: int, tenant:
     s = _scratch(arrays.capacity)
     out_labels, out_dist, out_ids, out_n = s.outputs(k)
     mode = s.fixed if stop is None else _mode(stop, 1)
-    ef = ef if stop is None else max(stop.ef_max, ef)
+    ef = ef if stop is None else max(stop.ef_max, k)
     if _search_many_kernel(*arrays.kernel_args, query.reshape(1, -1), k, max(ef, 1), tenant, s.visited, s.cand_d,
                            s.cand_i, out_labels, out_dist, out_ids, out_n, *mode):
         raise ValueError("the query contains NaN or infinite values")
@@ -1848,7 +1848,7 @@ def search_many(arrays: HnswArrays, queries: np.ndarray, k: int = 10, ef: int | 
     if trace and stop is None:
         stop = EarlyStop(_NO_MODEL, math.inf, ef, max(int(interval), 1))
     elif stop is not None and not trace:
-        ef = max(stop.ef_max, ef)
+        ef = max(stop.ef_max, k)
     mode = _mode(stop, nq, trace, k)
     bad = _search_many_kernel(*arrays.kernel_args, qs, int(k), max(int(ef), 1), tenant, s.visited, s.cand_d,
                               s.cand_i, out_labels, out_dist, out_ids, out_n, *mode)
