@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from neurondb import caches, db, hybrid
+from neurondb import caches, db, hybrid, recall
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex, tenant_code
 from neurondb.instance import Instance
@@ -85,6 +85,7 @@ class Client:
         self._shared: SharedState | None = None
         self._ring: QueryRing | None = None
         self._indexes: dict[str, SharedIndex] = {}
+        self._models: dict[str, recall.ModelReader] = {}
         self._catalog: dict[str, dict] = {}
         self._catalog_at = 0.0
         self._embedders: dict[str, Any] = {}
@@ -162,9 +163,13 @@ class Client:
 
     def search(self, index: str, vector: Any = None, text: str | None = None, k: int = 10, ef: int | None = None,
                tenant: str | None = None, hybrid_weight: float | None = None,
-               with_content: bool = False, consistent: bool | None = None) -> Hits:
+               with_content: bool = False, consistent: bool | None = None,
+               target_recall: float | None = None) -> Hits:
         """The k best documents of `index` for `vector` and/or `text`, best first (see the module doc).
         `consistent`: check every hit in PostgreSQL (default: the setting neurondb.search_consistent, off).
+        `target_recall` (instead of `ef`): the search stops as soon as neuranmon's recall model says its top
+        k reached that recall@k (the index's target when neither is given and its recall_mode is 'adaptive');
+        without a usable model it searches at the tuned static ef.
 
         Arguments are checked before anything is searched: a wrong type or range raises SearchError
         naming the argument, the value and what is allowed (never a numpy ValueError or TypeError), and a
@@ -177,6 +182,7 @@ class Client:
             raise SearchError("give a vector, a text, or both")
         k = _count("k", k, MAX_K)
         ef = None if ef is None else _count("ef", ef, MAX_EF, "None or ")
+        stop = self._early_stop(index, info, ef, target_recall)
         if tenant is not None and not isinstance(tenant, str):
             raise SearchError(f"tenant must be a string or None, not {_shown(tenant)}")
         if text is not None and not isinstance(text, str):
@@ -192,7 +198,9 @@ class Client:
         while True:
             ef_used = max(arrays.ef_search if ef is None else ef, pool)
             try:
-                labels, dist, block = hnsw.search_lists(arrays, q, pool, ef_used, tenant_code(tenant))
+                # the model was trained on searches for k results: a hybrid search's wider pool walks statically
+                labels, dist, block = hnsw.search_lists(arrays, q, pool, ef_used, tenant_code(tenant),
+                                                        stop if pool == k else None)
             except ValueError:
                 raise SearchError("query vector contains NaN or infinite values") from None
             vector_labels = labels[:k]       # what the graph found: the tuner measures its recall
@@ -222,24 +230,27 @@ class Client:
         return hits
 
     def search_many(self, index: str, vectors: Any, k: int = 10, ef: int | None = None, tenant: str | None = None,
-                    as_arrays: bool = False, consistent: bool | None = None
+                    as_arrays: bool = False, consistent: bool | None = None, target_recall: float | None = None
                     ) -> list[Hits] | tuple[np.ndarray, np.ndarray]:
         """Search a matrix of query vectors (n, dim) in one kernel call. With `as_arrays`: (ids, scores),
         arrays of shape (n, k) of neurondb_vectors ids and similarities (-1 and NaN where fewer than k
-        qualify), straight from the graph; otherwise one Hits per query, as `search` gives them."""
+        qualify), straight from the graph; otherwise one Hits per query, as `search` gives them.
+        `target_recall`: as in `search`."""
         started = time.perf_counter()
         if not isinstance(index, str):
             raise SearchError(f"index must be a string, not {_shown(index)}")
         info = self.index_info(index)
         k = _count("k", k, MAX_K)
         ef = None if ef is None else _count("ef", ef, MAX_EF, "None or ")
+        stop = self._early_stop(index, info, ef, target_recall)
         if tenant is not None and not isinstance(tenant, str):
             raise SearchError(f"tenant must be a string or None, not {_shown(tenant)}")
         queries = _query_matrix(vectors, index, info["dim"])
         consistent = self._consistent(consistent)
         arrays = self._graph(index)
         ef_used = max(arrays.ef_search if ef is None else ef, k)
-        labels, dist, rows = hnsw.search_many(arrays, queries, k, ef_used, tenant_code(tenant), return_ids=True)
+        labels, dist, rows = hnsw.search_many(arrays, queries, k, ef_used, tenant_code(tenant), return_ids=True,
+                                              stop=stop)
         scores = np.where(labels >= 0, 1.0 / (1.0 + dist.astype(np.float64)) if info["metric"] == "l2" else
                           1.0 - dist.astype(np.float64), np.nan)
         if as_arrays:
@@ -259,6 +270,22 @@ class Client:
                                 result_count=int(np.count_nonzero(labels[i] >= 0)), tenant=tenant), queries[i],
                          labels[i][labels[i] >= 0])
         return out
+
+    def _early_stop(self, index: str, info: dict, ef: int | None, target_recall: Any) -> hnsw.EarlyStop | None:
+        """The per-query early stop a search uses, or None: the static ef (`ef`, else the tuned one)."""
+        if target_recall is not None:
+            if not (_is_real(target_recall) and 0.0 < target_recall <= 1.0):
+                raise SearchError(f"target_recall must be None or a number in (0, 1], not {_shown(target_recall)}")
+            if ef is not None:
+                raise SearchError(f"give ef or target_recall, not both (ef {ef}, target_recall {target_recall})")
+        elif ef is None and info.get("recall_mode") == "adaptive":
+            target_recall = info["target_recall"] or self.config.get_float("neuranmon_target_recall")
+        if target_recall is None:
+            return None
+        reader = self._models.get(index)
+        if reader is None:
+            reader = self._models[index] = recall.ModelReader(self._shared_state(), index)
+        return reader.stop(float(target_recall))
 
     def _consistent(self, consistent: bool | None) -> bool:
         if consistent is None:
@@ -352,6 +379,9 @@ class Client:
         for idx in self._indexes.values():
             idx.close()
         self._indexes.clear()
+        for reader in self._models.values():
+            reader.close()
+        self._models.clear()
         if self._ring is not None:
             self._ring.close()
             self._ring = None

@@ -31,7 +31,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from neurondb import caches, hybrid, tuning
+from neurondb import caches, hybrid, recall, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
 from neurondb.observability.history import HistorySampler
@@ -59,6 +59,7 @@ class TunerWorker(Worker):
         self.windows: dict[str, tuning.Window] = {}
         self.truth: dict[str, tuple[tuple[int, int], dict[int, np.ndarray]]] = {}   # per graph version
         self.states: dict[str, str] = {}
+        self.keepers: dict[str, recall.Keeper] = {}
         self._cache_entries = -1
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._next_sync = 0.0
@@ -170,6 +171,7 @@ class TunerWorker(Worker):
             self.windows.pop(name, None)
             self.truth.pop(name, None)
             self.states.pop(name, None)
+            self._forget_model(name)
         return rows
 
     def _sync_headers(self, catalog: list[dict]) -> None:
@@ -214,8 +216,8 @@ class TunerWorker(Worker):
             targets = self._targets(row)
             current = int(row["ef_search"])
             enough = len(window.queries) >= tuning.MIN_QUERIES
-            curve = tuning.Curve(arrays, list(window.queries), self._exact(name, arrays, window),
-                                 targets.recall) if enough else None
+            truth = self._exact(name, arrays, window) if enough else []
+            curve = tuning.Curve(arrays, list(window.queries), truth, targets.recall) if enough else None
             if row["tuning"] == "pinned":
                 decision = tuning.Decision(
                     ef=current, state="pinned", reason="pinned by the operator",
@@ -230,6 +232,8 @@ class TunerWorker(Worker):
             if decision.ef != current and not self._set_ef(name, arrays, current, decision.ef):
                 continue     # the operator changed or pinned it meanwhile: their value is the new start
             self._record_decision(row, window, curve, decision, self._tune_weight(row, size))
+            if enough:
+                self._keep_model(name, arrays, list(window.queries), truth, targets.recall, decision.ef, max_ef)
 
     def _tune_weight(self, row: dict, limit: int) -> hybrid.WeightChoice | None:
         """The hybrid weight that best ranks the recent judged hybrid searches (neurondb/hybrid.py); applied
@@ -293,6 +297,33 @@ class TunerWorker(Worker):
         change = f"ef_search {old} -> {decision.ef}" if decision.ef != old else f"ef_search stays {old}"
         self.log.info("index %s: %s [%s]: %s; %s, %s", name, change, decision.state, decision.reason, recall_text, p95)
 
+    # -- declarative recall (neurondb/recall.py) -------------------------------------------------------
+
+    def _keep_model(self, name: str, arrays: hnsw.HnswArrays, queries: list[tuning.SampledQuery],
+                    truth: list[np.ndarray], target: float, ef: int, max_ef: int) -> None:
+        """Measure the index's recall model on the window, retrain or withdraw it (recall.Keeper); its state
+        every cycle, a history row and a log line when it changed."""
+        keeper = self.keepers.get(name)
+        if keeper is None:
+            keeper = self.keepers[name] = recall.Keeper(self.ctx.shared, name)
+        out = keeper.cycle(arrays, queries, truth, target, ef, max_ef)
+        state = "serving" if keeper.reader.stop(target) is not None else "withdrawn" if out.version else "waiting"
+        figures = {"index": name, "version": out.version, "state": state, "reason": out.reason,
+                   "recall": out.recall, "below": out.below, "train_ms": out.train_ms}
+        self.conn.execute(query("recall", "upsert_model"), figures)
+        if out.event is None:
+            return
+        self.conn.execute(query("recall", "model_history"), {**figures, "ef": ef, "queries": len(queries),
+                                                              "state": f"model {out.event}"})
+        self.log.info("index %s: recall model %s (v%d, %.0f ms): %s", name, out.event, out.version,
+                      out.train_ms or 0.0, out.reason)
+
+    def _forget_model(self, name: str) -> None:
+        keeper = self.keepers.pop(name, None)
+        if keeper is not None:
+            keeper.writer.unlink()
+            keeper.close()
+
     # -- caches ---------------------------------------------------------------------------------------
 
     def _rotate_caches(self) -> None:
@@ -331,6 +362,8 @@ class TunerWorker(Worker):
 
     def on_stop(self) -> None:
         self.endpoint.stop()
+        for keeper in self.keepers.values():
+            keeper.close()
         for idx in self.indexes.values():
             idx.close()
         self.ring.close()

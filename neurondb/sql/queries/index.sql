@@ -1,7 +1,8 @@
 -- Queries of the index sync (the graph's writer) and of the search client.
 
 -- name: indexes
-SELECT index_name, dim, metric, m, ef_construction, ef_search, hybrid_weight, provider, model_name
+SELECT index_name, dim, metric, m, ef_construction, ef_search, hybrid_weight, provider, model_name, recall_mode,
+       target_recall
   FROM neurondb.neurondb_indexes ORDER BY index_name;
 
 -- name: pending_changes
