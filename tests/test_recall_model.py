@@ -13,7 +13,8 @@ import pytest
 
 from neurondb import recall
 from neurondb.index import adaptive, hnsw
-from neurondb.shm import SharedState, instance_prefix, list_objects, unlink_all
+from neurondb.shm.control import SharedState
+from neurondb.shm.names import instance_prefix, list_objects, unlink_all
 from neurondb.tuning import SampledQuery
 
 pytestmark = pytest.mark.timeout(300)     # a cold numba cache compiles the kernels first
