@@ -60,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     _f("neurondb_queue_rate_limited", "counter", ("tenant",), "Jobs put off by the tenant's rate limit."),
     _f("neurondb_queue_pending_jobs", "gauge", (), "Jobs waiting to run (the O(1) pending counter).", "db"),
     _f("neurondb_queue_running_jobs", "gauge", (), "Jobs being processed now.", "db"),
-    _f("neurondb_queue_dead_letters", "gauge", (), "Rows in neurondb_dead_letter_queue.", "db"),
+    _f("neurondb_queue_dead_letters", "gauge", (), "Dead letters not replayed yet (neurondb_dead_letter).", "db"),
     _f("neurondb_queue_oldest_pending_age_seconds", "gauge", (),
        "Age of the oldest job that could run now (0 when none).", "db"),
     # -- neuranllm

@@ -5,7 +5,7 @@
 -- and the oldest pending job from the partial indexes on pending and processing jobs.
 SELECT neurondb.pending_jobs() AS pending,
        (SELECT count(*) FROM neurondb.neurondb_job_queue WHERE status = 'processing') AS running,
-       (SELECT count(*) FROM neurondb.neurondb_dead_letter) AS dead_letters,
+       (SELECT count(*) FROM neurondb.neurondb_dead_letter WHERE replayed_at IS NULL) AS dead_letters,
        coalesce((SELECT extract(epoch FROM now() - min(run_at))::float8 FROM neurondb.neurondb_job_queue
                   WHERE status = 'pending' AND run_at <= now()), 0) AS oldest_pending_s;
 
