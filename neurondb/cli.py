@@ -281,13 +281,21 @@ def config_show(inst: Instance, pattern: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
-    table = Table("name", "setting", "unit", "context", "source", "range", "description")
-    table.columns[0].no_wrap = True
+    columns = ("name", "setting", "unit", "context", "source", "range", "description")
+    cells = []
     for r in rows:
         rng = "|".join(r["enumvals"]) if r.get("enumvals") else (
             f"{r['min_val']}..{r['max_val']}" if r.get("min_val") is not None else "")
         setting = r["setting"] + (" (pending restart)" if r.get("pending_restart") else "")
-        table.add_row(r["name"], setting, r.get("unit") or "", r["context"], r["source"], rng, r["short_desc"])
+        cells.append((r["name"], setting, r.get("unit") or "", r["context"], r["source"], rng, r["short_desc"]))
+    if not sys.stdout.isatty():     # for scripts: a header line, then one tab-separated line per setting
+        for line in (columns, *cells):
+            click.echo("\t".join(v.replace("\t", " ").replace("\n", " ") for v in line))
+        return
+    table = Table(*columns)
+    table.columns[0].no_wrap = True
+    for line in cells:
+        table.add_row(*line)
     console.print(table)
 
 
@@ -564,27 +572,49 @@ def _read_report(path: Path) -> dict | None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--watch", is_flag=True, help="Live view, refreshed every second until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Live view, refreshed every second until Ctrl-C; with --json, one JSON "
+              "object per line every second.")
 @instance_options
 def status(inst: Instance, as_json: bool, watch: bool) -> None:
     """Supervisor, workers, queues, and indexes with their tuning. Exit 0 healthy, 1 a worker is FATAL, 3 not
     running."""
     from neurondb.status import read_status
-    from neurondb.tui import render
+    from neurondb.tui import render, tsv, watch_json
     from neurondb.tui import watch as live
 
     def read() -> Status:
         return read_status(inst.datadir, inst.explicit_dsn)
 
     if watch:
-        live(read)
+        watch_json(read) if as_json else live(read)
         return
     snapshot = read()
     if as_json:
         click.echo(orjson.dumps(snapshot.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    elif not sys.stdout.isatty():
+        click.echo(tsv(snapshot))
     else:
         console.print(render(snapshot))
     raise SystemExit(snapshot.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@instance_options
+def health(inst: Instance, as_json: bool) -> None:
+    """For probes and systemd, like pg_isready: exit 0 healthy, 1 degraded (the reasons are printed), 2 down."""
+    from neurondb.observability.health import WorkerHealth, evaluate
+    from neurondb.status import read_status
+
+    snapshot = read_status(inst.datadir, inst.explicit_dsn)
+    timeout = Config.load_lenient(inst.datadir)[0].get_seconds("worker_heartbeat_timeout")
+    verdict = evaluate(snapshot.running, [WorkerHealth(w.name, w.state, w.heartbeat_age_s) for w in snapshot.workers],
+                       snapshot.database_error, timeout)
+    if as_json:
+        click.echo(orjson.dumps(verdict.to_dict()).decode())
+    else:
+        click.echo(verdict.word + "".join(f"\n  {reason}" for reason in verdict.reasons))
+    raise SystemExit(verdict.code)
 
 
 # -- the queue --------------------------------------------------------------------------------------------

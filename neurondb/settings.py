@@ -35,8 +35,6 @@ from neurondb.paths import DataDir, write_private_file
 from neurondb.redaction import redact_urls
 
 PREFIX = "neurondb."
-# Settings of the document whose feature is not built yet say so (no promise without code).
-_NOT_YET_METRICS = " Reserved: not yet in effect (nothing listens until the metrics endpoint is built)."
 INT_MAX = 2_147_483_647  # PostgreSQL integer GUCs are int32; keep the same ceiling
 DAY_MS = 86_400_000
 _SECONDS_PER_UNIT: dict[str | None, float] = {"ms": 0.001, "s": 1.0}
@@ -302,11 +300,11 @@ _SETTINGS = [
             "Lowest level of messages written to the log.", enumvals=("debug", "info", "warning", "error")),
     # -- metrics endpoint (the document's "Prometheus Metrics")
     Setting("neurondb.metrics_listen_address", "string", "127.0.0.1", "postmaster",
-            "Address of the Prometheus metrics endpoint; '*' listens on all interfaces, '' disables it."
-            + _NOT_YET_METRICS,
+            "Address of the Prometheus metrics endpoint (/metrics, /healthz) that neuranmon serves; '*' listens "
+            "on all interfaces, '' disables it.",
             check=_check_listen_address, sql_settable=False),
     Setting("neurondb.metrics_port", "integer", 9188, "postmaster",
-            "TCP port of the Prometheus metrics endpoint; 0 picks a free port." + _NOT_YET_METRICS,
+            "TCP port of the Prometheus metrics endpoint; 0 picks a free port (`neurondb status` shows it).",
             min=0, max=65535,
             sql_settable=False),
     # -- queue details (the document's per-tenant rate limiting, retries, HTTP calls)

@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 
 from neurondb import db
+from neurondb.observability.families import PORT_GAUGE
 from neurondb.paths import DataDir
 from neurondb.queries import query
+from neurondb.settings import Config
 from neurondb.shm import names
-from neurondb.shm.control import SharedState
+from neurondb.shm.control import SharedState, get_text
 from neurondb.supervisor import pid_alive, read_pid
 
 # `neurondb status` exit codes, after pg_ctl status: 0 running and healthy, 1 degraded, 3 not running.
@@ -96,6 +98,7 @@ class Status:
     indexes: list[IndexStatus] = field(default_factory=list)
     caches: dict[str, dict[str, int]] = field(default_factory=dict)   # neuranmon's rotation (cache_status)
     maintenance: list[MaintenanceStatus] = field(default_factory=list)   # neurondb.maintenance_progress
+    metrics_url: str | None = None     # neuranmon's /metrics endpoint while it listens
     database_error: str | None = None
 
     @property
@@ -137,6 +140,7 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                 naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
                 config_generation=int(s["config_generation_seen"]), last_error=s["last_error"],
             ))
+        status.metrics_url = _metrics_url(datadir, shared)
         tenants = shared.tenants[shared.tenants["ready"] == 1]
         status.tenants = [TenantStatus(t["tenant"].decode(errors="replace"), int(t["processed"]), int(t["failed"]),
                                        int(t["retried"])) for t in tenants]
@@ -158,3 +162,15 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
         except (psycopg.Error, db.NotInitialized) as exc:
             status.database_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return status
+
+
+def _metrics_url(datadir: DataDir, shared: SharedState) -> str | None:
+    """The URL of neuranmon's endpoint, from the port it published in its slot and the address setting."""
+    for i in range(shared.n_slots):
+        slot = shared.slot(i)
+        port = int(slot["gauges"][PORT_GAUGE])
+        if get_text(slot, "kind") == "neuranmon" and port:
+            address = Config.load_lenient(datadir)[0].get_str("metrics_listen_address")
+            host = "127.0.0.1" if address in ("*", "0.0.0.0") else address
+            return f"http://{host}:{port}/metrics"
+    return None

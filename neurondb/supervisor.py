@@ -49,6 +49,7 @@ from neurondb import log as logsetup
 from neurondb.index import hnsw
 from neurondb.instance import Instance, publish_settings
 from neurondb.migrate import migrate
+from neurondb.observability.recorder import Recorder
 from neurondb.paths import DataDir, write_private_file
 from neurondb.queries import query
 from neurondb.sdnotify import Notifier
@@ -67,6 +68,7 @@ from neurondb.settings import (
 from neurondb.shm import names
 from neurondb.shm.control import SHUTDOWN_MODES, SharedState
 from neurondb.shm.ring import QueryRing
+from neurondb.shm.series import SeriesTable
 from neurondb.workers import WORKER_KINDS
 from neurondb.workers.base import WorkerContext
 from neurondb.workers.leases import JOB_TABLES, RetryPolicy, lease_owner, local_owners, owner_pid, release
@@ -198,6 +200,8 @@ class Supervisor:
         layout = worker_layout(self.config)
         self.shared = SharedState.create(self.prefix, n_slots=len(layout))
         self.ring = QueryRing.create(self.shared)
+        self.series = SeriesTable.create(self.shared)
+        self.metrics = Recorder(self.series, "supervisor")
         self.shared.control["supervisor_pid"] = os.getpid()
         self.shared.control["supervisor_started_at"] = time.time()
         self.shared.control["config_generation"] = 1
@@ -380,6 +384,7 @@ class Supervisor:
             self.shared.set_state(child.slot, "stopped")
             log.info("%s worker (pid %d) exited deliberately; not restarted", child.name, pid)
             return
+        self.metrics.inc("neurondb_worker_crashes", child.name, child.kind)
         interval = float(self.config.get("neurondb.worker_restart_interval")) / 1000.0
         slot = self.shared.read_slot(child.slot)
         if slot["last_error"] and slot["last_error_at"] >= child.started_at:   # written by this process
@@ -702,6 +707,8 @@ class Supervisor:
             self._publish_status()
             if hasattr(self, "ring"):
                 self.ring.close()
+            if hasattr(self, "series"):
+                self.series.close()
             self.shared.close()
         self._drop_connection()
         names.unlink_all(self.prefix)

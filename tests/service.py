@@ -29,6 +29,7 @@ FAST_SETTINGS = {
     "neurondb.neurandefrag_naptime": "1s",
     "neurondb.neuranllm_naptime": "200ms",
     "neurondb.worker_restart_interval": "100ms",
+    "neurondb.metrics_port": "0",   # a free port: services of tests running at once never collide
 }
 
 

@@ -38,6 +38,7 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,8 @@ class IndexMaintenance:
         self.request: tuple[str, bool] | None = None   # (operation, now) asked for by the CLI
         self._next_request_check = 0.0
         self.host = sync.host
+        # Told of every operation that ends (operation, status, seconds): the worker counts them for /metrics.
+        self.on_operation: Callable[[str, str, float], None] = lambda operation, status, seconds: None
 
     # -- the cycle ---------------------------------------------------------------------------------------
 
@@ -342,6 +345,7 @@ class IndexMaintenance:
                                      "memory_before": op.before["memory_bytes"],
                                      "memory_after": after["memory_bytes"]}).decode(), "error": None})
         conn.execute(query("defrag", "finished"), {"index": self.name, "operation": build.kind})
+        self.on_operation(build.kind, "completed", time.time() - op.started)
         log.info("index %s: %s done: %d live nodes, fragmentation %.3f -> %.3f, memory %d -> %d bytes", self.name,
                  build.kind, after["live"], op.before["fragmentation_ratio"], after["fragmentation_ratio"],
                  op.before["memory_bytes"], after["memory_bytes"])
@@ -368,6 +372,7 @@ class IndexMaintenance:
             conn.execute(query("defrag", "end_operation"), {
                 "id": op.record_id, "status": "failed", "nodes_after": None, "edges_after": None, "removed": None,
                 "details": "{}", "error": error[:300]})
+            self.on_operation(op.name, "failed", time.time() - op.started)
         log.warning("index %s: %s %s; the next cycle tries again", self.name, op.name if op else "maintenance", error)
         self.build = self.op = None
         self._plan = None
@@ -384,6 +389,7 @@ class IndexMaintenance:
                         "edges_after": None, "removed": None, "details": "{}",
                         "error": "the worker stopped before the operation finished; the next cycle redoes it"})
                     self._progress_end(conn)
+                    self.on_operation(self.op.name, "interrupted", time.time() - self.op.started)
                 except psycopg.Error:
                     pass
         self._close_rows()
@@ -448,6 +454,7 @@ class IndexMaintenance:
             "edges_after": after["edges_level0"], "removed": removed, "fragmentation": after["fragmentation_ratio"],
             "details": orjson.dumps({**(details or {}), **_figures(b, "before"), **_figures(after, "after")}).decode(),
             "error": None})
+        self.on_operation(op.name, "completed", time.time() - op.started)
         log.info("index %s: %s: fragmentation %.3f -> %.3f%s", self.name, op.name, b["fragmentation_ratio"],
                  after["fragmentation_ratio"], f", {removed} rows freed" if removed else "")
 

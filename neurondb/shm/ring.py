@@ -16,7 +16,7 @@ import numpy as np
 
 from neurondb.shm.control import SharedState
 from neurondb.shm.names import object_name
-from neurondb.shm.segment import Segment
+from neurondb.shm.segment import Layout, Segment, pack
 
 CAPACITY = 8192
 VECTOR_SLOTS = 512
@@ -55,17 +55,12 @@ class Sample:
     labels: np.ndarray | None = None
 
 
-def _layout() -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], int]:
+def _layout() -> tuple[Layout, int]:
     spec = [("header", np.dtype("<i8"), (8,)), ("entries", SAMPLE, (CAPACITY,)),
             ("owners", np.dtype("<i8"), (VECTOR_SLOTS,)), ("dims", np.dtype("<i4"), (VECTOR_SLOTS,)),
             ("nlabels", np.dtype("<i4"), (VECTOR_SLOTS,)),
             ("vectors", np.dtype("<f4"), (VECTOR_SLOTS, MAX_DIM)), ("labels", np.dtype("<i8"), (VECTOR_SLOTS, MAX_K))]
-    out, offset = {}, 0
-    for name, dtype, shape in spec:
-        offset = (offset + 63) // 64 * 64
-        out[name] = (dtype, shape, offset)
-        offset += dtype.itemsize * int(np.prod(shape))
-    return out, offset
+    return pack(spec)
 
 
 class QueryRing:

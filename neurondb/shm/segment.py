@@ -238,3 +238,18 @@ class GenerationReader:
         if self._segment is not None:
             self._segment.close()
         self._segment, self._generation = None, 0
+
+
+Layout = dict[str, tuple[np.dtype, tuple[int, ...], int]]
+
+
+def pack(spec: list[tuple[str, np.dtype, tuple[int, ...]]]) -> tuple[Layout, int]:
+    """Offsets of consecutive arrays in one segment, each on a 64-byte boundary (a cache line: no array
+    shares one with its neighbour), and the total size: {name: (dtype, shape, offset)}, size."""
+    out, offset = {}, 0
+    for name, dtype, shape in spec:
+        offset = (offset + 63) // 64 * 64
+        out[name] = (dtype, shape, offset)
+        offset += dtype.itemsize * int(np.prod(shape))
+    return out, offset
+

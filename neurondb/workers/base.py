@@ -32,6 +32,7 @@ import setproctitle
 
 from neurondb import db, inject
 from neurondb import log as logsetup
+from neurondb.observability.recorder import Recorder
 from neurondb.paths import DataDir
 from neurondb.settings import Config, ReloadResult
 from neurondb.shm.control import SharedState, heartbeat
@@ -89,6 +90,8 @@ class Worker:
         self._db_down = False
         self._reconnect_delay = RECONNECT_MIN
         self._listener: threading.Thread | None = None
+        # Counters for the metrics endpoint, in shared memory (they outlive this process), under our name.
+        self.metrics = Recorder.attach(ctx.shared, ctx.name)
 
     # -- settings -------------------------------------------------------------------------------------
 

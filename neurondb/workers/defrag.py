@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import psycopg
@@ -106,9 +107,15 @@ class DefragWorker(Worker):
     def _run_tables(self) -> None:
         try:
             with db.connect(self.ctx.dsn, "neurandefrag tables") as conn:
-                self.tables.run(conn, beat=lambda: None)
+                for result in self.tables.run(conn, beat=lambda: None):
+                    if result.status != "skipped":
+                        self.metrics.inc("neurondb_table_maintenance", result.table, result.operation)
         except Exception as exc:    # the next check (10 s) tries again; the error is the log's
             self.tables.log.warning("table maintenance: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    def _count_operation(self, index: str, operation: str, status: str, seconds: float) -> None:
+        self.metrics.inc("neurondb_maintenance_operations", index, operation, status)
+        self.metrics.observe("neurondb_maintenance_duration_seconds", operation, seconds=seconds)
 
     def _guarded(self, index: str, what: str, action: Callable[[], T]) -> T | None:
         """Run `action` for one index; a failure is logged (the traceback once per distinct error) and made
@@ -146,6 +153,7 @@ class DefragWorker(Worker):
             self.log.info("index %s ready (%s)", name, how)
             self.syncs[name] = sync
             self.maintenance[name] = IndexMaintenance(sync)
+            self.maintenance[name].on_operation = partial(self._count_operation, name)
 
     def _progress(self, sync: IndexSync):
         """Progress of a long rebuild: heartbeat (so the supervisor does not take us for hung) and stats."""

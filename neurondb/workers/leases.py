@@ -63,6 +63,9 @@ class Status(str, enum.Enum):
     RETRY = "retry"           # failed with retries left: pending again after its backoff
     FAILED = "failed"         # for good
 
+    def __str__(self) -> str:      # the value, as in the tables and the logs, on every Python version
+        return self.value
+
 
 class HasStatus(Protocol):
     status: Status

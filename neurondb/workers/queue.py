@@ -59,6 +59,7 @@ class Outcome:
     delay_ms: float = 0.0
     effects: list[tuple[str, Any]] | None = None
     ms: float = 0.0
+    job_type: str = ""                   # for the metrics (jobs by type)
 
 
 class QueueWorker(Worker):
@@ -162,7 +163,8 @@ class QueueWorker(Worker):
         comes as text and is decoded here, so a value the decoder refuses fails this job alone. While the
         handler runs, the job is listed as running in our slot: if it kills the process, the supervisor
         charges it alone. Its result is serialised here once, as it will be stored."""
-        job_id, job_type, payload_text, tenant, retry_count, max_retries, last_error = row
+        job_id, job_type, payload_text, tenant, retry_count, max_retries, last_error, pickup_s = row
+        self.metrics.observe("neurondb_queue_pickup_latency_seconds", job_type, seconds=max(0.0, pickup_s))
         started = time.perf_counter()
         attempt = retry_count + 1
         limit = default_limit if max_retries is None else max_retries
@@ -170,7 +172,7 @@ class QueueWorker(Worker):
             error = f"gave up after {retry_count} attempts (limit: {limit} retries); the last one: " \
                     f"{last_error or 'interrupted'}"[:MAX_ERROR]
             self.log.warning("job %d (%s) failed: %s", job_id, job_type, error)
-            self._outcomes.append(Outcome(job_id, tenant, Status.FAILED, error=error))
+            self._outcomes.append(Outcome(job_id, tenant, Status.FAILED, error=error, job_type=job_type))
             return
         ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
                          config=self.config, conn=self.conn, log=self.log)
@@ -189,7 +191,7 @@ class QueueWorker(Worker):
                 self.running.discard(job_id)
             result = orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
             self._outcomes.append(Outcome(job_id, tenant, Status.COMPLETED, result=result, effects=ctx.effects,
-                                          ms=(time.perf_counter() - started) * 1000))
+                                          ms=(time.perf_counter() - started) * 1000, job_type=job_type))
         except (psycopg.OperationalError, MemoryError) as exc:
             # The database went away (or memory ran out) during the attempt: it counts as a failed one,
             # and the batch stops here; the next batch records it and hands back the rest (_settle).
@@ -209,10 +211,10 @@ class QueueWorker(Worker):
                                            self._ms("neuranq_retry_max_delay"))
             self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
                           delay, error)
-            return Outcome(job_id, tenant, Status.RETRY, error=error, delay_ms=delay, ms=ms)
+            return Outcome(job_id, tenant, Status.RETRY, error=error, delay_ms=delay, ms=ms, job_type=job_type)
         why = "not retryable" if not retryable else f"after {attempt} attempts"
         self.log.warning("job %d (%s) failed %s: %s", job_id, job_type, why, error)
-        return Outcome(job_id, tenant, Status.FAILED, error=error, ms=ms)
+        return Outcome(job_id, tenant, Status.FAILED, error=error, ms=ms, job_type=job_type)
 
     # -- timeouts -------------------------------------------------------------------------------------
 
@@ -291,6 +293,15 @@ class QueueWorker(Worker):
         result.retried += statuses[Status.RETRY]
         result.latency_ms += sum(o.ms for o in mine)
         self._count_tenants(mine)
+        self._count_metrics(mine)
+
+    def _count_metrics(self, outcomes: list[Outcome]) -> None:
+        """Attempts by type, tenant and outcome, and the handlers' durations, for the metrics endpoint."""
+        for o in outcomes:
+            outcome = "retried" if o.status == Status.RETRY else o.status.value
+            self.metrics.inc("neurondb_queue_jobs", o.job_type, self.metrics.tenant(o.tenant_id), outcome)
+            if o.ms:
+                self.metrics.observe("neurondb_queue_job_duration_seconds", o.job_type, seconds=o.ms / 1000)
 
     def _count_tenants(self, outcomes: list[Outcome]) -> None:
         """One pass over the outcomes, one update of shared memory per tenant."""

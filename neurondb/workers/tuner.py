@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from neurondb import caches, hybrid, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
+from neurondb.observability.server import MetricsEndpoint
 from neurondb.queries import query
 from neurondb.shm.ring import QueryRing, Sample
 from neurondb.workers.base import BatchResult, Worker
@@ -61,6 +62,10 @@ class TunerWorker(Worker):
         self._next_retention = time.monotonic() + RETENTION_FIRST
         self._next_sync = 0.0
         self._next_tune = time.monotonic() + self.naptime
+        self.endpoint = MetricsEndpoint(
+            self.ctx.shared, self.ctx.slot, self.ctx.dsn, self.config.get_str("metrics_listen_address"),
+            self.config.get_int("metrics_port"), lambda: self.config.get_seconds("worker_heartbeat_timeout"))
+        self.endpoint.start()
 
     def idle_nap(self) -> float:
         return min(self.naptime, SYNC_EVERY)
@@ -69,6 +74,7 @@ class TunerWorker(Worker):
         now = time.monotonic()
         if now >= self._next_retention:
             self._retention()
+        self.endpoint.ensure()
         flushed = self._flush_samples()
         if now >= self._next_sync:
             self._next_sync = now + SYNC_EVERY
@@ -94,6 +100,8 @@ class TunerWorker(Worker):
             if truth is not None and truth.size:
                 recall = np.intersect1d(truth, s.labels[: s.k]).size / truth.size
             recalls.append(recall)
+            self.metrics.observe("neurondb_search_duration_seconds", s.index, s.query_type,
+                                 seconds=s.latency_ms / 1000)
             window = self.windows.setdefault(s.index, tuning.Window(size=size))
             added = window.add(s.vector, s.k, s.tenant, s.latency_ms, s.ef, s.query_type, recall)
             if added is not None and truth is not None:
@@ -250,6 +258,7 @@ class TunerWorker(Worker):
                          decision: tuning.Decision, weight: hybrid.WeightChoice | None = None) -> None:
         """The state row every cycle; a history row and a log line when the ef or the state changed."""
         name, old = row["index_name"], int(row["ef_search"])
+        self.metrics.inc("neurondb_tuner_decisions", name, decision.state)
         lat = window.percentiles()
         point = decision.point
         recall = float(np.mean(window.recalls)) if window.recalls else None
@@ -318,6 +327,7 @@ class TunerWorker(Worker):
                 self.log.info("retention: removed %d %s older than %.0f s", total, what, retention)
 
     def on_stop(self) -> None:
+        self.endpoint.stop()
         for idx in self.indexes.values():
             idx.close()
         self.ring.close()

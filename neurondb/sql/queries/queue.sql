@@ -49,8 +49,10 @@ UPDATE neurondb.neurondb_job_queue q
        lease_expires_at = now() + %(lease_ms)s * interval '1 millisecond'
  WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM claimed))
 -- The payload comes back as text, decoded row by row in the worker: one value the decoder refuses then
--- fails its own job instead of the whole fetch.
-RETURNING q.job_id, q.job_type, q.payload::text, q.tenant_id, q.retry_count, q.max_retries, q.error_message;
+-- fails its own job instead of the whole fetch. The last column is the pickup latency (seconds since the job
+-- could first run: created, scheduled or backed off until then), for the metrics.
+RETURNING q.job_id, q.job_type, q.payload::text, q.tenant_id, q.retry_count, q.max_retries, q.error_message,
+          extract(epoch FROM now() - q.run_at)::float8;
 
 -- name: lock_owned
 -- At completion: the jobs of the batch that are still ours (not cancelled, not re-claimed after a lease

@@ -1,0 +1,1 @@
+"""Observability: the metric catalogue, the Prometheus endpoint neuranmon serves, health, history, report."""
