@@ -71,7 +71,7 @@ from neurondb.shm.ring import QueryRing
 from neurondb.shm.series import SeriesTable
 from neurondb.workers import WORKER_KINDS
 from neurondb.workers.base import WorkerContext
-from neurondb.workers.leases import JOB_TABLES, RetryPolicy, release
+from neurondb.workers.leases import JOB_TABLES, RetryPolicy, lease_owner, local_owners, owner_pid, release
 
 log = logging.getLogger("neurondb.supervisor")
 
@@ -127,11 +127,6 @@ def worker_layout(config: Config) -> list[tuple[str, str]]:
     n_queue = config.get_int("neuranq_workers")
     layout = [("neuranq", "neuranq" if i == 0 else f"neuranq-{i + 1}") for i in range(n_queue)]
     return layout + [(kind, kind) for kind in ("neuranmon", "neurandefrag", "neuranllm")]
-
-
-def lease_owner(pid: int) -> str:
-    """How a worker names itself in the lease columns of the job tables: unique across machines."""
-    return f"{socket.gethostname()}:{pid}"
 
 
 class Supervisor:
@@ -460,13 +455,12 @@ class Supervisor:
         """At start: jobs still leased to processes of this host that no longer exist (the workers of a
         supervisor that was killed: they exit when they see it gone) come back now, no attempt counted (they
         stopped because their supervisor did, not because of the job), instead of after their lease."""
-        host = socket.gethostname()
         for table in JOB_TABLES:
             owners = [r[0] for r in conn.execute(query("leases", "local_owners").format(table=table),
-                                                 {"prefix": f"{host}:%"})]
+                                                 {"prefix": local_owners()})]
             for owner in owners:
-                pid = owner.rpartition(":")[2]
-                if pid.isdigit() and not pid_alive(int(pid)):
+                pid = owner_pid(owner)
+                if pid is not None and not pid_alive(pid):
                     n, _ = release(conn, table, RetryPolicy.of(self.config, table), owner, [], None)
                     if n:
                         log.warning("handed %d jobs of %s (gone since a previous run) back to %s", n, owner, table)

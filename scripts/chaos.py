@@ -78,7 +78,8 @@ from neurondb.shm import names
 from neurondb.shm.control import SharedState
 from neurondb.shm.segment import generation_name
 from neurondb.status import Status, pid_alive
-from neurondb.supervisor import lease_owner, read_pid
+from neurondb.supervisor import read_pid
+from neurondb.workers.leases import lease_owner
 
 SCRIPTS = Path(__file__).resolve().parent
 QUEUE = "neurondb.neurondb_job_queue"

@@ -16,16 +16,14 @@ HTTP call) can repeat, at most once per crash per job in flight.
 
 Retries: attempt n (1-based) that fails with retries left waits
     delay = min(neuranq_retry_max_delay, neuranq_retry_delay * 2^(n-1)) * uniform(0.5, 1.0)
-("equal jitter": never less than half the exponential step, so the backoff stays a backoff, and spread so
-that jobs failing together do not retry together).
+("equal jitter", leases.equal_jitter_ms: never less than half the exponential step, so the backoff stays a
+backoff, and spread so that jobs failing together do not retry together).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import socket
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from neurondb.shm.buckets import Claim
 from neurondb.shm.control import RunningJobs, tenant_bucket
 from neurondb.workers import leases
 from neurondb.workers.base import BatchResult, Worker
+from neurondb.workers.leases import MAX_ERROR, Status
 
 TABLE = leases.QUEUE_TABLE
 MAINTENANCE_EVERY = 5.0      # seconds between lease-expiry sweeps and tenant-limit refreshes
@@ -49,25 +48,19 @@ RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often
 RETENTION_BATCH = 1000
 FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
 ABORT_CHECK_EVERY = 0.005    # seconds between checks for a lost supervisor within a batch (a syscall each)
-MAX_ERROR = 2000             # characters of an error message kept per attempt
 
 
 @dataclass
 class Outcome:
     job_id: int
     tenant_id: str
-    status: str                          # "completed", "retry" or "failed"
+    status: Status
     result: orjson.Fragment | None = None   # a completion's result, already serialised
     error: str = ""
     delay_ms: float = 0.0
     effects: list[tuple[str, Any]] | None = None
     ms: float = 0.0
     job_type: str = ""                   # for the metrics (jobs by type)
-
-
-def backoff_ms(attempt: int, base_ms: float, max_ms: float) -> float:
-    """The documented formula: exponential, capped, equal jitter."""
-    return min(max_ms, base_ms * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 class QueueWorker(Worker):
@@ -78,7 +71,7 @@ class QueueWorker(Worker):
         """Import the job types first: a typo in neuranq_job_modules stops the worker loudly at start (and
         turns FATAL after repeated crashes) instead of failing every job later."""
         load_job_types(parse_module_list(self.config.get_str("neuranq_job_modules")))
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = leases.lease_owner()
         self.tenant_limits: dict[str, tuple[float | None, int | None]] = {}
         self._next_maintenance = 0.0
         self._next_retention = time.monotonic() + random.uniform(0, self._retention_every())
@@ -177,7 +170,7 @@ class QueueWorker(Worker):
             error = f"gave up after {retry_count} attempts (limit: {limit} retries); the last one: " \
                     f"{last_error or 'interrupted'}"[:MAX_ERROR]
             self.log.warning("job %d (%s) failed: %s", job_id, job_type, error)
-            self._outcomes.append(Outcome(job_id, tenant, "failed", error=error, job_type=job_type))
+            self._outcomes.append(Outcome(job_id, tenant, Status.FAILED, error=error, job_type=job_type))
             return
         ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
                          config=self.config, conn=self.conn, log=self.log)
@@ -195,7 +188,7 @@ class QueueWorker(Worker):
             finally:
                 self.running.discard(job_id)
             result = orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
-            self._outcomes.append(Outcome(job_id, tenant, "completed", result=result, effects=ctx.effects,
+            self._outcomes.append(Outcome(job_id, tenant, Status.COMPLETED, result=result, effects=ctx.effects,
                                           ms=(time.perf_counter() - started) * 1000, job_type=job_type))
         except (psycopg.OperationalError, MemoryError) as exc:
             # The database went away (or memory ran out) during the attempt: it counts as a failed one,
@@ -208,25 +201,18 @@ class QueueWorker(Worker):
     def _failed(self, job_id: int, job_type: str, tenant: str, attempt: int, limit: int, exc: Exception,
                 started: float) -> Outcome:
         """The outcome of a failed attempt: a retry after its backoff while retries remain, else failed."""
-        error = self._describe(exc)
+        error = leases.describe(exc, (JobError,))
         ms = (time.perf_counter() - started) * 1000
         retryable = getattr(exc, "retryable", True) and not isinstance(exc, (TypeError, orjson.JSONEncodeError))
         if retryable and attempt <= limit:
-            delay = backoff_ms(attempt, self.config.get_float("neuranq_retry_delay"),
-                               self.config.get_float("neuranq_retry_max_delay"))
+            delay = leases.equal_jitter_ms(attempt, self.config.get_float("neuranq_retry_delay"),
+                                           self.config.get_float("neuranq_retry_max_delay"))
             self.log.info("job %d (%s) attempt %d failed, retrying in %.0f ms: %s", job_id, job_type, attempt,
                           delay, error)
-            return Outcome(job_id, tenant, "retry", error=error, delay_ms=delay, ms=ms, job_type=job_type)
+            return Outcome(job_id, tenant, Status.RETRY, error=error, delay_ms=delay, ms=ms, job_type=job_type)
         why = "not retryable" if not retryable else f"after {attempt} attempts"
         self.log.warning("job %d (%s) failed %s: %s", job_id, job_type, why, error)
-        return Outcome(job_id, tenant, "failed", error=error, ms=ms, job_type=job_type)
-
-    @staticmethod
-    def _describe(exc: BaseException) -> str:
-        text = str(exc).strip() or type(exc).__name__
-        if not isinstance(exc, JobError):
-            text = f"{type(exc).__name__}: {text}"
-        return text[:MAX_ERROR]
+        return Outcome(job_id, tenant, Status.FAILED, error=error, ms=ms, job_type=job_type)
 
     # -- timeouts -------------------------------------------------------------------------------------
 
@@ -253,7 +239,7 @@ class QueueWorker(Worker):
         if not outcomes:
             return
         conn = self.conn
-        if all(o.status == "completed" and not o.effects for o in outcomes):
+        if all(o.status == Status.COMPLETED and not o.effects for o in outcomes):
             # The common case in one statement, no explicit transaction: the lease check is in its WHERE.
             ours = {r[0] for r in conn.execute(query("queue", "complete"),
                                                {"owner": self.owner, "done": self._completions(outcomes)})}
@@ -264,7 +250,7 @@ class QueueWorker(Worker):
             owned = {r[0] for r in conn.execute(query("queue", "lock_owned"),
                                                 {"ids": [o.job_id for o in outcomes], "owner": self.owner})}
             for o in outcomes:
-                if o.job_id in owned and o.status == "completed" and o.effects:
+                if o.job_id in owned and o.status == Status.COMPLETED and o.effects:
                     try:
                         with conn.transaction():
                             for sql, params in o.effects:
@@ -272,11 +258,10 @@ class QueueWorker(Worker):
                     except psycopg.OperationalError:
                         raise
                     except psycopg.Error as exc:
-                        o.status, o.error = "failed", f"storing the result failed: {first_line(exc)[:MAX_ERROR]}"
+                        o.status, o.error = Status.FAILED, f"storing the result failed: {first_line(exc)[:MAX_ERROR]}"
             mine = [o for o in outcomes if o.job_id in owned]
-            done = [o for o in mine if o.status == "completed"]
-            retry = [o for o in mine if o.status == "retry"]
-            failed = [o for o in mine if o.status == "failed"]
+            split = leases.partition(mine)
+            done, retry, failed = split.completed, split.retry, split.failed
             if done:
                 conn.execute(query("queue", "complete"), {"owner": self.owner, "done": self._completions(done)})
             if retry:
@@ -301,9 +286,9 @@ class QueueWorker(Worker):
                              total - len(mine))
         statuses = Counter(o.status for o in mine)
         self._summary.update(statuses)
-        result.processed += statuses["completed"]
-        result.failed += statuses["failed"]
-        result.retried += statuses["retry"]
+        result.processed += statuses[Status.COMPLETED]
+        result.failed += statuses[Status.FAILED]
+        result.retried += statuses[Status.RETRY]
         result.latency_ms += sum(o.ms for o in mine)
         self._count_tenants(mine)
         self._count_metrics(mine)
@@ -311,7 +296,7 @@ class QueueWorker(Worker):
     def _count_metrics(self, outcomes: list[Outcome]) -> None:
         """Attempts by type, tenant and outcome, and the handlers' durations, for the metrics endpoint."""
         for o in outcomes:
-            outcome = "retried" if o.status == "retry" else o.status
+            outcome = "retried" if o.status == Status.RETRY else o.status.value
             self.metrics.inc("neurondb_queue_jobs", o.job_type, self.metrics.tenant(o.tenant_id), outcome)
             if o.ms:
                 self.metrics.observe("neurondb_queue_job_duration_seconds", o.job_type, seconds=o.ms / 1000)
@@ -324,7 +309,8 @@ class QueueWorker(Worker):
             per[o.tenant_id][o.status] += 1
             latency[o.tenant_id] += o.ms
         for tenant, c in per.items():
-            self.ctx.shared.tenant_add(tenant, processed=c["completed"], failed=c["failed"], retried=c["retry"],
+            self.ctx.shared.tenant_add(tenant, processed=c[Status.COMPLETED], failed=c[Status.FAILED],
+                                       retried=c[Status.RETRY],
                                        latency_ms=latency[tenant])
 
     def _hand_back(self, ids: list[int], delay_ms: float) -> None:
@@ -345,7 +331,7 @@ class QueueWorker(Worker):
         if interval > 0 and self._summary:
             c = self._summary
             self.log.info("in the last %.0f s: %d jobs completed, %d failed, %d retried",
-                          now - self._summary_since, c["completed"], c["failed"], c["retry"])
+                          now - self._summary_since, c[Status.COMPLETED], c[Status.FAILED], c[Status.RETRY])
         self._summary = Counter()
         self._summary_since = now
 
