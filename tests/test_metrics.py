@@ -222,3 +222,37 @@ def test_health_exit_codes_and_healthz(tmp_path: Path, fresh_dsn: str) -> None:
         assert down.returncode == 2 and down.stdout.startswith("down"), down.stdout
     finally:
         svc.close()
+
+
+def test_llm_counters_equal_a_known_workload(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
+    """L completion jobs of which C are answered by the cache, with one 429 (Retry-After 1 s) on the way:
+    requests by status code, tokens, cache hits and misses, 429s and their waits, jobs by outcome."""
+    from neurondb import llm
+    from tests.fakeprovider import FakeProvider
+
+    with FakeProvider(dim=8) as fake:
+        svc = Service(tmp_path / "data", fresh_dsn, {
+            "neurondb.llm_provider": "openai", "neurondb.llm_endpoint": fake.url, "neurondb.llm_model": "gpt-test",
+            "neurondb.neuranllm_retry_delay": "100ms"})
+        svc.start()
+        try:
+            fake.fail(429, times=1, retry_after=1)
+            first = llm.submit_many(conn, "completion", [f"prompt {i}" for i in range(5)])
+            llm.wait(conn, first, timeout=30)
+            again = llm.submit_many(conn, "completion", [f"prompt {i}" for i in range(3)])    # C = 3 cache hits
+            llm.wait(conn, again, timeout=30)
+            samples = until(svc, "neurondb_llm_jobs_total", 8, operation="completion", outcome="completed")
+            labels = {"provider": "openai", "model": "gpt-test"}
+            assert value(samples, "neurondb_llm_requests_total", code="200", **labels) == 5
+            assert value(samples, "neurondb_llm_requests_total", code="429", **labels) == 1
+            assert value(samples, "neurondb_llm_request_duration_seconds_count", **labels) == 6
+            assert value(samples, "neurondb_llm_rate_limited_total", provider="openai") == 1
+            assert value(samples, "neurondb_llm_retry_after_seconds_total", provider="openai") == 1
+            assert value(samples, "neurondb_llm_jobs_total", outcome="retried") == 1
+            assert value(samples, "neurondb_llm_cache_requests_total", result="hit") == 3
+            assert value(samples, "neurondb_llm_cache_requests_total", result="miss") == 6   # 5 + the retried one
+            assert value(samples, "neurondb_llm_tokens_total", kind="prompt", **labels) > 0
+            assert value(samples, "neurondb_llm_tokens_total", kind="completion", **labels) > 0
+            assert fake.count() == 6
+        finally:
+            svc.close()

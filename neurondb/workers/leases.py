@@ -66,6 +66,11 @@ class Status(str, enum.Enum):
     def __str__(self) -> str:      # the value, as in the tables and the logs, on every Python version
         return self.value
 
+    @property
+    def label(self) -> str:
+        """The outcome as the metrics name it: an attempt that will run again is "retried"."""
+        return "retried" if self is Status.RETRY else self.value
+
 
 class HasStatus(Protocol):
     status: Status

@@ -66,6 +66,7 @@ from neurondb.workers.base import BatchResult, Worker
 from neurondb.workers.batching import EmbeddingBatcher
 from neurondb.workers.leases import Status
 from neurondb.workers.llmjobs import Call, InvalidJob, Job, Outcome, estimate_tokens, prepare
+from neurondb.workers.llmmetrics import LLMMetrics
 from neurondb.workers.llmsettings import LLMSettings
 from neurondb.workers.llmstore import LLMStore
 
@@ -93,6 +94,7 @@ class LLMWorker(Worker):
 
     def on_start(self) -> None:
         self.settings = LLMSettings.of(self.config)
+        self.llm_metrics = LLMMetrics(self.metrics)
         self.owner = leases.lease_owner()
         self.concurrency = self.settings.concurrency     # postmaster: fixed for the process's life
         self.loop = asyncio.new_event_loop()
@@ -364,6 +366,7 @@ class LLMWorker(Worker):
         started = time.monotonic()
         found = await self.store.cache_get(list({k for j in jobs for k in j.keys}))
         if not found:
+            self.llm_metrics.cache_lookups(0, len(jobs))
             return
         ms = (time.monotonic() - started) * 1000
         now = time.monotonic()
@@ -381,6 +384,8 @@ class LLMWorker(Worker):
                 continue
             self._finish(Outcome(job, Status.COMPLETED, now, text=hit[3], json=hit[5], cache_hit=True, latency_ms=ms,
                                  prompt_tokens=hit[6], completion_tokens=hit[7]))
+        hits = sum(job.done for job in jobs)
+        self.llm_metrics.cache_lookups(hits, len(jobs) - hits)
 
     async def _extend_leases(self) -> None:
         self._next_lease = time.monotonic() + self.settings.lease_ms / 3000.0
@@ -480,8 +485,10 @@ class LLMWorker(Worker):
             self._wake()
         ms = (time.monotonic() - started) * 1000
         if error is not None:
+            self.llm_metrics.call_failed(call.route, ms / 1000, error)
             self._call_failed(call, error, ms)
         else:
+            self.llm_metrics.call_succeeded(call.route, ms / 1000, call.jobs[0].operation, value)
             self._call_succeeded(call, value, ms)
         if self._ready and not self._stopping:
             # The freed slot takes the next claimed job now, not when the session loop comes round
@@ -624,6 +631,7 @@ class LLMWorker(Worker):
         result.retried += len(split.retry)
         result.failed += len(split.failed)
         result.latency_ms += sum(o.latency_ms for o in outcomes)
+        self.llm_metrics.outcomes(outcomes)
 
     # -- housekeeping (synchronous connection, between sessions) --------------------------------------
 

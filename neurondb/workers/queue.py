@@ -296,8 +296,7 @@ class QueueWorker(Worker):
     def _count_metrics(self, outcomes: list[Outcome]) -> None:
         """Attempts by type, tenant and outcome, and the handlers' durations, for the metrics endpoint."""
         for o in outcomes:
-            outcome = "retried" if o.status == Status.RETRY else o.status.value
-            self.metrics.inc("neurondb_queue_jobs", o.job_type, self.metrics.tenant(o.tenant_id), outcome)
+            self.metrics.inc("neurondb_queue_jobs", o.job_type, self.metrics.tenant(o.tenant_id), o.status.label)
             if o.ms:
                 self.metrics.observe("neurondb_queue_job_duration_seconds", o.job_type, seconds=o.ms / 1000)
 
