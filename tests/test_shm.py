@@ -592,3 +592,41 @@ def test_generation_publish_and_reader_switch(prefix: str) -> None:
         posix_ipc.unlink_shared_memory(generation_name(base, 2))
         state.unlink()
         state.close()
+
+
+def test_series_table_counts_caps_tenants_and_drops_when_full(prefix: str) -> None:
+    """Counters and histograms per (writer, family, labels), seen by another attach; tenant label values
+    capped; a full table drops and counts updates instead of failing the worker."""
+    from neurondb.shm import series
+
+    shared = SharedState.create(prefix, n_slots=1)
+    table = series.SeriesTable.create(shared)
+    other = series.SeriesTable.attach(shared)
+    try:
+        row = table.row("neuranq", "jobs", ("noop", "completed"))
+        assert table.row("neuranq", "jobs", ("noop", "completed")) == row        # the same series
+        table.inc(row)
+        table.inc(row, 2.0)
+        hist = table.row("neuranq", "duration", ("noop",))
+        for seconds in (0.0001, 0.003, 0.003, 1e9):
+            table.observe(hist, seconds)
+        rows = {(r.family, r.labels): r for r in other.rows()}
+        assert rows[("jobs", ("noop", "completed"))].value == 3.0
+        h = rows[("duration", ("noop",))]
+        assert h.buckets[0] == 1 and h.buckets[series.BUCKETS.index(0.005)] == 2 and h.buckets[-1] == 1
+        assert sum(h.buckets) == 4 and h.total == pytest.approx(1e9 + 0.0061)
+        assert [table.tenant_label(t, 2, "other") for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+        assert other.tenant_label("d", 2, "other") == "other" and other.labelled_tenants() == {"a", "b"}
+        for i in range(series.CAPACITY):
+            if table.row("w", "fill", (str(i),)) < 0:
+                break
+        assert table.row("w", "one too many", ()) == -1
+        table.inc(-1)
+        table.observe(-1, 1.0)
+        assert other.dropped == 2
+    finally:
+        other.close()
+        table.segment.unlink()
+        table.close()
+        shared.close()
+        shared.unlink()

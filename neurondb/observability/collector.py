@@ -26,7 +26,7 @@ from neurondb import __version__
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
 from neurondb.observability.dbcache import DbCache
-from neurondb.observability.families import FAMILIES, OTHER, TENANT_LABELS, Family
+from neurondb.observability.families import FAMILIES, OTHER, Family
 from neurondb.shm.control import WORKER_STATES, SharedState, get_text, state_name
 from neurondb.shm.ring import QueryRing
 from neurondb.shm.series import BUCKETS, SeriesTable
@@ -115,11 +115,13 @@ class Collector:
             out[family].add_metric(list(labels), buckets, total)
 
     def _tenants(self, out: dict[str, Metric]) -> None:
-        """Rate-limit refusals per tenant from the tenant table, capped like every tenant label."""
-        tenants = self.shared.tenants[self.shared.tenants["ready"] == 1]
+        """Rate-limit refusals per tenant from the tenant table, under the label values the workers use (a
+        tenant without one of its own counts as "other")."""
+        labelled = self.series.labelled_tenants()
         limited: defaultdict[str, int] = defaultdict(int)
-        for n, t in enumerate(tenants):
-            limited[t["tenant"].decode(errors="replace") if n < TENANT_LABELS else OTHER] += int(t["rate_limited"])
+        for t in self.shared.tenants[self.shared.tenants["ready"] == 1]:
+            name = t["tenant"].decode(errors="replace")
+            limited[name if name in labelled else OTHER] += int(t["rate_limited"])
         for tenant, n in limited.items():
             out["neurondb_queue_rate_limited"].add_metric([tenant], n)
 

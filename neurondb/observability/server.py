@@ -65,8 +65,10 @@ class MetricsEndpoint:
         return int(self._server.server_port) if self._server is not None else 0
 
     def start(self) -> None:
-        self.cache.start()
-        self.ensure()
+        """Start the database cache and listen; nothing at all when the endpoint is off."""
+        if self.enabled:
+            self.cache.start()
+            self.ensure()
 
     def ensure(self) -> None:
         """Listen if not listening yet (and the last failed try is RETRY_SECONDS old)."""
@@ -92,7 +94,8 @@ class MetricsEndpoint:
             self._server.server_close()
             self._server = None
         self.shared.slot(self.slot)["gauges"][PORT_GAUGE] = 0
-        self.cache.stop()
+        if self.enabled:
+            self.cache.stop()
         self.collector.close()
         self.series.close()
         self.ring.close()

@@ -129,6 +129,12 @@ class SeriesTable:
     def dropped(self) -> int:
         return int(self.header[H_DROPPED])
 
+    def labelled_tenants(self) -> set[str]:
+        """The tenants that have a label value of their own (see `tenant_label`), without a lock."""
+        prefix = (_TENANT + SEP).encode()
+        return {bytes(k)[len(prefix):].decode(errors="replace") for k in self.keys[self.ready == 1]
+                if bytes(k).startswith(prefix)}
+
     def rows(self) -> Iterator[Row]:
         """Every series (not the tenant reservations), as of now, without a lock."""
         for i in np.flatnonzero(self.ready == 1):
