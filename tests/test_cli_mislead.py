@@ -111,13 +111,13 @@ def test_alter_system_takes_what_config_set_takes(service: Service, conn: psycop
 
 def test_cancelled_jobs_end_cancelled_and_are_counted_apart(service: Service, conn: psycopg.Connection) -> None:
     later = queue.enqueue(conn, "test.noop", run_at=datetime.now(UTC) + timedelta(hours=1))
-    running = queue.enqueue(conn, "test.sleep", {"seconds": 1.0})
+    running = queue.enqueue(conn, "test.sleep", {"seconds": 4.0})   # long enough for two CLI starts
     wait_status(conn, running, "processing")
     for job_id in (later, running):
         assert service.cli("jobs", "cancel", str(job_id)).stdout.strip() == f"job {job_id} cancelled"
     failing = queue.enqueue(conn, "test.fail", max_retries=0)
     wait_status(conn, failing, "failed")
-    time.sleep(1.2)   # the cancelled run ends; its worker's outcome must not overwrite the cancellation
+    time.sleep(4.2)   # the cancelled run ends; its worker's outcome must not overwrite the cancellation
     for job_id in (later, running):
         found = queue.get(conn, job_id)
         assert found is not None and found["status"] == "cancelled"
