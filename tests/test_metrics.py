@@ -60,18 +60,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
-def until(svc: Service, name: str, expected: float, timeout: float = 20.0, **labels: str) -> Samples:
+def until(svc: Service, name: str, expected: float, timeout: float = 20.0, at_least: bool = False,
+          **labels: str) -> Samples:
+    """Scrape until `name`{labels} equals `expected` (or, with at_least, reaches it); the last scrape."""
     def reached() -> Samples | None:
         samples = scrape(svc)
-        return samples if value(samples, name, **labels) == expected else None
-    return wait_for(reached, timeout, f"{name}{labels} == {expected}", interval=0.2)
-
-
-def at_least(svc: Service, name: str, minimum: float, timeout: float = 30.0, **labels: str) -> Samples:
-    def reached() -> Samples | None:
-        samples = scrape(svc)
-        return samples if value(samples, name, **labels) >= minimum else None
-    return wait_for(reached, timeout, f"{name}{labels} >= {minimum}", interval=0.2)
+        got = value(samples, name, **labels)
+        return samples if got == expected or (at_least and got >= expected) else None
+    return wait_for(reached, timeout, f"{name}{labels} {'>=' if at_least else '=='} {expected}", interval=0.2)
 
 
 def test_counters_equal_a_known_workload(service: Service, conn: psycopg.Connection, fresh_dsn: str) -> None:
@@ -113,8 +109,8 @@ def test_counters_equal_a_known_workload(service: Service, conn: psycopg.Connect
     assert value(samples, "neurondb_build_info") == 1
     # neurandefrag's operations: deleting a fifth of the index starts a prune at once.
     conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE doc_id = ANY(%s)", ([f"d{i}" for i in range(40)],))
-    samples = at_least(service, "neurondb_maintenance_operations_total", 1, index="docs", operation="prune",
-                       status="completed")
+    samples = until(service, "neurondb_maintenance_operations_total", 1, timeout=30.0, at_least=True, index="docs",
+                    operation="prune", status="completed")
     assert value(samples, "neurondb_maintenance_duration_seconds_count", operation="prune") >= 1
     until(service, "neurondb_index_vectors", 160, index="docs")
     assert ok and bad and retried
