@@ -174,6 +174,21 @@ def parse_module_list(text: str) -> list[str]:
     return modules
 
 
+MAX_CONCURRENCY = 256   # async jobs in flight per queue process: shm.control.RUNNING_MAX lists them all
+
+
+def parse_type_limits(text: str) -> dict[str, int]:
+    """neurondb.neuranq_type_concurrency: 'job_type=N, ...', each N from 1 to MAX_CONCURRENCY."""
+    limits = {}
+    for item in split_list(text):
+        name, eq, number = (part.strip() for part in item.partition("="))
+        if not eq or not name or not number.isdigit() or not 1 <= int(number) <= MAX_CONCURRENCY:
+            raise ValueError(f'"{shorten(item)}" is not job_type=N with N from 1 to {MAX_CONCURRENCY} '
+                             "(e.g. 'http_call=8, embed=4')")
+        limits[name] = int(number)
+    return limits
+
+
 def _check_listen_address(text: str) -> str:
     """'' (endpoint off), '*' (all interfaces), an IP address or a host name."""
     if text in ("", "*"):
@@ -322,6 +337,12 @@ _SETTINGS = [
     Setting("neurondb.neuranq_job_modules", "string", "", "postmaster",
             "Comma-separated Python modules imported by queue workers at start to register user job types.",
             check=parse_module_list, sql_settable=False),
+    Setting("neurondb.neuranq_concurrency", "integer", 16, "sighup",
+            "Jobs with async handlers each queue process runs at once (blocking handlers run one at a time "
+            "beside them).", min=1, max=MAX_CONCURRENCY),
+    Setting("neurondb.neuranq_type_concurrency", "string", "", "sighup",
+            "Per-type caps on async jobs in flight per queue process, 'job_type=N, ...'; overrides the "
+            "concurrency a job type declares.", check=parse_type_limits),
     Setting("neurondb.tenant_rate_limit", "real", 0.0, "sighup",
             "Default jobs per second per tenant, across all queue workers of this machine; 0 = unlimited.",
             min=0.0, max=1_000_000.0),

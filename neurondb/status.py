@@ -35,6 +35,7 @@ class WorkerStatus:
     failed: int
     retried: int
     batches: int
+    in_flight: int        # jobs whose handler runs now (a queue process's async lane runs many at once)
     naptime_ms: int
     enabled: bool
     config_generation: int
@@ -137,6 +138,7 @@ def read_status(datadir: DataDir, dsn: str | None = None, with_database: bool = 
                 heartbeat_age_s=now - s["heartbeat"] if alive and s["heartbeat"] else None,
                 restarts=int(s["restarts"]), processed=int(s["jobs_processed"]), failed=int(s["jobs_failed"]),
                 retried=int(s["jobs_retried"]), batches=int(s["batches"]),
+                in_flight=sum(1 for j in s["running"] if j) + int(s["running_unlisted"]) if alive else 0,
                 naptime_ms=int(s["naptime_ms"]), enabled=bool(s["enabled"]),
                 config_generation=int(s["config_generation_seen"]), last_error=s["last_error"],
             ))

@@ -55,9 +55,10 @@ def sections(status: Status) -> list[Section]:
                            [[str(status.supervisor_pid), _num(status.uptime_s, ".1f"), str(status.config_generation),
                              status.data_dir, status.metrics_url or ""]])]
     out.append(("worker", ["worker", "pid", "state", "uptime", "heartbeat", "restarts", "processed", "failed",
-                           "last_error"],
+                           "in_flight", "last_error"],
                 [[w.name, str(w.pid or "-"), w.state + ("" if w.enabled else " (disabled)"), seconds(w.uptime_s),
-                  seconds(w.heartbeat_age_s), str(w.restarts), str(w.processed), str(w.failed), w.last_error]
+                  seconds(w.heartbeat_age_s), str(w.restarts), str(w.processed), str(w.failed), str(w.in_flight),
+                  w.last_error]
                  for w in status.workers]))
     out.append(("tenant", ["tenant", "processed", "failed", "retried"],
                 [[t.tenant, str(t.processed), str(t.failed), str(t.retried)]

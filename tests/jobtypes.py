@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -57,3 +58,35 @@ def crash(ctx: JobContext, payload: dict) -> dict:
     if ctx.attempt <= require(payload, "attempts", int, default=10**9):
         os.kill(os.getpid(), signal.SIGKILL)
     return {"survived": True}
+
+
+_IN_FLIGHT: dict[str, int] = {}
+
+
+async def _sleep_and_log(ctx: JobContext, payload: dict) -> dict:
+    """Awaits `seconds` in its first `attempts` attempts (all by default). With `file`, appends a line
+    "job_id in_flight" as it starts, in_flight being the jobs of its type running in this process then
+    (itself included): what the per-type cap and the SIGKILL test measure."""
+    running = _IN_FLIGHT[ctx.job_type] = _IN_FLIGHT.get(ctx.job_type, 0) + 1
+    try:
+        if "file" in payload:
+            fd = os.open(require(payload, "file", str), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, f"{ctx.job_id} {running}\n".encode())
+            finally:
+                os.close(fd)
+        if ctx.attempt <= require(payload, "attempts", int, default=10**9):
+            await asyncio.sleep(require(payload, "seconds", float))
+        return {"attempt": ctx.attempt}
+    finally:
+        _IN_FLIGHT[ctx.job_type] -= 1
+
+
+@job_type("test.async_sleep")
+async def async_sleep(ctx: JobContext, payload: dict) -> dict:
+    return await _sleep_and_log(ctx, payload)
+
+
+@job_type("test.async_capped", concurrency=3)
+async def async_capped(ctx: JobContext, payload: dict) -> dict:
+    return await _sleep_and_log(ctx, payload)

@@ -178,7 +178,7 @@ def check_output_composes(svc: Service) -> None:
     lines = svc.cli("status").stdout.splitlines()
     workers = {w.name: w.pid for w in svc.status().workers}
     rows = [line.split("\t") for line in lines if line.startswith("worker\t")]
-    assert {r[1]: int(r[2]) for r in rows} == workers and all(len(r) == 10 for r in rows), lines
+    assert {r[1]: int(r[2]) for r in rows} == workers and all(len(r) == 11 for r in rows), lines
     assert "#worker\tworker\tpid\tstate" in lines[2], lines
     settings = [line.split("\t") for line in svc.cli("config", "show").stdout.splitlines()]
     assert settings[0] == ["name", "setting", "unit", "context", "source", "range", "description"]

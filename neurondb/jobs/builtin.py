@@ -20,14 +20,16 @@ Payloads (JSON objects):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from neurondb.jobs import JobContext, JobError, PermanentJobError, job_type, require, resolve
+from neurondb.jobs import JobContext, JobError, JobType, PermanentJobError, job_type, loop_local, require, resolve
 from neurondb.queries import query
 from neurondb.redaction import redact_url, redact_urls, shorten, shown
 
@@ -73,19 +75,22 @@ def _pg_array(vector: np.ndarray) -> str:
 
 
 @job_type("embed", aliases=("embedding",))
-def embed(ctx: JobContext, payload: dict) -> dict:
+async def embed(ctx: JobContext, payload: dict) -> dict:
+    from neurondb.jobs.coalesce import Coalescer
     from neurondb.providers.registry import embedder_for
 
     index = require(payload, "index", str)
     docs = _documents(payload)
     asked = require(payload, "model", str, default=None)
-    row = ctx.conn.execute(query("jobs", "index_of"), (index,)).fetchone()
+    row = await (await ctx.conn.execute(query("jobs", "index_of"), (index,))).fetchone()
     if row is None:
         raise PermanentJobError(f"index {shown(index)} does not exist (create it with `neurondb index create`)")
     dim, provider, model = row
     with _provider_errors():
         embedder = embedder_for(ctx.config, model=asked or model, provider=provider)
-        vectors = np.asarray(embedder.embed([d["text"] for d in docs]), dtype=np.float32)
+        vectors = np.asarray(await loop_local(Coalescer, Coalescer).embed(embedder, [d["text"] for d in docs], ctx.http,
+                                                     ctx.config.get_int("llm_embedding_batch_size")),
+                             dtype=np.float32)
     if vectors.shape != (len(docs), dim):
         raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned vectors of shape "
                                 f"{vectors.shape}; index {index!r} expects {dim} dimensions")
@@ -132,7 +137,7 @@ def rerank(ctx: JobContext, payload: dict) -> dict:
 
 
 @job_type("cache_refresh")
-def cache_refresh(ctx: JobContext, payload: dict) -> dict:
+async def cache_refresh(ctx: JobContext, payload: dict) -> dict:
     cache = require(payload, "cache", str)
     action = require(payload, "action", str, default="expire")
     keys = require(payload, "keys", list, default=None)
@@ -155,14 +160,26 @@ def cache_refresh(ctx: JobContext, payload: dict) -> dict:
         ctx.defer(query("jobs", "expire_results"), params)
         return {"cache": cache, "name": params["name"], "action": action}
     refreshed = 0
-    for key, source in ctx.conn.execute(query("jobs", "stale_results"), params).fetchall():
+    for key, source in await (await ctx.conn.execute(query("jobs", "stale_results"), params)).fetchall():
         if not isinstance(source, dict) or not isinstance(source.get("job_type"), str):
             raise PermanentJobError(f"result cache entry {key!r} has no usable source (job_type + payload)")
-        handler = resolve(source["job_type"]).handler
-        value = handler(ctx, source.get("payload") or {})
+        value = await _recompute(ctx, resolve(source["job_type"]), source.get("payload") or {})
         ctx.defer(query("jobs", "store_result"), {"value": Jsonb(value), "name": params["name"], "key": key})
         refreshed += 1
     return {"cache": cache, "name": params["name"], "action": action, "refreshed": refreshed}
+
+
+async def _recompute(ctx: JobContext, jt: JobType, payload: dict) -> Any:
+    """A result cache entry's value, from the job type that made it. A blocking type runs in a thread, on a
+    connection of its own (the event loop's is not for threads); its deferred effects join this job's."""
+    if jt.is_async:
+        return await jt.handler(ctx, payload)
+
+    def blocking() -> Any:
+        with ctx.connect() as conn:
+            return jt.handler(replace(ctx, conn=conn, http=None), payload)
+
+    return await asyncio.to_thread(blocking)
 
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -190,10 +207,10 @@ def _statuses(payload: dict) -> list[int] | None:
 
 
 @job_type("http_call")
-def http_call(ctx: JobContext, payload: dict) -> dict:
+async def http_call(ctx: JobContext, payload: dict) -> dict:
     import httpx
 
-    from neurondb.netguard import NetguardError, guarded_client, read_bounded
+    from neurondb.netguard import NetguardError, aread_bounded, guarded_async_client
 
     url = require(payload, "url", str)
     where = shorten(redact_url(url), 200)     # the URL as every message shows it
@@ -213,10 +230,13 @@ def http_call(ctx: JobContext, payload: dict) -> dict:
         raise PermanentJobError(f"payload field 'timeout' must be in (0, 300] seconds, got {shown(timeout)}")
     expected = _statuses(payload)
     limit = ctx.config.get_int("http_max_response_size") * 1024
+    allowlist = ctx.config.get_str("http_allowlist")
+    # One client per allowlist in force, shared by the jobs in flight: a client builds its TLS context once.
+    client = loop_local(("http_call", allowlist), lambda: guarded_async_client(allowlist))
     try:
-        with guarded_client(ctx.config.get_str("http_allowlist"), timeout) as client, \
-                client.stream(method, url, headers=headers, content=body, json=payload.get("json")) as response:
-            content, truncated = read_bounded(response, limit)
+        async with client.stream(method, url, headers=headers, content=body, json=payload.get("json"),
+                                 timeout=timeout) as response:
+            content, truncated = await aread_bounded(response, limit)
     except NetguardError as exc:
         if getattr(exc, "retryable", False):
             raise

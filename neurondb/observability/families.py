@@ -58,6 +58,8 @@ FAMILIES: tuple[Family, ...] = (
     _f("neurondb_queue_pickup_latency_seconds", "histogram", ("type",),
        "From the time a job could run (created or scheduled) to the start of its attempt."),
     _f("neurondb_queue_rate_limited", "counter", ("tenant",), "Jobs put off by the tenant's rate limit."),
+    _f("neurondb_queue_jobs_in_flight", "gauge", ("worker", "type"),
+       "Async queue jobs whose handler runs now, per queue process and type."),
     _f("neurondb_queue_pending_jobs", "gauge", (), "Jobs waiting to run (the O(1) pending counter).", "db"),
     _f("neurondb_queue_running_jobs", "gauge", (), "Jobs being processed now.", "db"),
     _f("neurondb_queue_dead_letters", "gauge", (), "Dead letters not replayed yet (neurondb_dead_letter).", "db"),

@@ -27,6 +27,10 @@ class Recorder:
         if self.table is not None:
             self.table.inc(self._row(family, labels, ("counter",)), by)
 
+    def set(self, family: str, *labels: str, value: float) -> None:
+        if self.table is not None:
+            self.table.set(self._row(family, labels, ("gauge",)), value)
+
     def observe(self, family: str, *labels: str, seconds: float) -> None:
         if self.table is not None:
             self.table.observe(self._row(family, labels, ("histogram",)), seconds)

@@ -102,6 +102,13 @@ class SeriesTable:
         else:
             self.value[row] += by
 
+    def set(self, row: int, value: float) -> None:
+        """A gauge's value (the row's one writer sets it; readers see the last store)."""
+        if row < 0:
+            self.header[H_DROPPED] += 1
+        else:
+            self.value[row] = value
+
     def observe(self, row: int, seconds: float) -> None:
         if row < 0:
             self.header[H_DROPPED] += 1

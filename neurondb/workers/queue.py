@@ -1,10 +1,16 @@
 """neuranq: the queue worker (the document's section 1).
 
 One batch = claim up to `neuranq_batch_size` runnable jobs with SKIP LOCKED in one round trip (fair across
-tenants, within their rate limits), commit, run them one by one outside any transaction, then record every
-outcome in one transaction: completions with their deferred effects, retries with their backoff, final
-failures with their dead-letter rows. While claims come back non-empty the next batch starts at once;
-the naptime is the sleep when there is nothing to do, shortened to the next retry or rate-limit token.
+tenants, within their rate limits), commit, run them outside any transaction, then record every outcome in
+one transaction: completions with their deferred effects, retries with their backoff, final failures with
+their dead-letter rows. While claims come back non-empty the next batch starts at once; the naptime is the
+sleep when there is nothing to do, shortened to the next retry or rate-limit token.
+
+Blocking handlers run one by one in this thread. Jobs whose handler is `async def` go to the async lane
+(workers/asyncjobs.py: an event loop in a thread of this process), which runs up to `neuranq_concurrency`
+of them at once, at most a type's cap of one type. While the lane holds jobs, a batch claims only what
+tops its queue up to twice the concurrency (so no slot idles while a claim is under way), and records the
+lane's outcomes in batches: it waits for a quarter of the slots to finish, or LINGER after the first.
 
 Semantics are at-least-once: a job whose worker dies before its outcome is recorded runs again (the
 supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Only the job
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -33,12 +40,13 @@ import orjson
 import psycopg
 
 from neurondb.db import UndecodableJson, decode_json, first_line
-from neurondb.jobs import JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
+from neurondb.jobs import REGISTRY, JobContext, JobError, JobTimeout, PermanentJobError, load_job_types, resolve
 from neurondb.queries import query
-from neurondb.settings import parse_module_list
+from neurondb.settings import parse_module_list, parse_type_limits
 from neurondb.shm.buckets import Claim
 from neurondb.shm.control import RunningJobs, tenant_bucket
 from neurondb.workers import leases
+from neurondb.workers.asyncjobs import AsyncLane, ReadyJob
 from neurondb.workers.base import BatchResult, Worker
 from neurondb.workers.leases import MAX_ERROR, Status
 
@@ -48,6 +56,8 @@ RETENTION_EVERY = 60.0       # at most; a short retention is enforced more often
 RETENTION_BATCH = 1000
 FLUSH_EVERY = 1.0            # record outcomes of a long batch at least this often (bounds re-runs on a crash)
 ABORT_CHECK_EVERY = 0.005    # seconds between checks for a lost supervisor within a batch (a syscall each)
+LANE_WAIT = 0.1              # longest wait for the async lane within a batch (heartbeats, signals go on)
+LINGER = 0.02                # after an async job finishes, how long to wait for more before recording
 
 
 @dataclass
@@ -81,7 +91,26 @@ class QueueWorker(Worker):
         self._summary: Counter = Counter()    # outcomes recorded since the last summary line
         self._summary_since = time.monotonic()
         self.running = RunningJobs(self.slot)
+        self._running_lock = threading.Lock()   # the async lane lists its jobs in self.running too
+        self.lane: AsyncLane | None = None      # started with the first async job
+        self._next_extend = 0.0
+        self._read_limits()
+        self._type_names = sorted({jt.name for jt in REGISTRY.values() if jt.is_async})
+        self._publish_in_flight()
         signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _read_limits(self) -> None:
+        self.concurrency = self.config.get_int("neuranq_concurrency")
+        self.type_limits = parse_type_limits(self.config.get_str("neuranq_type_concurrency"))
+        if self.lane is not None:
+            self.lane.limit = self.concurrency
+
+    def on_reload(self, result: object) -> None:
+        """New limits apply to the jobs started from now on. Turned off (neuranq_enabled), the worker stays
+        idle: its async jobs finish and are recorded first, the waiting ones go back, as at a smart stop."""
+        self._read_limits()
+        if self.lane is not None and not self.enabled:
+            self._stop_lane()
 
     # -- settings -------------------------------------------------------------------------------------
 
@@ -116,14 +145,45 @@ class QueueWorker(Worker):
         leased to us), then hand back at once every other job leased to us, no attempt counted: the ones
         it had not started, and any claimed by a claim whose answer was lost. They would otherwise wait
         for their lease (neuranq_lease_time) and then run again."""
+        self._collect()
         self._flush(result)
-        n = leases.hand_back_unheld(self.conn, TABLE, self.owner, [])
+        n = leases.hand_back_unheld(self.conn, TABLE, self.owner, self.lane.held() if self.lane else [])
         self._unsettled = False
         if n:
             self.log.warning("handed back %d claimed jobs that had not run before the batch was interrupted", n)
 
     def _run_claimed(self, result: BatchResult) -> None:
+        held = self.lane.load if self.lane else 0
+        if held and self.should_abort():
+            self._hand_back(self.lane.abandon(), delay_ms=0)
+            self._record_lane(result)
+            return
+        rows = self._claim(held) if held < self.concurrency else []
+        if not rows and not held:
+            self._record_lane(result)
+            self._plan_wakeup()
+            return
+        result.more = True
+        blocking = self._dispatch(rows)
+        if blocking:
+            self._run_blocking(blocking, result)
+        elif self.lane is not None and (not rows or self.lane.load >= self.concurrency):
+            self.lane.wait(LANE_WAIT, at_least=max(1, self.concurrency // 4), linger=LINGER)
+        self._extend_held()
+        self._record_lane(result)
+
+    def _record_lane(self, result: BatchResult) -> None:
+        """Record the outcomes waiting (the lane's finished ones too) and publish the lane's jobs in flight."""
+        self._collect()
+        self._flush(result)
+        self._publish_in_flight()
+
+    def _claim(self, held: int) -> list[tuple]:
+        """Claim runnable jobs: a full batch when the lane is empty, else what tops it up to twice its
+        concurrency. Jobs over their tenant's tokens go back at once (see _take_tokens)."""
         batch_size = self.config.get_int("neuranq_batch_size")
+        if held:
+            batch_size = min(batch_size, 2 * self.concurrency - held)
         capped, caps = self._allowances(batch_size)
         # The claim alone commits asynchronously (one statement, its own transaction: see the query): if the
         # server crashes before it reaches disk, the job is simply pending again (at-least-once holds).
@@ -132,35 +192,53 @@ class QueueWorker(Worker):
             "batch": batch_size, "owner": self.owner, "lease_ms": self.config.get_float("neuranq_lease_time"),
             "salt": str(random.random()), "capped": list(capped), "caps": caps,
         }).fetchall()
-        if not rows:
-            self._plan_wakeup()
-            return
-        rows = self._take_tokens(rows)
-        result.more = True
+        return self._take_tokens(rows) if rows else rows
+
+    def _dispatch(self, rows: list[tuple]) -> list[tuple]:
+        """Check each claimed job: a job that cannot run gets its outcome now, an async one goes to the lane;
+        the blocking ones are returned, with what they need to run, in claim order."""
         # Read once per batch, not per job: a reload applies between batches anyway.
         default_limit = self.config.get_int("neuranq_max_retries")
         timeout_s = self.config.get_seconds("neuranq_timeout")
+        blocking, lane = [], []
+        for row in rows:
+            job = self._prepare(row, default_limit, timeout_s)
+            if isinstance(job, Outcome):
+                self._outcomes.append(job)
+            elif isinstance(job, ReadyJob):
+                lane.append(job)
+            else:
+                blocking.append(job)
+        if lane:
+            if self.lane is None:
+                self.lane = AsyncLane(self.ctx.dsn, self.ctx.name, self.running, self._running_lock,
+                                      self._finish_async, self.concurrency)
+            self.lane.submit(lane)
+        return blocking
+
+    def _run_blocking(self, jobs: list[tuple], result: BatchResult) -> None:
+        """Run the blocking jobs one by one, recording outcomes (the lane's too) at least every FLUSH_EVERY."""
         last_flush = next_abort_check = time.monotonic()
-        for i, row in enumerate(rows):
+        for i, job in enumerate(jobs):
             # A fast shutdown is seen before every job, a lost supervisor within a few ms (or one job).
             now = time.monotonic()
             if self.shutdown == "fast" or now >= next_abort_check:
                 next_abort_check = now + ABORT_CHECK_EVERY
                 if self.should_abort():
-                    self._hand_back([r[0] for r in rows[i:]], delay_ms=0)
+                    self._hand_back([j[0].job_id for j in jobs[i:]], delay_ms=0)
                     break
-            self._run_one(row, default_limit, timeout_s)
+            self._run_one(*job)
             if time.monotonic() - last_flush > FLUSH_EVERY:
+                self._collect()
                 self._flush(result)
-                self._extend_leases([r[0] for r in rows[i + 1:]])
+                self._extend_leases([j[0].job_id for j in jobs[i + 1:]] + (self.lane.held() if self.lane else []))
                 last_flush = time.monotonic()
-        self._flush(result)
 
-    def _run_one(self, row: tuple, default_limit: int, timeout_s: float) -> None:
-        """Run one claimed job (a row of the claim) and add its outcome to self._outcomes. The payload
-        comes as text and is decoded here, so a value the decoder refuses fails this job alone. While the
-        handler runs, the job is listed as running in our slot: if it kills the process, the supervisor
-        charges it alone. Its result is serialised here once, as it will be stored."""
+    def _prepare(self, row: tuple, default_limit: int, timeout_s: float) -> Outcome | ReadyJob | tuple:
+        """One claimed job (a row of the claim) made ready to run: an ReadyJob for an async handler, a
+        (job, handler, started) tuple for a blocking one, or its Outcome when it cannot run (out of retries,
+        undecodable payload, unknown type). The payload comes as text and is decoded here, so a value the
+        decoder refuses fails this job alone."""
         job_id, job_type, payload_text, tenant, retry_count, max_retries, last_error, pickup_s = row
         self.metrics.observe("neurondb_queue_pickup_latency_seconds", job_type, seconds=max(0.0, pickup_s))
         started = time.perf_counter()
@@ -170,10 +248,9 @@ class QueueWorker(Worker):
             error = f"gave up after {retry_count} attempts (limit: {limit} retries); the last one: " \
                     f"{last_error or 'interrupted'}"[:MAX_ERROR]
             self.log.warning("job %d (%s) failed: %s", job_id, job_type, error)
-            self._outcomes.append(Outcome(job_id, tenant, Status.FAILED, error=error, job_type=job_type))
-            return
+            return Outcome(job_id, tenant, Status.FAILED, error=error, job_type=job_type)
         ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
-                         config=self.config, conn=self.conn, log=self.log)
+                         config=self.config, conn=self.conn, log=self.log, dsn=self.ctx.dsn)
         try:
             try:
                 payload = decode_json(payload_text, "payload")
@@ -181,24 +258,73 @@ class QueueWorker(Worker):
                 raise PermanentJobError(str(exc)) from None
             if not isinstance(payload, dict):
                 raise PermanentJobError(f"payload must be a JSON object, got {type(payload).__name__}")
-            handler = resolve(job_type).handler
-            self.running.add(job_id)
-            try:
-                value = self._with_timeout(handler, ctx, payload, timeout_s)
-            finally:
-                self.running.discard(job_id)
-            result = orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
-            self._outcomes.append(Outcome(job_id, tenant, Status.COMPLETED, result=result, effects=ctx.effects,
-                                          ms=(time.perf_counter() - started) * 1000, job_type=job_type))
+            jt = resolve(job_type)
+        except PermanentJobError as exc:
+            return self._failed(job_id, job_type, tenant, attempt, limit, exc, started)
+        job = ReadyJob(job_id, job_type, tenant, jt.handler, ctx, payload, attempt, limit,
+                       self.type_limits.get(jt.name) or jt.concurrency or self.concurrency, timeout_s)
+        return job if jt.is_async else (job, started)
+
+    def _run_one(self, job: ReadyJob, started: float) -> None:
+        """Run one blocking job and add its outcome to self._outcomes. While the handler runs, the job is
+        listed as running in our slot: if it kills the process, the supervisor charges it alone."""
+        value: object = None
+        error: BaseException | None = None
+        with self._running_lock:
+            self.running.add(job.job_id)
+        try:
+            value = self._with_timeout(job.handler, job.ctx, job.payload, job.timeout_s)
         except (psycopg.OperationalError, MemoryError) as exc:
             # The database went away (or memory ran out) during the attempt: it counts as a failed one,
             # and the batch stops here; the next batch records it and hands back the rest (_settle).
-            self._outcomes.append(self._failed(job_id, job_type, tenant, attempt, limit, exc, started))
+            self._outcomes.append(self._outcome(job, None, exc, started))
             raise
         except Exception as exc:
-            self._outcomes.append(self._failed(job_id, job_type, tenant, attempt, limit, exc, started))
+            error = exc
+        finally:
+            with self._running_lock:
+                self.running.discard(job.job_id)
+        self._outcomes.append(self._outcome(job, value, error, started))
 
-    def _failed(self, job_id: int, job_type: str, tenant: str, attempt: int, limit: int, exc: Exception,
+    def _outcome(self, job: ReadyJob, value: object, error: BaseException | None, started: float) -> Outcome:
+        """A finished attempt's outcome; its result is serialised here once, as it will be stored."""
+        if error is None:
+            try:
+                result = orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
+            except TypeError as exc:
+                error = exc
+            else:
+                return Outcome(job.job_id, job.tenant, Status.COMPLETED, result=result, effects=job.ctx.effects,
+                               ms=(time.perf_counter() - started) * 1000, job_type=job.job_type)
+        return self._failed(job.job_id, job.job_type, job.tenant, job.attempt, job.limit, error, started)
+
+    def _finish_async(self, job: ReadyJob, value: object, error: BaseException | None, started: float) -> Outcome:
+        """The lane's Finish: the same outcome as a blocking job's, computed in the lane's thread."""
+        return self._outcome(job, value, error, started)
+
+    def _collect(self) -> None:
+        """Move the outcomes the async lane finished into self._outcomes, for the next flush."""
+        if self.lane is not None:
+            self._collect_from(self.lane)
+
+    def _collect_from(self, lane: AsyncLane) -> None:
+        self._outcomes.extend(lane.take())
+
+    def _extend_held(self) -> None:
+        """Renew the leases of the jobs the lane holds, every quarter of the lease time."""
+        now = time.monotonic()
+        if self.lane is None or now < self._next_extend:
+            return
+        lease_s = self.config.get_seconds("neuranq_lease_time")
+        self._next_extend = now + lease_s / 4
+        self._extend_leases(self.lane.held())
+
+    def _publish_in_flight(self) -> None:
+        running = self.lane.in_flight() if self.lane is not None else {}
+        for name in self._type_names:
+            self.metrics.set("neurondb_queue_jobs_in_flight", self.ctx.name, name, value=running.get(name, 0))
+
+    def _failed(self, job_id: int, job_type: str, tenant: str, attempt: int, limit: int, exc: BaseException,
                 started: float) -> Outcome:
         """The outcome of a failed attempt: a retry after its backoff while retries remain, else failed."""
         error = leases.describe(exc, (JobError,))
@@ -440,8 +566,35 @@ class QueueWorker(Worker):
 
     def on_stop(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.lane is not None:
+            self._stop_lane()
         if self._unsettled:
             try:
                 self._settle(BatchResult())
             except psycopg.Error as exc:   # still unreachable: the supervisor hands our jobs back at exit
                 self.log.warning("could not record the interrupted batch before stopping: %s", exc)
+
+    def _stop_lane(self) -> None:
+        """Stop the async lane (at exit, or when neuranq is turned off). Its waiting jobs go back to pending.
+        A smart shutdown lets the running ones finish (each within its timeout; a SIGINT meanwhile cuts it
+        short) and records them; a fast one cancels them and hands them back (no attempt counted: we stopped
+        them, they did not fail)."""
+        lane, self.lane = self.lane, None
+        assert lane is not None
+        try:
+            ids = lane.stop_waiting()
+            deadline = time.monotonic() + self.config.get_seconds("neuranq_timeout") + 1.0
+            while lane.load and self.shutdown != "fast" and time.monotonic() < deadline:
+                lane.wait(LANE_WAIT)
+                self._beat()
+            ids += lane.abandon()
+            self._collect_from(lane)
+            self._hand_back(ids, delay_ms=0)
+            self._flush(BatchResult())
+        except psycopg.Error as exc:   # unreachable: settled by the next batch, or handed back by the supervisor
+            self.log.warning("could not record the async jobs before stopping: %s", exc)
+            self._unsettled = True
+        finally:
+            lane.close()
+            self._publish_in_flight()
+
