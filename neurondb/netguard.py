@@ -145,6 +145,14 @@ class Allowlist:
         return None
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _normal_host(host: str) -> str:
     return host.strip().lower().rstrip(".")
 
@@ -267,7 +275,10 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
         self._inner = httpx.AsyncHTTPTransport(verify=verify, limits=_inner_limits())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        target = await asyncio.to_thread(check_url, request.url, self._allow, resolver=self._resolver)
+        if _is_ip_literal(request.url.host):     # nothing to look up: checked in the loop, no thread hop
+            target = check_url(request.url, self._allow, resolver=self._resolver)
+        else:
+            target = await asyncio.to_thread(check_url, request.url, self._allow, resolver=self._resolver)
         return await self._inner.handle_async_request(_pinned(request, target))
 
     async def aclose(self) -> None:

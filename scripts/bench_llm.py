@@ -32,10 +32,8 @@ One run on a shared machine is one sample: the load average is printed with the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -47,10 +45,20 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # tests.fakeprovider
 
-from benchlib import BenchError, clean_env, guarded, install_sigterm_handler, log, run_cli, scratch_dir  # noqa: E402
+from benchlib import (  # noqa: E402
+    BenchError,
+    clean_env,
+    embedded_dsn,
+    guarded,
+    install_sigterm_handler,
+    log,
+    remove_embedded,
+    run_cli,
+    scratch_dir,
+    server_bench_parser,
+)
 
 from neurondb import db, llm  # noqa: E402
-from neurondb.paths import DataDir  # noqa: E402
 from neurondb.providers.local import HashEmbedder  # noqa: E402
 from neurondb.status import pid_alive  # noqa: E402
 from tests.fakeprovider import FakeProvider  # noqa: E402
@@ -168,14 +176,8 @@ def report(results: dict[str, Any], target: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=2000, help="jobs per drain (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=16, help="neuranllm_concurrency (default 16)")
-    parser.add_argument("--delay-ms", type=float, default=50.0, help="the provider's answer delay (default 50)")
+    parser = server_bench_parser(__doc__, "neuranllm_concurrency")
     parser.add_argument("--texts", type=int, default=20000, help="texts for the local embedder rates")
-    parser.add_argument("--dsn", help="use this PostgreSQL (a scratch database) instead of the embedded one")
-    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
 
@@ -190,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     benches: list[Bench] = []
 
     def run() -> None:
-        dsn = args.dsn
-        if dsn is None:
-            log(f"embedded PostgreSQL: neurondb init -D {pg_root}")
-            run_cli(["init", "-D", str(pg_root)], env, timeout=180)
-            dsn = db.resolve_dsn(DataDir(pg_root))
+        dsn = embedded_dsn(pg_root, env, args.dsn)
         fake.start()
         fake.set_delay(args.delay_ms)
         bench = Bench(Service(root / "service", dsn))
@@ -222,14 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     def cleanup() -> None:
         for bench in benches:
             bench.close()
-        if (pg_root / "pgdata" / "postmaster.pid").exists():
-            run_cli(["db", "stop", "-D", str(pg_root)], env, check=False, timeout=180)
         fake.stop()
         if args.keep:
+            if (pg_root / "pgdata" / "postmaster.pid").exists():
+                run_cli(["db", "stop", "-D", str(pg_root)], env, check=False, timeout=180)
             log(f"kept {root} and {pg_root} (stopped)")
         else:
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.rmtree(pg_root, ignore_errors=True)
+            remove_embedded(pg_root, env, root)
 
     # AssertionError: tests/service.py's harness reports a service that misbehaved that way.
     return guarded(run, cleanup, errors=(BenchError, AssertionError))

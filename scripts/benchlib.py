@@ -9,6 +9,7 @@ the `neurondb` package imports it (it is no part of the service).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
@@ -269,3 +270,34 @@ def guarded(body: Callable[[], None], cleanup: Callable[[], None],
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return code
+
+
+def embedded_dsn(pg_root: Path, env: Mapping[str, str], dsn: str | None = None) -> str:
+    """`dsn` when given, else the DSN of an embedded PostgreSQL initialised now under `pg_root`."""
+    if dsn is not None:
+        return dsn
+    from neurondb import db
+
+    log(f"embedded PostgreSQL: neurondb init -D {pg_root}")
+    run_cli(["init", "-D", str(pg_root)], env, timeout=180)
+    return db.resolve_dsn(DataDir(pg_root))
+
+
+def remove_embedded(pg_root: Path, env: Mapping[str, str], *dirs: Path) -> None:
+    """Stop the embedded PostgreSQL under `pg_root` if it runs, then remove it and `dirs`."""
+    if (pg_root / "pgdata" / "postmaster.pid").exists():
+        run_cli(["db", "stop", "-D", str(pg_root)], env, check=False, timeout=180)
+    for path in (*dirs, pg_root):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def server_bench_parser(doc: str, concurrency_setting: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that drain jobs against a local server answering after a delay."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per drain (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=16, help=f"{concurrency_setting} (default 16)")
+    parser.add_argument("--delay-ms", type=float, default=50.0, help="the server's answer delay (default 50)")
+    parser.add_argument("--dsn", help="use this PostgreSQL (a scratch database) instead of the embedded one")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return parser

@@ -9,8 +9,9 @@ sleep when there is nothing to do, shortened to the next retry or rate-limit tok
 Blocking handlers run one by one in this thread. Jobs whose handler is `async def` go to the async lane
 (workers/asyncjobs.py: an event loop in a thread of this process), which runs up to `neuranq_concurrency`
 of them at once, at most a type's cap of one type. While the lane holds jobs, a batch claims only what
-tops its queue up to twice the concurrency (so no slot idles while a claim is under way), and records the
-lane's outcomes in batches: it waits for a quarter of the slots to finish, or LINGER after the first.
+tops it up to twice the concurrency (its slots full and as many jobs waiting, so no slot idles while a
+claim is under way), once a quarter of the slots' worth is missing; and it records the lane's outcomes in
+batches: it waits for a quarter of the slots to finish, or LINGER after the first.
 
 Semantics are at-least-once: a job whose worker dies before its outcome is recorded runs again (the
 supervisor hands it back the moment it reaps the worker; lease expiry covers a lost machine). Only the job
@@ -158,7 +159,7 @@ class QueueWorker(Worker):
             self._hand_back(self.lane.abandon(), delay_ms=0)
             self._record_lane(result)
             return
-        rows = self._claim(held) if held < self.concurrency else []
+        rows = self._claim(held) if held <= 2 * self.concurrency - self._claim_step else []
         if not rows and not held:
             self._record_lane(result)
             self._plan_wakeup()
@@ -168,7 +169,7 @@ class QueueWorker(Worker):
         if blocking:
             self._run_blocking(blocking, result)
         elif self.lane is not None and (not rows or self.lane.load >= self.concurrency):
-            self.lane.wait(LANE_WAIT, at_least=max(1, self.concurrency // 4), linger=LINGER)
+            self.lane.wait(LANE_WAIT, at_least=self._claim_step, linger=LINGER)
         self._extend_held()
         self._record_lane(result)
 
@@ -178,9 +179,15 @@ class QueueWorker(Worker):
         self._flush(result)
         self._publish_in_flight()
 
+    @property
+    def _claim_step(self) -> int:
+        """While the lane holds jobs, claims bring at least this many (a quarter of its slots)."""
+        return max(1, self.concurrency // 4)
+
     def _claim(self, held: int) -> list[tuple]:
         """Claim runnable jobs: a full batch when the lane is empty, else what tops it up to twice its
-        concurrency. Jobs over their tenant's tokens go back at once (see _take_tokens)."""
+        concurrency (its slots full, as many waiting). Jobs over their tenant's tokens go back at once
+        (see _take_tokens)."""
         batch_size = self.config.get_int("neuranq_batch_size")
         if held:
             batch_size = min(batch_size, 2 * self.concurrency - held)
