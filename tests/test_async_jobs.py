@@ -3,16 +3,20 @@ timeouts that cancel, SIGKILL with many jobs in flight, fairness between tenants
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
 from neurondb import queue
+from neurondb.jobs.coalesce import Coalescer
+from neurondb.providers import HashEmbedder, ProviderError
 from tests.service import Service, wait_for
 from tests.test_metrics import until
 from tests.test_queue import JOBS, job, wait_finished
@@ -170,8 +174,8 @@ def test_redirect_to_loopback_refused_mid_flight(service: Service, conn: psycopg
 
 
 def test_embed_jobs_waiting_together_share_a_request(service: Service, conn: psycopg.Connection) -> None:
-    """12 embed jobs against a remote provider answering after 200 ms go out in a few requests, not 12; a
-    shared request refused as invalid input is retried job by job, so the jobs still complete."""
+    """12 embed jobs against a remote provider answering after 200 ms go out in a few requests, not 12, and
+    requests keep to the provider's rate limit."""
     from tests.fakeprovider import FakeProvider
 
     with FakeProvider(dim=8) as fake:
@@ -179,19 +183,54 @@ def test_embed_jobs_waiting_together_share_a_request(service: Service, conn: psy
         conn.execute("SELECT neurondb.create_index('remote', 8, 'cosine', provider => 'openai', "
                      "model_name => 'emb-test')")
         remote = {"neurondb.llm_provider": "openai", "neurondb.llm_endpoint": fake.url}
-        for fault in (False, True):
-            paused(service, True, **remote)
-            before = fake.count("/v1/embeddings")
-            ids = queue.enqueue_many(conn, "embed", [{"index": "remote", "doc_id": f"{fault}-{i}", "text": f"doc {i}"}
-                                                     for i in range(12)])
-            paused(service, False, **remote)
-            if fault:   # the first job's request is under way, the others wait for it: refuse their shared one
-                wait_for(lambda n=before: fake.count("/v1/embeddings") > n, 10.0, "the first request")
-                fake.fail(400, times=1, endpoint="/v1/embeddings", message="one text is too long")
-            wait_finished(conn, ids, 20.0)
-            assert [job(conn, i)["status"] for i in ids] == ["completed"] * 12, [job(conn, i)["error_message"]
-                                                                                for i in ids]
-            requests = fake.count("/v1/embeddings") - before
-            assert requests <= (1 + 12 + 3 if fault else 4), f"{requests} requests for 12 jobs"
+        paused(service, True, **remote)
+        before = fake.count("/v1/embeddings")
+        ids = queue.enqueue_many(conn, "embed", [{"index": "remote", "doc_id": f"d{i}", "text": f"doc {i}"}
+                                                 for i in range(12)])
+        paused(service, False, **remote)
+        wait_finished(conn, ids, 20.0)
+        assert [job(conn, i)["status"] for i in ids] == ["completed"] * 12, [job(conn, i)["error_message"]
+                                                                            for i in ids]
+        requests = fake.count("/v1/embeddings") - before
+        assert requests <= 4, f"{requests} requests for 12 jobs"
+        # The provider's rate limit, shared with neuranllm: 6 requests in turn at 2 requests/s take >= 2.5 s.
+        paused(service, False, **remote, **{"neurondb.llm_requests_per_second": "2"})
+        t0 = time.monotonic()
+        for i in range(6):
+            one = queue.enqueue(conn, "embed", {"index": "remote", "doc_id": f"r{i}", "text": "x"})
+            wait_finished(conn, [one], 10.0)
+            assert job(conn, one)["status"] == "completed", job(conn, one)["error_message"]
+        assert time.monotonic() - t0 >= 2.4
     stored = conn.execute("SELECT count(*) FROM neurondb.neurondb_vectors WHERE index_name = 'remote'").fetchone()[0]
-    assert stored == 24
+    assert stored == 18
+
+
+class PickyEmbedder(HashEmbedder):
+    """A real embedder that refuses, as invalid input, any request containing the text "bad"."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=8)
+        self.requests: list[list[str]] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.requests.append(list(texts))
+        if "bad" in texts:
+            raise ProviderError("input 'bad' is not allowed", retryable=False, provider="picky")
+        return super().embed(texts)
+
+
+def test_a_shared_embedding_request_refused_as_invalid_is_retried_job_by_job() -> None:
+    """Three jobs' texts wait together and go as one request; the provider refuses it for one text: each job's
+    texts are sent alone, so the two good jobs get their vectors and only the bad one fails."""
+    embedder = PickyEmbedder()
+
+    async def three() -> list[object]:
+        batcher = Coalescer()
+        return await asyncio.gather(*(batcher.embed(embedder, texts, None, 64)
+                                      for texts in (["one", "two"], ["bad"], ["three"])), return_exceptions=True)
+
+    good1, bad, good2 = asyncio.run(three())
+    assert embedder.requests == [["one", "two", "bad", "three"], ["one", "two"], ["bad"], ["three"]]
+    np.testing.assert_array_equal(good1, HashEmbedder(dim=8).embed(["one", "two"]))
+    np.testing.assert_array_equal(good2, HashEmbedder(dim=8).embed(["three"]))
+    assert isinstance(bad, ProviderError) and "input 'bad' is not allowed" in str(bad)

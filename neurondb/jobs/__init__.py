@@ -80,6 +80,7 @@ class JobContext:
     effects: list[tuple[str, Any]] = field(default_factory=list)
     dsn: str = ""                # the worker's database, for `connect`
     http: Any = None             # async handlers: the lane's pooled httpx.AsyncClient, for provider calls
+    buckets: Any = None          # the machine's rate-limit buckets (shm.buckets.Buckets), shared with neuranllm
 
     def defer(self, sql: str, params: Any = None) -> None:
         """Run `sql` in the transaction that completes this job (and only if it completes)."""

@@ -76,7 +76,7 @@ def _pg_array(vector: np.ndarray) -> str:
 
 @job_type("embed", aliases=("embedding",))
 async def embed(ctx: JobContext, payload: dict) -> dict:
-    from neurondb.jobs.coalesce import Coalescer
+    from neurondb.jobs.coalesce import Coalescer, Limits
     from neurondb.providers.registry import embedder_for
 
     index = require(payload, "index", str)
@@ -88,9 +88,11 @@ async def embed(ctx: JobContext, payload: dict) -> dict:
     dim, provider, model = row
     with _provider_errors():
         embedder = embedder_for(ctx.config, model=asked or model, provider=provider)
-        vectors = np.asarray(await loop_local(Coalescer, Coalescer).embed(embedder, [d["text"] for d in docs], ctx.http,
-                                                     ctx.config.get_int("llm_embedding_batch_size")),
-                             dtype=np.float32)
+        batcher = loop_local(Coalescer, lambda: Coalescer(ctx.buckets))
+        batcher.limits = Limits(ctx.config.get_float("llm_requests_per_second"),
+                                ctx.config.get_float("llm_tokens_per_minute"))
+        vectors = np.asarray(await batcher.embed(embedder, [d["text"] for d in docs], ctx.http,
+                                                 ctx.config.get_int("llm_embedding_batch_size")), dtype=np.float32)
     if vectors.shape != (len(docs), dim):
         raise PermanentJobError(f"{embedder.name} model {embedder.model!r} returned vectors of shape "
                                 f"{vectors.shape}; index {index!r} expects {dim} dimensions")

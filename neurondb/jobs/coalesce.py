@@ -7,6 +7,11 @@ requests). So a lone job pays no waiting, and a burst of jobs costs a few reques
 A failed request fails every job in it with the provider's error, except a non-retryable one (invalid
 input) from a request of several jobs: each job's texts are then sent alone, so one bad text fails its
 own job only.
+
+A request to a remote provider starts only when the provider's rate limits allow it: the same buckets in
+shared memory that neuranllm takes from (`neurondb.llm_requests_per_second`, `llm_tokens_per_minute`, at
+the provider's AIMD factor, after its last Retry-After), so queue and LLM jobs share one budget per
+provider; a 429 slows the provider down for both.
 """
 
 from __future__ import annotations
@@ -18,6 +23,17 @@ from typing import Any
 import numpy as np
 
 from neurondb.providers import Embedder, ProviderError
+from neurondb.providers.base import estimate_tokens
+from neurondb.providers.registry import LOCAL
+from neurondb.shm.buckets import Buckets, provider_claims
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A provider's limits: requests/s and tokens/min, 0 = unlimited."""
+
+    requests_per_second: float = 0.0
+    tokens_per_minute: float = 0.0
 
 
 @dataclass
@@ -33,7 +49,9 @@ class _Queue:
 
 
 class Coalescer:
-    def __init__(self) -> None:
+    def __init__(self, buckets: Buckets | None = None) -> None:
+        self.buckets = buckets
+        self.limits = Limits()              # set by each caller: the settings in force
         self._queues: dict[tuple[str, str, str], _Queue] = {}
 
     async def embed(self, embedder: Embedder, texts: list[str], client: Any, max_texts: int) -> np.ndarray:
@@ -67,9 +85,13 @@ class Coalescer:
                 del self._queues[key]
 
     async def _send(self, embedder: Embedder, batch: list[_Waiting], client: Any) -> None:
+        texts = [t for item in batch for t in item.texts]
         try:
-            vectors = await embedder.aembed([t for item in batch for t in item.texts], client=client)
+            await self._admit(embedder.name, sum(estimate_tokens(t) for t in texts))
+            vectors = await embedder.aembed(texts, client=client)
         except ProviderError as exc:
+            if exc.status == 429 and self.buckets is not None:
+                self.buckets.throttle(embedder.name, exc.retry_after)
             if len(batch) > 1 and not exc.retryable:
                 await asyncio.gather(*(self._send(embedder, [item], client) for item in batch))
                 return
@@ -82,6 +104,21 @@ class Coalescer:
                 if not item.future.done():
                     item.future.set_result(vectors[start:start + len(item.texts)])
                 start += len(item.texts)
+
+
+    async def _admit(self, provider: str, tokens: int) -> None:
+        """Wait until the provider's buckets hold a request and `tokens` tokens, and take them."""
+        if self.buckets is None or provider == LOCAL:
+            return
+        rps, tpm = self.limits.requests_per_second, self.limits.tokens_per_minute / 60.0
+        while True:
+            wait = self.buckets.paused(provider)
+            if wait <= 0:
+                factor = self.buckets.factor(provider)
+                wait = self.buckets.take(provider_claims(provider, "", 1.0, rps * factor, tpm * factor, tokens))
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
 
 def _settle(batch: list[_Waiting], error: BaseException) -> None:

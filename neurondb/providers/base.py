@@ -294,6 +294,12 @@ class Completer(ABC):
         return await asyncio.to_thread(self.complete, prompt, system, params)
 
 
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` for rate limiting and batching before any tokenizer has seen it: ~4 characters per
+    token for English with BPE tokenizers, rounded up; the real count corrects the bucket afterwards."""
+    return len(text) // 4 + 1
+
+
 def check_top_n(provider: str, top_n: int | None, count: int) -> int:
     """How many results a rerank returns: all when None; a negative or non-integer top_n is invalid input."""
     if top_n is None:

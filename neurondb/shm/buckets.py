@@ -263,3 +263,18 @@ class Buckets:
                         "taken": int(r["taken"]), "refused": int(r["refused"]), "throttled": int(r["throttled"]),
                         "factor": float(r["factor"]) or 1.0})
         return out
+
+
+RPS_BURST_S = 0.1            # a requests/s bucket holds this many seconds of requests
+TPM_BURST_S = 10.0           # a tokens/min bucket holds this many seconds of tokens
+
+
+def provider_claims(provider: str, scope: str, share: float, rps: float, tpm: float, tokens: int) -> list[Claim]:
+    """The bucket claims of one call: a request, and its estimated tokens, at `share` of the limits."""
+    claims = []
+    if rps > 0:
+        claims.append(Claim(f"rps:{provider}{scope}", 1.0, rps * share, max(1.0, rps * share * RPS_BURST_S)))
+    if tpm > 0:
+        claims.append(Claim(f"tpm:{provider}{scope}", float(tokens), tpm * share,
+                            max(1.0, tpm * share * TPM_BURST_S)))
+    return claims

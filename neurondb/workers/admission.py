@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import math
 
-from neurondb.shm.buckets import Buckets, Claim
+from neurondb.shm.buckets import TPM_BURST_S, Buckets, provider_claims
 from neurondb.workers.llmjobs import Call
 from neurondb.workers.llmsettings import LLMSettings
 
 EMBED_MAX_TOKENS = 50_000    # estimated tokens per embedding request
-RPS_BURST_S = 0.1            # a requests/s bucket holds this many seconds of requests
-TPM_BURST_S = 10.0           # a tokens/min bucket holds this many seconds of tokens
 
 
 class Admission:
@@ -50,8 +48,8 @@ class Admission:
         rps = self.settings.requests_per_second * factor
         tpm = self.settings.tokens_per_minute / 60.0 * factor
         share = self.share(call.tenant)
-        own = _claims(provider, "", 1.0, rps, tpm, call.tokens)
-        tenant = _claims(provider, f":{call.tenant}", share, rps, tpm, call.tokens) if share < 1.0 else []
+        own = provider_claims(provider, "", 1.0, rps, tpm, call.tokens)
+        tenant = provider_claims(provider, f":{call.tenant}", share, rps, tpm, call.tokens) if share < 1.0 else []
         if not own and not tenant:
             return 0.0, False
         wait = self.buckets.take(own + tenant, now)
@@ -93,14 +91,3 @@ class Admission:
 
     def correctable(self, call: Call) -> bool:
         return call.route.provider != "local" and self.settings.tokens_per_minute > 0
-
-
-def _claims(provider: str, scope: str, share: float, rps: float, tpm: float, tokens: int) -> list[Claim]:
-    """The bucket claims of one call: a request, and its estimated tokens, at `share` of the limits."""
-    claims = []
-    if rps > 0:
-        claims.append(Claim(f"rps:{provider}{scope}", 1.0, rps * share, max(1.0, rps * share * RPS_BURST_S)))
-    if tpm > 0:
-        claims.append(Claim(f"tpm:{provider}{scope}", float(tokens), tpm * share,
-                            max(1.0, tpm * share * TPM_BURST_S)))
-    return claims

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections import deque
 
 from neurondb.providers import Route
-from neurondb.workers.llmjobs import Call, Job, estimate_tokens
+from neurondb.providers.base import estimate_tokens
+from neurondb.workers.llmjobs import Call, Job
 
 GroupKey = tuple[Route, str, int]      # route, tenant, the job's id when isolated (else 0)
 

@@ -54,6 +54,7 @@ from neurondb import caches
 from neurondb.db import UndecodableJson, decode_json
 from neurondb.llm import PROVIDER_OPERATIONS as OPERATIONS
 from neurondb.providers import ProviderError, Route, resolve
+from neurondb.providers.base import estimate_tokens
 from neurondb.providers.registry import completer_for, embedder_for, reranker_for
 from neurondb.providers.transport import make_client
 from neurondb.queries import query
@@ -65,7 +66,7 @@ from neurondb.workers.admission import Admission
 from neurondb.workers.base import BatchResult, Worker
 from neurondb.workers.batching import EmbeddingBatcher
 from neurondb.workers.leases import Status
-from neurondb.workers.llmjobs import Call, InvalidJob, Job, Outcome, estimate_tokens, prepare
+from neurondb.workers.llmjobs import Call, InvalidJob, Job, Outcome, prepare
 from neurondb.workers.llmmetrics import LLMMetrics
 from neurondb.workers.llmsettings import LLMSettings
 from neurondb.workers.llmstore import LLMStore

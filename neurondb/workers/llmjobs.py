@@ -14,17 +14,12 @@ from typing import Any
 
 from neurondb.llm import cache_key
 from neurondb.providers import Route
-from neurondb.providers.base import invalid_input
+from neurondb.providers.base import estimate_tokens, invalid_input
 from neurondb.providers.http import check_params
 from neurondb.workers.leases import Status
 
 RERANK_PARAMS = ("top_n",)
 
-
-def estimate_tokens(text: str) -> int:
-    """Tokens of `text` for rate limiting and batching before any tokenizer has seen it: ~4 characters per
-    token for English with BPE tokenizers, rounded up; the real count corrects the bucket afterwards."""
-    return len(text) // 4 + 1
 
 
 class InvalidJob(Exception):

@@ -257,7 +257,8 @@ class QueueWorker(Worker):
             self.log.warning("job %d (%s) failed: %s", job_id, job_type, error)
             return Outcome(job_id, tenant, Status.FAILED, error=error, job_type=job_type)
         ctx = JobContext(job_id=job_id, job_type=job_type, tenant_id=tenant, attempt=attempt,
-                         config=self.config, conn=self.conn, log=self.log, dsn=self.ctx.dsn)
+                         config=self.config, conn=self.conn, log=self.log, dsn=self.ctx.dsn,
+                         buckets=self.ctx.shared.buckets)
         try:
             try:
                 payload = decode_json(payload_text, "payload")
