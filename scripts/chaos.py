@@ -4,8 +4,9 @@
 Three phases, each against `neurondb start` in one scratch installation under /tmp (embedded PostgreSQL),
 all by default, or those named by --queue / --index / --fuzz:
 
-1. queue: `neuranq_workers = 2` and the job type `chaos.record` (scripts/chaos_jobs.py), which appends a
-   line to a file when it starts and when its work is done: an outside effect, not transactional, so the
+1. queue: `neuranq_workers = 2` and the job types `chaos.record` and `chaos.arecord`, its async twin run
+   many at once by the worker's async lane (scripts/chaos_jobs.py; alternate jobs of each), which append a
+   line to a file when they start and when their work is done: an outside effect, not transactional, so the
    file counts executions whatever the job table says. 10,000 jobs are enqueued by plain SQL INSERTs in
    batches; while they drain, at random points of the drain: 50 SIGKILLs of a random queue worker, 2
    SIGKILLs of the supervisor (each followed by `neurondb start`, retried until accepted and timed) and
@@ -257,7 +258,8 @@ def enqueue_records(ch: Chaos, first: int, n: int, file: Path, batch: int = 500)
     for start in range(first, first + n, batch):
         stop = min(first + n, start + batch)
         ids += [r[0] for r in ch.sql(
-            f"INSERT INTO {QUEUE} (job_type, payload) SELECT 'chaos.record', "
+            f"INSERT INTO {QUEUE} (job_type, payload) "
+            "SELECT CASE WHEN g %% 2 = 0 THEN 'chaos.record' ELSE 'chaos.arecord' END, "
             "jsonb_build_object('file', %s::text, 'ms', %s::int, 'n', g) FROM generate_series(%s::int, %s::int) g "
             "RETURNING job_id", (str(file), JOB_MS, start, stop - 1))]
     return ids
@@ -358,7 +360,7 @@ def queue_phase(ch: Chaos, report: Report, rng: random.Random, n_jobs: int, n_ki
     phase = "queue"
     file = ch.root / "executions.log"
     ch.start_service(neuranq_workers="2")
-    log(f"queue: enqueueing {n_jobs:,} chaos.record jobs")
+    log(f"queue: enqueueing {n_jobs:,} chaos.record and chaos.arecord jobs (blocking and async, alternating)")
     t0 = time.monotonic()
     ids = enqueue_records(ch, 0, n_jobs, file)
     report.figure(phase, "jobs enqueued (plain SQL INSERT, batches of 500)", len(ids))

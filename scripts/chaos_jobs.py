@@ -5,12 +5,15 @@
   it appends `S <job> <pid>` to the payload's `file` when it starts and `E <job> <pid>` when its work
   (`ms` milliseconds of sleep) is done. Appends of one short line with O_APPEND are atomic and survive a
   SIGKILL of the writer, so the file is the truth about what ran, whatever the job table says.
+- `chaos.arecord`: the same as an async handler, run by the queue worker's async lane, many at once: the
+  queue phase mixes both, so the kills land on blocking and concurrent jobs alike.
 - `chaos.suicide`: SIGKILLs its own worker on every run (after an `S` line): a job that can never finish
   must end in the dead letters after its retries, not loop forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -32,6 +35,16 @@ def record(ctx: JobContext, payload: dict) -> dict:
     path = require(payload, "file", str)
     _append(path, f"S {ctx.job_id} {os.getpid()}\n")
     time.sleep(require(payload, "ms", float, default=0.0) / 1000.0)
+    _append(path, f"E {ctx.job_id} {os.getpid()}\n")
+    return {"ok": True}
+
+
+@job_type("chaos.arecord")
+async def arecord(ctx: JobContext, payload: dict) -> dict:
+    """chaos.record, awaiting its work instead of blocking."""
+    path = require(payload, "file", str)
+    _append(path, f"S {ctx.job_id} {os.getpid()}\n")
+    await asyncio.sleep(require(payload, "ms", float, default=0.0) / 1000.0)
     _append(path, f"E {ctx.job_id} {os.getpid()}\n")
     return {"ok": True}
 

@@ -188,7 +188,10 @@ class AsyncLane:
         finally:
             with self._running_lock:
                 self._running.discard(job.job_id)
-        outcome = self._finish(job, value, error, started)
+        try:
+            outcome = self._finish(job, value, error, started)
+        except Exception as exc:     # a result that cannot be recorded fails this attempt, never the lane
+            outcome = self._finish(job, None, exc, started)
         with self._lock:
             self._held.discard(job.job_id)
             self._done.append(outcome)
