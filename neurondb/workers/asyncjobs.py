@@ -9,7 +9,7 @@ claims, records outcomes and counts metrics; the lane only runs handlers and han
 Scheduling: jobs wait in claim order (the claim is fair across tenants and spends their rate-limit tokens
 before any job starts). The first waiting job whose type is under its cap starts whenever fewer than
 `limit` jobs run, so one slow type cannot take every slot while others wait. Each job runs under
-asyncio.timeout(neuranq_timeout): past it the handler is cancelled and the attempt fails with JobTimeout.
+asyncio.wait_for(neuranq_timeout): past it the handler is cancelled and the attempt fails with JobTimeout.
 While its handler runs, a job is listed in the worker's RunningJobs (under a lock shared with the main
 thread, which lists its blocking job there too), so a SIGKILL charges an attempt to exactly the jobs that
 were running. Handlers share one async connection (autocommit, for reads) and one pooled HTTP client
@@ -172,11 +172,10 @@ class AsyncLane:
                 self._http = make_client(self.limit)
             job.ctx.http = self._http
             try:
-                async with asyncio.timeout(job.timeout_s) as scope:
-                    value = await job.handler(job.ctx, job.payload)
-            except TimeoutError:
-                if not scope.expired():
-                    raise
+                value = await asyncio.wait_for(job.handler(job.ctx, job.payload), job.timeout_s)
+            except asyncio.TimeoutError:
+                if time.perf_counter() - started < job.timeout_s:
+                    raise                    # the handler's own timeout, not ours
                 raise JobTimeout(f"job exceeded neurondb.neuranq_timeout ({job.timeout_s * 1000:.0f} ms)") from None
         except asyncio.CancelledError:
             self._forget(job)
