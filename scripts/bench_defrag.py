@@ -67,7 +67,6 @@ default run against a service without the maintenance cycle takes about 23 minut
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -79,13 +78,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import hnswlib
 import numpy as np
 import psycopg
 from bench_index import Mixture, ground_truth, interp_qps
-from benchlib import OUTCOMES, BenchError, Scratch, code_version, guarded, install_sigterm_handler, log, percentile
+from benchlib import OUTCOMES, BenchError, Scratch, add_run_options, code_version, log, percentile, run_bench
 
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
@@ -490,7 +488,7 @@ class Bench:
               f"{fmt(r.tombstones, 'd'):>6} | {fmt(r.p99_idle_ms, '.3f'):>11} {fmt(r.p99_maint_ms, '.3f'):>9}",
               flush=True)
 
-    def summary(self, code: int) -> dict:
+    def report(self, code: int) -> dict:
         churned = [r for r in self.rounds if r.round > 0]
         print(f"\n# code: {code_version()}; outcome: {OUTCOMES.get(code, code)}; load average "
               f"{os.getloadavg()[0]:.1f}")
@@ -565,22 +563,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per QPS point (median; default 5)")
     ap.add_argument("--build-timeout", type=float, default=600.0, help="seconds for the service's first build")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--dsn", help="your server (a scratch database) instead of the embedded PostgreSQL")
-    ap.add_argument("--keep", action="store_true", help="leave the data directory (stopped) in place")
-    ap.add_argument("--json", help="also write the figures to this file")
+    add_run_options(ap)
     args = ap.parse_args()
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.n < 100 or args.rounds < 1 or args.latency_every < 1:
         ap.error("--n must be at least 100, --rounds and --latency-every at least 1")
-    install_sigterm_handler()
-    bench = Bench(args)
-    code = guarded(bench.body, bench.cleanup, errors=(BenchError, psycopg.Error))
-    figures = bench.summary(code)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
-    return code
+    return run_bench(lambda: Bench(args), args.json, errors=(BenchError, psycopg.Error))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ import argparse
 import ast
 import hashlib
 import inspect
-import json
 import re
 import sys
 import sysconfig
@@ -70,15 +69,15 @@ from benchlib import (
     OUTCOMES,
     BenchError,
     Scratch,
+    add_run_options,
     code_version,
-    guarded,
-    install_sigterm_handler,
+    copy_vectors,
     log,
     median,
     percentile,
+    run_bench,
 )
 
-import neurondb
 from neurondb.client import Client, SearchError
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
@@ -265,22 +264,14 @@ class Bench:
     def setup(self) -> None:
         a = self.args
         self.data()
-        self.scratch.write_conf()
-        self.scratch.cli("init", timeout=300)
-        self.scratch.cli("start", timeout=300)
-        self.client = neurondb.connect(str(self.scratch.root), a.dsn)
-        self.conn = self.client.instance.connect("bench_search")
-        self.conn.autocommit = True
+        self.client, self.conn = self.scratch.start_connected("bench_search")
         self.conn.execute(f"SELECT neurondb.create_index('{INDEX}', %s, '{self.metric}', %s, %s, ef_search => %s)",
                           (self.dim, M, EF_CONSTRUCTION, a.ef))
         self.holder = self.client.instance.connect("bench_search lock")
         self.holder.autocommit = False           # the lock lasts until holder.commit()
         self.holder.execute("LOCK TABLE neurondb.neurondb_vectors IN SHARE UPDATE EXCLUSIVE MODE")
         t = time.monotonic()
-        with self.conn.cursor().copy("COPY neurondb.neurondb_vectors (index_name, doc_id, embedding) FROM STDIN") \
-                as copy:
-            for i, v in enumerate(self.base):
-                copy.write_row((INDEX, str(i), v.tolist()))
+        copy_vectors(self.conn, INDEX, self.base)
         self.timings["COPY s"] = time.monotonic() - t
         log(f"one COPY of {a.n} vectors in {self.timings['COPY s']:.1f} s; hnswlib builds while the service "
             "builds its graph")
@@ -541,9 +532,7 @@ def main() -> int:
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "neurondb-bench",
                     help="where the ONNX embeddings are kept between runs")
     ap.add_argument("--build-timeout", type=float, default=600.0, help="seconds for the graph build")
-    ap.add_argument("--dsn", help="your server (a scratch database) instead of the embedded PostgreSQL")
-    ap.add_argument("--keep", action="store_true", help="leave the data directory (stopped) in place")
-    ap.add_argument("--json", help="also write the figures to this file")
+    add_run_options(ap)
     args = ap.parse_args()
     if args.quick:
         args.n, args.queries, args.calls = 5_000, 500, 500
@@ -554,13 +543,7 @@ def main() -> int:
 
         print(f"--data onnx: {onnx.INSTALL_HINT}", file=sys.stderr)
         return 2
-    install_sigterm_handler()
-    bench = Bench(args)
-    code = guarded(bench.body, bench.cleanup, errors=(BenchError, SearchError, psycopg.Error))
-    figures = bench.report(code)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
-    return code
+    return run_bench(lambda: Bench(args), args.json, errors=(BenchError, SearchError, psycopg.Error))
 
 
 if __name__ == "__main__":

@@ -38,18 +38,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import psycopg
 from bench_index import Mixture, ground_truth
-from benchlib import OUTCOMES, BenchError, Scratch, code_version, guarded, install_sigterm_handler, log, median
+from benchlib import OUTCOMES, BenchError, Scratch, add_run_options, code_version, copy_vectors, log, median, run_bench
 
 import neurondb
 from neurondb import tuning
@@ -135,21 +133,13 @@ class Bench:
         self.base, self.queries = mix.sample(a.n, a.seed + 1), mix.sample(a.queries, a.seed + 2)
         self.truth_rows = ground_truth(self.base, self.queries, self.k)
         log(f"data {a.n} x {a.dim} and {a.queries} queries with exact top-{self.k} in {time.monotonic() - t:.1f} s")
-        self.scratch.write_conf()
-        self.scratch.cli("init", timeout=300)
-        self.scratch.cli("start", timeout=300)
-        self.client = neurondb.connect(str(self.scratch.root), a.dsn)
-        self.conn = self.client.instance.connect("bench_tuner")
-        self.conn.autocommit = True
+        self.client, self.conn = self.scratch.start_connected("bench_tuner")
         self.max_ef = int(self.conn.execute("SELECT setting FROM neurondb.neurondb_settings "
                                             "WHERE name = 'neurondb.hnsw_max_ef_search'").fetchone()[0])
         self.conn.execute(f"SELECT neurondb.create_index('{INDEX}', %s, 'l2', %s, %s, ef_search => %s)",
                           (a.dim, a.m, a.ef_construction, a.starts[0]))
         t = time.monotonic()
-        with self.conn.cursor().copy("COPY neurondb.neurondb_vectors (index_name, doc_id, embedding) FROM STDIN") \
-                as copy:
-            for i, v in enumerate(self.base):
-                copy.write_row((INDEX, str(i), v.tolist()))
+        copy_vectors(self.conn, INDEX, self.base)
         log(f"COPY of {a.n} vectors in {time.monotonic() - t:.1f} s; waiting for the graph")
         self.shared = SharedState.attach(self.scratch.prefix)
         self.index = SharedIndex(self.shared, INDEX)
@@ -445,20 +435,12 @@ def main() -> int:
     ap.add_argument("--max-cycles", type=int, default=20, help="fixed-factor cycles at most")
     ap.add_argument("--repeats", type=int, default=3, help="QPS repetitions (median)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--dsn", help="your server (a scratch database) instead of the embedded PostgreSQL")
-    ap.add_argument("--keep", action="store_true", help="leave the data directory (stopped) in place")
-    ap.add_argument("--json", help="also write the figures to this file")
+    add_run_options(ap)
     args = ap.parse_args()
     if args.quick:
         args.n, args.dim, args.queries = 10_000, 64, 400
     args.starts = [int(s) for s in args.starts.split(",")]
-    install_sigterm_handler()
-    bench = Bench(args)
-    code = guarded(bench.body, bench.cleanup, errors=(BenchError, SearchError, psycopg.Error))
-    figures = bench.report(code)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
-    return code
+    return run_bench(lambda: Bench(args), args.json, errors=(BenchError, SearchError, psycopg.Error))
 
 
 if __name__ == "__main__":

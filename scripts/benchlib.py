@@ -10,6 +10,7 @@ the `neurondb` package imports it (it is no part of the service).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -21,12 +22,21 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
+import numpy as np
+import psycopg
+
+import neurondb
+from neurondb.client import Client
 from neurondb.paths import DataDir, write_private_file
 from neurondb.shm import names
 from neurondb.status import Status, pid_alive, read_status
 from neurondb.supervisor import read_pid
+
+# The repository, for the polling loop the tests use as well (scripts may import tests/, never the reverse).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.service import wait_for as poll
 
 T = TypeVar("T")
 
@@ -128,6 +138,13 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def copy_vectors(conn: psycopg.Connection, index: str, vectors: np.ndarray) -> None:
+    """One COPY of `vectors` into `index`, doc_id the row number: the fastest way in, as an operator loads."""
+    with conn.cursor().copy("COPY neurondb.neurondb_vectors (index_name, doc_id, embedding) FROM STDIN") as copy:
+        for i, v in enumerate(vectors):
+            copy.write_row((index, str(i), v.tolist()))
+
+
 class Scratch:
     """A scratch neurondb installation: a temporary directory under /tmp used as the data directory, driven
     through the real CLI (`python -m neurondb ... -D DIR [--dsn DSN]`), so that what a benchmark measures is
@@ -168,14 +185,7 @@ class Scratch:
 
     def wait_for(self, predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
         """Poll until `predicate()` is truthy; BenchError with the log tail after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BenchError(f"timed out after {timeout:g}s waiting for {what}\n{self.log_tail()}")
-            time.sleep(interval)
+        return poll(predicate, timeout, what, interval, fail=lambda text: BenchError(f"{text}\n{self.log_tail()}"))
 
     def log_tail(self, lines: int = 25) -> str:
         """The end of the service's log, for error messages: it usually says why."""
@@ -184,6 +194,21 @@ class Scratch:
         except FileNotFoundError:
             return "(no log)"
         return f"last lines of {self.datadir.log_file}:\n" + "\n".join(tail)
+
+    def start_connected(self, application: str) -> tuple[Client, psycopg.Connection]:
+        """Write neurondb.conf, init and start the installation; a client of it and an autocommit connection
+        to its database named `application` (both the caller's to close)."""
+        self.write_conf()
+        self.cli("init", timeout=300)
+        self.cli("start", timeout=300)
+        client = neurondb.connect(str(self.root), self.dsn)
+        try:
+            conn = client.instance.connect(application)
+        except BaseException:
+            client.close()
+            raise
+        conn.autocommit = True
+        return client, conn
 
     def write_conf(self, **changes: str) -> None:
         """Set `neurondb.NAME = VALUE` for each change and rewrite neurondb.conf whole and atomically: a
@@ -242,6 +267,38 @@ def code_version(show_repo_root: bool = False) -> str:
 
 
 OUTCOMES = {0: "complete", 1: "FAILED (figures so far)", 130: "INTERRUPTED (figures so far)"}
+
+
+class Benchmark(Protocol):
+    """What `run_bench` drives: a run in `body`, its cleanup, and a report of the figures measured."""
+
+    def body(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+    def report(self, code: int) -> dict: ...
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options of every benchmark run by `run_bench`: where it runs, whether its directory stays, where
+    its figures go."""
+    ap.add_argument("--dsn", help="your server (a scratch database) instead of the embedded PostgreSQL")
+    ap.add_argument("--keep", action="store_true", help="leave the data directory (stopped) in place")
+    ap.add_argument("--json", help="also write the figures to this file")
+
+
+def run_bench(make: Callable[[], Benchmark], json_path: str | None,
+              errors: tuple[type[BaseException], ...] = (BenchError,)) -> int:
+    """A benchmark's main: SIGTERM handled first (see `install_sigterm_handler`), then `make()` the benchmark,
+    `guarded(body, cleanup, errors)`, and `report(code)` prints the figures (also those of a failed or
+    interrupted run) and returns them, written as JSON to `json_path` when given; the exit code."""
+    install_sigterm_handler()
+    bench = make()
+    code = guarded(bench.body, bench.cleanup, errors=errors)
+    figures = bench.report(code)
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1, default=str))
+    return code
 
 
 def guarded(body: Callable[[], None], cleanup: Callable[[], None],

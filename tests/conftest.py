@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,6 +18,7 @@ import pytest
 
 from neurondb.migrate import migrate
 from neurondb.paths import DataDir
+from tests.service import Service
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENT = REPO.parent / "shared" / "seed" / "neurondb-background-workers.md"
@@ -73,6 +74,23 @@ def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test's fresh database (a test module may override it)."""
     with psycopg.connect(fresh_dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def make_service(tmp_path: Path, fresh_dsn: str) -> Iterator[Callable[..., Service]]:
+    """`make_service(settings=None, env=None, dsn=fresh_dsn)`: a new, not yet started Service in its own data
+    directory under tmp_path; every one made is closed after the test, whatever state it was left in."""
+    services: list[Service] = []
+
+    def make(settings: dict[str, str] | None = None, env: dict[str, str] | None = None,
+             dsn: str | None = fresh_dsn) -> Service:
+        service = Service(tmp_path / f"data{len(services)}", dsn, settings, env)
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.close()
 
 
 @pytest.fixture

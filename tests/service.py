@@ -11,9 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+import psycopg
 
 from neurondb.paths import DataDir
 from neurondb.shm import names
@@ -33,15 +36,17 @@ FAST_SETTINGS = {
 }
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll until `predicate()` is truthy; fail the test with `what` after `timeout` seconds."""
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02,
+             fail: Callable[[str], Exception] = AssertionError) -> T:
+    """Poll until `predicate()` is truthy; after `timeout` seconds raise `fail(message)` naming `what` (an
+    AssertionError fails the test; the benchmarks' harness passes its own error, see scripts/benchlib.py)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise fail(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -112,3 +117,24 @@ class Service:
             if w.pid:
                 os.kill(w.pid, signal.SIGKILL)
         names.unlink_all(self.prefix)
+
+
+@contextmanager
+def running_service(root: Path, dsn: str | None, settings: dict[str, str] | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[Service]:
+    """A started `Service` in data directory `root`, closed on the way out whatever the test left it in (also
+    when it did not start: whatever it started is stopped)."""
+    svc = Service(root, dsn, settings, env)
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.close()
+
+
+@contextmanager
+def index_connection(dsn: str, dim: int) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to `dsn`, where the l2 index 'docs' of `dim` dimensions has been created."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT neurondb.create_index('docs', %s, 'l2')", (dim,))
+        yield conn

@@ -19,14 +19,13 @@ from neurondb.shm import names
 from neurondb.shm.control import SharedState
 from neurondb.shm.names import instance_prefix, unlink_all
 from neurondb.shm.segment import Segment, generation_name
-from tests.service import Service, wait_for
+from tests.service import Service, index_connection, wait_for
 from tests.test_index import DIM, LOAD, graph_labels, insert, table_ids
 
 
 @pytest.fixture
 def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        c.execute("SELECT neurondb.create_index('docs', %s, 'l2')", (DIM,))
+    with index_connection(fresh_dsn, DIM) as c:
         yield c
 
 

@@ -17,7 +17,7 @@ from neurondb import llm, queue
 from neurondb.supervisor import pid_alive
 from neurondb.workers.leases import RetryPolicy, recover_expired
 from tests.fakeprovider import FakeProvider
-from tests.service import Service, wait_for
+from tests.service import Service, running_service, wait_for
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes", "neurondb.neuranq_retry_delay": "100ms"}
 QUEUE = "neurondb.neurondb_job_queue"
@@ -26,12 +26,8 @@ DEEP = "'{\"query\":\"q\",\"documents\":' || repeat('[', 1100) || repeat(']', 11
 
 @pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
-    svc = Service(tmp_path / "data", fresh_dsn, {**JOBS, **getattr(request, "param", {})})
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, {**JOBS, **getattr(request, "param", {})}) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 @pytest.fixture
@@ -46,12 +42,8 @@ def llm_service(tmp_path: Path, fresh_dsn: str, fake: FakeProvider,
     settings = {"neurondb.llm_provider": "openai", "neurondb.llm_endpoint": fake.url,
                 "neurondb.llm_model": "gpt-test", "neurondb.neuranllm_retry_delay": "100ms",
                 **getattr(request, "param", {})}
-    svc = Service(tmp_path / "data", fresh_dsn, settings)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, settings) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 def rows(conn: psycopg.Connection, table: str, ids: list[int]) -> list[dict]:

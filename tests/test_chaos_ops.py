@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -27,22 +26,7 @@ from neurondb.netguard import Allowlist
 from neurondb.paths import DataDir
 from neurondb.settings import REGISTRY, Config, SettingError, parse_value
 from neurondb.status import pid_alive
-from tests.service import Service, wait_for
-
-
-@pytest.fixture
-def make_service(tmp_path: Path, fresh_dsn: str) -> Iterator:
-    services: list[Service] = []
-
-    def make(settings: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Service:
-        service = Service(tmp_path / f"data{len(services)}", fresh_dsn, settings, env)
-        services.append(service)
-        return service
-
-    yield make
-    for service in services:
-        service.close()
-
+from tests.service import wait_for
 
 # ---------------------------------------------------------------- 8: reload output
 

@@ -13,19 +13,15 @@ import pytest
 
 from neurondb import queue
 from neurondb.settings import REGISTRY, SettingError, parse_value
-from tests.service import Service, wait_for
+from tests.service import Service, running_service, wait_for
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes", "neurondb.neuranq_retry_delay": "10ms"}
 
 
 @pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str) -> Iterator[Service]:
-    svc = Service(tmp_path / "data", fresh_dsn, JOBS)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, JOBS) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 def wait_status(conn: psycopg.Connection, job_id: int, status: str) -> None:

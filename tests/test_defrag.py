@@ -19,7 +19,7 @@ import neurondb
 from neurondb.index import hnsw
 from neurondb.index.store import REUSE_GRACE, SharedIndex, index_key
 from neurondb.shm.control import SharedState
-from tests.service import Service, wait_for
+from tests.service import Service, running_service, wait_for
 from tests.test_hnsw import exact
 
 DIM = 16
@@ -111,57 +111,55 @@ def test_region_delete_is_pruned_and_searches_never_fail(tmp_path: Path, fresh_d
     during the maintenance fails or returns a deleted document."""
     base = data(N, 1)
     copy_in(conn, base, 0)
-    svc = Service(tmp_path / "data", fresh_dsn, FAST)
-    svc.start()
-    graph = None
-    try:
-        loaded(conn, svc, N)
-        ids, vectors = live_rows(conn)
-        centre = vectors[0]
-        region = ids[np.argsort(((vectors - centre) ** 2).sum(1))[: N * 3 // 10]]
-        queries = data(300, 2)
-        queries[:100] = centre + np.random.default_rng(3).standard_normal((100, DIM)).astype(np.float32)
-        failures: list[str] = []
-        stop = threading.Event()
-        deleted_at: list[float] = []          # when the DELETE committed
-        deleted = {r[0] for r in conn.execute("SELECT doc_id FROM neurondb.neurondb_vectors WHERE id = ANY(%s)",
-                                              (region.tolist(),))}
+    with running_service(tmp_path / "data", fresh_dsn, FAST) as svc:
+        graph = None
+        try:
+            loaded(conn, svc, N)
+            ids, vectors = live_rows(conn)
+            centre = vectors[0]
+            region = ids[np.argsort(((vectors - centre) ** 2).sum(1))[: N * 3 // 10]]
+            queries = data(300, 2)
+            queries[:100] = centre + np.random.default_rng(3).standard_normal((100, DIM)).astype(np.float32)
+            failures: list[str] = []
+            stop = threading.Event()
+            deleted_at: list[float] = []          # when the DELETE committed
+            deleted = {r[0] for r in conn.execute("SELECT doc_id FROM neurondb.neurondb_vectors WHERE id = ANY(%s)",
+                                                  (region.tolist(),))}
 
-        def search_loop() -> None:
-            with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
-                while not stop.is_set():
-                    for q in queries[:100:7]:
-                        started = time.monotonic()
-                        try:
-                            hits = client.search("docs", q, k=K)
-                        except Exception as exc:
-                            failures.append(repr(exc))
-                            continue
-                        if deleted_at and started > deleted_at[0] + 1.0:    # deleted more than a second ago
-                            failures.extend(f"deleted {h.doc_id} returned" for h in hits if h.doc_id in deleted)
+            def search_loop() -> None:
+                with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+                    while not stop.is_set():
+                        for q in queries[:100:7]:
+                            started = time.monotonic()
+                            try:
+                                hits = client.search("docs", q, k=K)
+                            except Exception as exc:
+                                failures.append(repr(exc))
+                                continue
+                            if deleted_at and started > deleted_at[0] + 1.0:    # deleted more than a second ago
+                                failures.extend(f"deleted {h.doc_id} returned" for h in hits if h.doc_id in deleted)
 
-        searcher = threading.Thread(target=search_loop)
-        searcher.start()
-        conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (region.tolist(),))
-        deleted_at.append(time.monotonic())
-        wait_for(lambda: stats(conn)["tombstones"] == 0 and stats(conn)["free_slots"] == len(region), 20.0,
-                 f"the tombstones to be pruned\n{svc.log_tail(20)}")
-        stop.set()
-        searcher.join()
-        assert failures == []
-        ids, vectors = live_rows(conn)
-        graph = Graph(svc)
-        ours, fresh = graph.recall(ids, vectors, queries), fresh_recall(ids, vectors, queries)
-        assert ours >= fresh - 0.01, (ours, fresh)
-        s = stats(conn)
-        assert s["unreachable"] == 0 and s["entry_live"] and s["dead_edge_ratio"] == 0, s
-        ops = conn.execute("SELECT operation, tombstones_removed FROM neurondb.neurondb_index_maintenance "
-                           "WHERE index_name = 'docs' AND status = 'completed'").fetchall()
-        assert ("prune", len(region)) in ops, ops
-    finally:
-        if graph is not None:
-            graph.close()
-        svc.close()
+            searcher = threading.Thread(target=search_loop)
+            searcher.start()
+            conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (region.tolist(),))
+            deleted_at.append(time.monotonic())
+            wait_for(lambda: stats(conn)["tombstones"] == 0 and stats(conn)["free_slots"] == len(region), 20.0,
+                     f"the tombstones to be pruned\n{svc.log_tail(20)}")
+            stop.set()
+            searcher.join()
+            assert failures == []
+            ids, vectors = live_rows(conn)
+            graph = Graph(svc)
+            ours, fresh = graph.recall(ids, vectors, queries), fresh_recall(ids, vectors, queries)
+            assert ours >= fresh - 0.01, (ours, fresh)
+            s = stats(conn)
+            assert s["unreachable"] == 0 and s["entry_live"] and s["dead_edge_ratio"] == 0, s
+            ops = conn.execute("SELECT operation, tombstones_removed FROM neurondb.neurondb_index_maintenance "
+                               "WHERE index_name = 'docs' AND status = 'completed'").fetchall()
+            assert ("prune", len(region)) in ops, ops
+        finally:
+            if graph is not None:
+                graph.close()
 
 
 def test_churn_reuses_rows(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
@@ -170,36 +168,34 @@ def test_churn_reuses_rows(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connect
     thread ANALYZEs the bulk-loaded table (autovacuum is off on it, so only neurandefrag can)."""
     conn.execute("ALTER TABLE neurondb.neurondb_vectors SET (autovacuum_enabled = off)")
     copy_in(conn, data(N, 1), 0)
-    svc = Service(tmp_path / "data", fresh_dsn, FAST)
-    svc.start()
-    graph = None
-    try:
-        loaded(conn, svc, N)
-        graph = Graph(svc)
-        rng = np.random.default_rng(4)
-        sizes = []
-        for round_ in range(10):
-            ids, _ = live_rows(conn)
-            gone = rng.choice(ids, N // 10, replace=False)
-            conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (gone.tolist(),))
-            wait_for(lambda: stats(conn)["tombstones"] == 0, 20.0, f"round {round_} pruned\n{svc.log_tail(20)}")
-            time.sleep(REUSE_GRACE)         # the freed rows become reusable
-            copy_in(conn, data(N // 10, 100 + round_), N + round_ * N)
+    with running_service(tmp_path / "data", fresh_dsn, FAST) as svc:
+        graph = None
+        try:
             loaded(conn, svc, N)
-            sizes.append((graph.arrays().count, stats(conn)["memory_bytes"]))
-        assert len({m for _, m in sizes}) == 1, sizes                 # no growth of the segment
-        assert max(c for c, _ in sizes) <= N + N // 10, sizes   # rows reused, not appended
-        ids, vectors = live_rows(conn)
-        queries = data(200, 9)
-        ours, fresh = graph.recall(ids, vectors, queries), fresh_recall(ids, vectors, queries)
-        assert ours >= fresh - 0.01, (ours, fresh)
-        ops = conn.execute("SELECT operation, status FROM neurondb.neurondb_index_maintenance "
-                           "WHERE table_name = 'neurondb.neurondb_vectors'").fetchall()
-        assert ("analyze", "completed") in ops or ("vacuum", "completed") in ops, ops
-    finally:
-        if graph is not None:
-            graph.close()
-        svc.close()
+            graph = Graph(svc)
+            rng = np.random.default_rng(4)
+            sizes = []
+            for round_ in range(10):
+                ids, _ = live_rows(conn)
+                gone = rng.choice(ids, N // 10, replace=False)
+                conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (gone.tolist(),))
+                wait_for(lambda: stats(conn)["tombstones"] == 0, 20.0, f"round {round_} pruned\n{svc.log_tail(20)}")
+                time.sleep(REUSE_GRACE)         # the freed rows become reusable
+                copy_in(conn, data(N // 10, 100 + round_), N + round_ * N)
+                loaded(conn, svc, N)
+                sizes.append((graph.arrays().count, stats(conn)["memory_bytes"]))
+            assert len({m for _, m in sizes}) == 1, sizes                 # no growth of the segment
+            assert max(c for c, _ in sizes) <= N + N // 10, sizes   # rows reused, not appended
+            ids, vectors = live_rows(conn)
+            queries = data(200, 9)
+            ours, fresh = graph.recall(ids, vectors, queries), fresh_recall(ids, vectors, queries)
+            assert ours >= fresh - 0.01, (ours, fresh)
+            ops = conn.execute("SELECT operation, status FROM neurondb.neurondb_index_maintenance "
+                               "WHERE table_name = 'neurondb.neurondb_vectors'").fetchall()
+            assert ("analyze", "completed") in ops or ("vacuum", "completed") in ops, ops
+        finally:
+            if graph is not None:
+                graph.close()
 
 
 def test_rebuild_waits_for_the_window_unless_now(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
@@ -207,9 +203,7 @@ def test_rebuild_waits_for_the_window_unless_now(tmp_path: Path, fresh_dsn: str,
     runs it at once, with the new graph published and recorded; compaction needs no window."""
     copy_in(conn, data(N, 1), 0)
     window = FAST["neurondb.neurandefrag_maintenance_window"]
-    svc = Service(tmp_path / "data", fresh_dsn, FAST)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, FAST) as svc:
         loaded(conn, svc, N)
         out = svc.cli("index", "rebuild", "docs")
         assert f"runs in the maintenance window {window}" in out.stdout, out.stdout
@@ -228,45 +222,41 @@ def test_rebuild_waits_for_the_window_unless_now(tmp_path: Path, fresh_dsn: str,
             == (None,)
         bad = svc.cli("index", "compact", "nope", check=False)
         assert bad.returncode == 1 and "no index 'nope'" in bad.stderr, bad.stderr
-    finally:
-        svc.close()
 
 
 def test_writer_killed_mid_compaction(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
     """SIGKILL neurandefrag in the middle of a compaction: searches keep working on the published graph, the
     operation is marked interrupted, the unpublished segment is removed, and the next writer compacts."""
     copy_in(conn, data(N, 1), 0)
-    svc = Service(tmp_path / "data", fresh_dsn, FAST,
-                  env={"NEURONDB_INJECTION_POINTS": "neurandefrag:defrag-build=sleep:3"})
-    svc.start()
-    graph = None
-    try:
-        loaded(conn, svc, N)
-        ids, vectors = live_rows(conn)
-        conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (ids[: N // 2].tolist(),))
-        conn.execute("UPDATE neurondb.neurondb_indexes SET maintenance_request = 'compaction'")
-        wait_for(lambda: conn.execute("SELECT 1 FROM neurondb.neurondb_index_maintenance "
-                                      "WHERE operation = 'compaction' AND status = 'running'").fetchone(), 30.0,
-                 f"the compaction to start\n{svc.log_tail(20)}")
-        time.sleep(0.5)                                   # inside the build's first slice
-        os.kill(svc.worker("neurandefrag").pid, signal.SIGKILL)
-        with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
-            for q in vectors[N // 2: N // 2 + 50]:
-                assert len(client.search("docs", q, k=K)) == K
-        wait_for(lambda: conn.execute("SELECT status FROM neurondb.neurondb_index_maintenance "
-                                      "WHERE operation = 'compaction' ORDER BY maintenance_id").fetchall()
-                 == [("interrupted",), ("completed",)], 60.0, f"the next writer to compact\n{svc.log_tail(30)}")
-        s = wait_for(lambda: (s := stats(conn))["capacity"] < N and s, 10.0, "the compact graph's stats")
-        assert s["graph_nodes"] == N - N // 2 and s["free_slots"] == 0, s
-        base = svc.prefix
-        segments = [e for e in svc.shm_objects() if ".g" in e and e.startswith(base.lstrip("/"))]
-        assert len(segments) == 1, segments
-        graph = Graph(svc)
-        assert graph.recall(*live_rows(conn), data(100, 7)) >= 0.9
-    finally:
-        if graph is not None:
-            graph.close()
-        svc.close()
+    with running_service(tmp_path / "data", fresh_dsn, FAST,
+                         env={"NEURONDB_INJECTION_POINTS": "neurandefrag:defrag-build=sleep:3"}) as svc:
+        graph = None
+        try:
+            loaded(conn, svc, N)
+            ids, vectors = live_rows(conn)
+            conn.execute("DELETE FROM neurondb.neurondb_vectors WHERE id = ANY(%s)", (ids[: N // 2].tolist(),))
+            conn.execute("UPDATE neurondb.neurondb_indexes SET maintenance_request = 'compaction'")
+            wait_for(lambda: conn.execute("SELECT 1 FROM neurondb.neurondb_index_maintenance "
+                                          "WHERE operation = 'compaction' AND status = 'running'").fetchone(), 30.0,
+                     f"the compaction to start\n{svc.log_tail(20)}")
+            time.sleep(0.5)                                   # inside the build's first slice
+            os.kill(svc.worker("neurandefrag").pid, signal.SIGKILL)
+            with neurondb.connect(str(svc.datadir.root), fresh_dsn) as client:
+                for q in vectors[N // 2: N // 2 + 50]:
+                    assert len(client.search("docs", q, k=K)) == K
+            wait_for(lambda: conn.execute("SELECT status FROM neurondb.neurondb_index_maintenance "
+                                          "WHERE operation = 'compaction' ORDER BY maintenance_id").fetchall()
+                     == [("interrupted",), ("completed",)], 60.0, f"the next writer to compact\n{svc.log_tail(30)}")
+            s = wait_for(lambda: (s := stats(conn))["capacity"] < N and s, 10.0, "the compact graph's stats")
+            assert s["graph_nodes"] == N - N // 2 and s["free_slots"] == 0, s
+            base = svc.prefix
+            segments = [e for e in svc.shm_objects() if ".g" in e and e.startswith(base.lstrip("/"))]
+            assert len(segments) == 1, segments
+            graph = Graph(svc)
+            assert graph.recall(*live_rows(conn), data(100, 7)) >= 0.9
+        finally:
+            if graph is not None:
+                graph.close()
 
 
 def test_a_node_cut_off_from_the_graph_is_reconnected(tmp_path: Path, fresh_dsn: str,
@@ -274,38 +264,36 @@ def test_a_node_cut_off_from_the_graph_is_reconnected(tmp_path: Path, fresh_dsn:
     """Remove every link to one node (as a damaged graph would have it): the next cycle finds it unreachable,
     re-links it, and a search with its own vector finds it again."""
     copy_in(conn, data(N, 1), 0)
-    svc = Service(tmp_path / "data", fresh_dsn, FAST)
-    svc.start()
-    shared = None
-    try:
-        loaded(conn, svc, N)
-        shared = SharedState.attach(svc.prefix)
-        index = SharedIndex(shared, "docs")
-        with shared.lock(index_key("docs")):
-            a = index.arrays()
-            assert a is not None
-            victim = int(a.labels[a.count // 2])
-            node = int(hnsw.find_labels(a, [victim])[0])
-            for i in range(a.count):
-                for level in range(int(a.levels[i]) + 1):
-                    lst = a.links0[i] if level == 0 else a.pool[a.upper_offset[i] + level - 1]
-                    kept = [x for x in lst[1: 1 + lst[0]] if x != node]
-                    lst[1: 1 + len(kept)] = kept
-                    lst[0] = len(kept)
-            assert hnsw.fragmentation(a)["unreachable"] >= 1
-        wait_for(lambda: conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
-                                      "WHERE operation = 'cleanup'").fetchone(), 20.0,
-                 f"the cleanup\n{svc.log_tail(20)}")
-        details = conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
-                               "WHERE operation = 'cleanup'").fetchone()[0]
-        assert details["relinked"] >= 1 and details["unreachable_after"] == 0, details
-        found, _ = hnsw.search(index.arrays(), index.arrays().vectors[node], k=1, ef=EF)
-        assert found[0] == victim
-        index.close()
-    finally:
-        if shared is not None:
-            shared.close()
-        svc.close()
+    with running_service(tmp_path / "data", fresh_dsn, FAST) as svc:
+        shared = None
+        try:
+            loaded(conn, svc, N)
+            shared = SharedState.attach(svc.prefix)
+            index = SharedIndex(shared, "docs")
+            with shared.lock(index_key("docs")):
+                a = index.arrays()
+                assert a is not None
+                victim = int(a.labels[a.count // 2])
+                node = int(hnsw.find_labels(a, [victim])[0])
+                for i in range(a.count):
+                    for level in range(int(a.levels[i]) + 1):
+                        lst = a.links0[i] if level == 0 else a.pool[a.upper_offset[i] + level - 1]
+                        kept = [x for x in lst[1: 1 + lst[0]] if x != node]
+                        lst[1: 1 + len(kept)] = kept
+                        lst[0] = len(kept)
+                assert hnsw.fragmentation(a)["unreachable"] >= 1
+            wait_for(lambda: conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
+                                          "WHERE operation = 'cleanup'").fetchone(), 20.0,
+                     f"the cleanup\n{svc.log_tail(20)}")
+            details = conn.execute("SELECT details FROM neurondb.neurondb_index_maintenance "
+                                   "WHERE operation = 'cleanup'").fetchone()[0]
+            assert details["relinked"] >= 1 and details["unreachable_after"] == 0, details
+            found, _ = hnsw.search(index.arrays(), index.arrays().vectors[node], k=1, ef=EF)
+            assert found[0] == victim
+            index.close()
+        finally:
+            if shared is not None:
+                shared.close()
 
 
 def test_unreachable_recall_triggers_one_rebuild(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> None:
@@ -313,9 +301,7 @@ def test_unreachable_recall_triggers_one_rebuild(tmp_path: Path, fresh_dsn: str,
     as neuranmon writes it; neuranmon itself is off), the next cycle rebuilds the graph from the table, outside
     the window and with no fragmentation, and does not rebuild again for that within a day."""
     copy_in(conn, data(N, 1), 0)
-    svc = Service(tmp_path / "data", fresh_dsn, FAST)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, FAST) as svc:
         loaded(conn, svc, N)
         conn.execute("INSERT INTO neurondb.neurondb_tuning_state (index_name, state, reason) VALUES ('docs', "
                      "'unattainable', 'SLO unattainable: recall 0.999 not reached at the maximum ef 800 "
@@ -327,5 +313,3 @@ def test_unreachable_recall_triggers_one_rebuild(tmp_path: Path, fresh_dsn: str,
         wait_for(lambda: rebuilds() == [("completed",)], 30.0, f"the rebuild\n{svc.log_tail(20)}")
         time.sleep(3.5)                                   # three more cycles: no second rebuild
         assert rebuilds() == [("completed",)]
-    finally:
-        svc.close()

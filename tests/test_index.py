@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -18,6 +16,7 @@ from neurondb.client import SearchError
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
 from neurondb.shm.control import SharedState
+from tests.fixtures import index_service_fixtures
 from tests.service import Service, wait_for
 
 DIM = 16
@@ -34,27 +33,7 @@ def count_hits(client, index: str, k: int, **kw) -> int:
         raise
 
 
-@pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        c.execute("SELECT neurondb.create_index('docs', %s, 'l2')", (DIM,))
-        yield c
-
-
-@pytest.fixture
-def service(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> Iterator[Service]:
-    svc = Service(tmp_path / "data", fresh_dsn, {"neurondb.neuranmon_naptime": "1s"})
-    svc.start()
-    try:
-        yield svc
-    finally:
-        svc.close()
-
-
-@pytest.fixture
-def client(service: Service, fresh_dsn: str) -> Iterator[neurondb.client.Client]:
-    with neurondb.connect(str(service.datadir.root), fresh_dsn) as c:
-        yield c
+conn, service, client = index_service_fixtures(DIM, {"neurondb.neuranmon_naptime": "1s"})
 
 
 def insert(conn: psycopg.Connection, vectors: np.ndarray, start: int = 0, tenant: str = "default",

@@ -24,7 +24,7 @@ import neurondb
 from neurondb import queue
 from neurondb.observability import families
 from neurondb.settings import REGISTRY
-from tests.service import Service, wait_for
+from tests.service import Service, running_service, wait_for
 
 DIM = 8
 SETTINGS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
@@ -36,12 +36,8 @@ Samples = dict[tuple[str, frozenset], float]
 def service(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> Iterator[Service]:
     """A running service with the index 'docs' (DIM dimensions) and the test job types."""
     conn.execute("SELECT neurondb.create_index('docs', %s, 'l2')", (DIM,))
-    svc = Service(tmp_path / "data", fresh_dsn, SETTINGS)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, SETTINGS) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 def metrics_url(svc: Service) -> str:

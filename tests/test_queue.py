@@ -17,7 +17,7 @@ import pytest
 
 from neurondb import queue
 from neurondb.queries import query
-from tests.service import Service, wait_for
+from tests.service import Service, running_service, wait_for
 from tests.test_document_sql import document_statements
 
 JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
@@ -25,13 +25,8 @@ JOBS = {"neurondb.neuranq_job_modules": "tests.jobtypes"}
 
 @pytest.fixture
 def service(tmp_path: Path, fresh_dsn: str, request: pytest.FixtureRequest) -> Iterator[Service]:
-    settings = {**JOBS, **getattr(request, "param", {})}
-    svc = Service(tmp_path / "data", fresh_dsn, settings)
-    svc.start()
-    try:
+    with running_service(tmp_path / "data", fresh_dsn, {**JOBS, **getattr(request, "param", {})}) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 def job(conn: psycopg.Connection, job_id: int) -> dict:

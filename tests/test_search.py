@@ -8,8 +8,6 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -18,32 +16,13 @@ import pytest
 import neurondb
 from neurondb.client import SearchError
 from neurondb.index.store import tenant_code
+from tests.fixtures import index_service_fixtures
 from tests.service import Service, wait_for
 
 DIM = 8
 
 
-@pytest.fixture
-def conn(fresh_dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        c.execute("SELECT neurondb.create_index('docs', %s, 'l2')", (DIM,))
-        yield c
-
-
-@pytest.fixture
-def service(tmp_path: Path, fresh_dsn: str, conn: psycopg.Connection) -> Iterator[Service]:
-    svc = Service(tmp_path / "data", fresh_dsn, {"neurondb.neuranmon_enabled": "off"})
-    svc.start()
-    try:
-        yield svc
-    finally:
-        svc.close()
-
-
-@pytest.fixture
-def client(service: Service, fresh_dsn: str) -> Iterator[neurondb.client.Client]:
-    with neurondb.connect(str(service.datadir.root), fresh_dsn) as c:
-        yield c
+conn, service, client = index_service_fixtures(DIM, {"neurondb.neuranmon_enabled": "off"})
 
 
 def insert(conn: psycopg.Connection, rows: list[tuple[str, str, np.ndarray]]) -> None:

@@ -90,6 +90,15 @@ def children() -> Iterator[Children]:
     kids.cleanup()
 
 
+@pytest.fixture
+def state(prefix: str) -> Iterator[SharedState]:
+    """A control block with 2 worker slots under the test's prefix; unlinked and closed after the test."""
+    shared = SharedState.create(prefix, 2)
+    yield shared
+    shared.unlink()
+    shared.close()
+
+
 def read_line(fd: int, timeout: float = 10.0) -> str:
     """One short message from a pipe, failing the test instead of hanging."""
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -252,156 +261,131 @@ def _holder(prefix: str, lock_name: str, w: int, *, record_owner: bool = True) -
     return run
 
 
-def test_waiter_recovers_lock_of_sigkilled_holder(prefix: str, children: Children) -> None:
-    state = SharedState.create(prefix, 2)
-    try:
-        lock = state.lock("graph:test")
-        r, w = os.pipe()
-        holder = children.fork(_holder(prefix, "graph:test", w))
-        assert read_line(r) == "held"
-        assert lock.owner() == holder and lock.dirty
+def test_waiter_recovers_lock_of_sigkilled_holder(prefix: str, children: Children, state: SharedState) -> None:
+    lock = state.lock("graph:test")
+    r, w = os.pipe()
+    holder = children.fork(_holder(prefix, "graph:test", w))
+    assert read_line(r) == "held"
+    assert lock.owner() == holder and lock.dirty
 
-        def waiter() -> None:
-            mine = SharedState.attach(prefix).lock("graph:test")
-            assert mine.acquire(timeout=5)
-            got = time.monotonic()
-            os.write(w, f"{got} {mine.recovered_from} {int(mine.dirty)}\n".encode())
-            mine.release()
+    def waiter() -> None:
+        mine = SharedState.attach(prefix).lock("graph:test")
+        assert mine.acquire(timeout=5)
+        got = time.monotonic()
+        os.write(w, f"{got} {mine.recovered_from} {int(mine.dirty)}\n".encode())
+        mine.release()
 
-        waiting = children.fork(waiter)
-        time.sleep(0.3)
-        assert lock.acquire(timeout=0) is False  # alive holder: no recovery
-        killed_at = time.monotonic()
-        os.kill(holder, signal.SIGKILL)  # not reaped yet: the waiter must see through the zombie
-        got, recovered_from, dirty = read_line(r).split()
-        assert float(got) - killed_at < 1.0
-        assert int(recovered_from) == holder and dirty == "1"
-        assert children.reap(waiting) == 0
-        assert children.reap(holder) == -signal.SIGKILL
+    waiting = children.fork(waiter)
+    time.sleep(0.3)
+    assert lock.acquire(timeout=0) is False  # alive holder: no recovery
+    killed_at = time.monotonic()
+    os.kill(holder, signal.SIGKILL)  # not reaped yet: the waiter must see through the zombie
+    got, recovered_from, dirty = read_line(r).split()
+    assert float(got) - killed_at < 1.0
+    assert int(recovered_from) == holder and dirty == "1"
+    assert children.reap(waiting) == 0
+    assert children.reap(holder) == -signal.SIGKILL
 
-        # Usable again, and still dirty until someone repairs the structure.
-        assert lock.acquire(timeout=0)
-        assert lock.dirty
-        lock.mark_clean()
-        lock.release()
-        assert state.lock_info()[-1] | {"held_since": None} == {
-            "name": "graph:test", "owner_pid": 0, "held_since": None, "dirty": False,
-            "recoveries": 1, "last_dead_pid": holder,
-        }
-    finally:
-        state.unlink()
-        state.close()
+    # Usable again, and still dirty until someone repairs the structure.
+    assert lock.acquire(timeout=0)
+    assert lock.dirty
+    lock.mark_clean()
+    lock.release()
+    assert state.lock_info()[-1] | {"held_since": None} == {
+        "name": "graph:test", "owner_pid": 0, "held_since": None, "dirty": False,
+        "recoveries": 1, "last_dead_pid": holder,
+    }
 
 
-def test_supervisor_releases_lock_of_dead_pid(prefix: str, children: Children) -> None:
-    state = SharedState.create(prefix, 2)
-    try:
-        r, w = os.pipe()
-        holder = children.fork(_holder(prefix, TENANTS_LOCK, w))
-        assert read_line(r) == "held"
-        lock = state.lock(TENANTS_LOCK)
-        assert state.release_locks_held_by(holder) == []  # alive: nothing to release
-        os.kill(holder, signal.SIGKILL)
-        assert children.reap(holder) == -signal.SIGKILL  # what the supervisor learns from waitpid
-        started = time.monotonic()
-        assert state.release_locks_held_by(holder) == [(TENANTS_LOCK, True)]
-        assert lock.owner() == 0
-        assert lock.acquire(timeout=0) and lock.recovered_from is None  # posted back, not inherited
-        assert time.monotonic() - started < 0.5
-        assert not lock.release_if_held_by(holder)
-        lock.mark_clean()
-        lock.release()
-    finally:
-        state.unlink()
-        state.close()
+def test_supervisor_releases_lock_of_dead_pid(prefix: str, children: Children, state: SharedState) -> None:
+    r, w = os.pipe()
+    holder = children.fork(_holder(prefix, TENANTS_LOCK, w))
+    assert read_line(r) == "held"
+    lock = state.lock(TENANTS_LOCK)
+    assert state.release_locks_held_by(holder) == []  # alive: nothing to release
+    os.kill(holder, signal.SIGKILL)
+    assert children.reap(holder) == -signal.SIGKILL  # what the supervisor learns from waitpid
+    started = time.monotonic()
+    assert state.release_locks_held_by(holder) == [(TENANTS_LOCK, True)]
+    assert lock.owner() == 0
+    assert lock.acquire(timeout=0) and lock.recovered_from is None  # posted back, not inherited
+    assert time.monotonic() - started < 0.5
+    assert not lock.release_if_held_by(holder)
+    lock.mark_clean()
+    lock.release()
 
 
-def test_orphaned_token_is_recovered(prefix: str, children: Children) -> None:
+def test_orphaned_token_is_recovered(prefix: str, children: Children, state: SharedState) -> None:
     """The holder died after taking the semaphore but before recording itself as owner."""
-    state = SharedState.create(prefix, 2)
-    try:
-        lock = state.lock("graph:orphan")
-        r, w = os.pipe()
-        holder = children.fork(_holder(prefix, "graph:orphan", w, record_owner=False))
-        assert read_line(r) == "held"
-        os.kill(holder, signal.SIGKILL)
-        children.reap(holder)
-        started = time.monotonic()
-        assert lock.acquire(timeout=3)
-        assert 0.4 < time.monotonic() - started < 1.5
-        assert lock.recovered_from == 0 and lock.owner() == os.getpid()
+    lock = state.lock("graph:orphan")
+    r, w = os.pipe()
+    holder = children.fork(_holder(prefix, "graph:orphan", w, record_owner=False))
+    assert read_line(r) == "held"
+    os.kill(holder, signal.SIGKILL)
+    children.reap(holder)
+    started = time.monotonic()
+    assert lock.acquire(timeout=3)
+    assert 0.4 < time.monotonic() - started < 1.5
+    assert lock.recovered_from == 0 and lock.owner() == os.getpid()
+    lock.release()
+
+
+def test_live_holder_keeps_lock(prefix: str, children: Children, state: SharedState) -> None:
+    lock = state.lock("graph:live")
+    r, w = os.pipe()
+    holder = children.fork(_holder(prefix, "graph:live", w))
+    assert read_line(r) == "held"
+    started = time.monotonic()
+    assert lock.acquire(timeout=0.7) is False  # longer than the orphan grace: owner is recorded
+    assert time.monotonic() - started >= 0.7
+    with pytest.raises(RuntimeError, match="not held"):
         lock.release()
-    finally:
-        state.unlink()
-        state.close()
-
-
-def test_live_holder_keeps_lock(prefix: str, children: Children) -> None:
-    state = SharedState.create(prefix, 2)
-    try:
-        lock = state.lock("graph:live")
-        r, w = os.pipe()
-        holder = children.fork(_holder(prefix, "graph:live", w))
-        assert read_line(r) == "held"
-        started = time.monotonic()
-        assert lock.acquire(timeout=0.7) is False  # longer than the orphan grace: owner is recorded
-        assert time.monotonic() - started >= 0.7
-        with pytest.raises(RuntimeError, match="not held"):
-            lock.release()
-        assert lock.owner() == holder
-        with pytest.raises(RuntimeError):
-            lock.mark_dirty()
-    finally:
-        state.unlink()
-        state.close()
+    assert lock.owner() == holder
+    with pytest.raises(RuntimeError):
+        lock.mark_dirty()
 
 
 # --- 4. latches -----------------------------------------------------------------------------------------
 
-def test_latch_set_from_other_process_and_signal_handler(prefix: str, children: Children) -> None:
-    state = SharedState.create(prefix, 2)
+def test_latch_set_from_other_process_and_signal_handler(prefix: str, children: Children, state: SharedState) -> None:
     latch = state.latch(0)
     scratch = state.slot(1)["gauges"]
+    def set_later() -> None:
+        time.sleep(0.2)
+        scratch[0] = time.monotonic()
+        attach_latches(prefix, 2)[0].set()
+
+    children.fork(set_later)
+    assert latch.wait(5)
+    assert time.monotonic() - scratch[0] < 0.05
+
+    parent = os.getpid()
+
+    def signal_later() -> None:
+        time.sleep(0.2)
+        scratch[1] = time.monotonic()
+        os.kill(parent, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: latch.set())
     try:
-        def set_later() -> None:
-            time.sleep(0.2)
-            scratch[0] = time.monotonic()
-            attach_latches(prefix, 2)[0].set()
-
-        children.fork(set_later)
+        children.fork(signal_later)
         assert latch.wait(5)
-        assert time.monotonic() - scratch[0] < 0.05
-
-        parent = os.getpid()
-
-        def signal_later() -> None:
-            time.sleep(0.2)
-            scratch[1] = time.monotonic()
-            os.kill(parent, signal.SIGUSR1)
-
-        previous = signal.signal(signal.SIGUSR1, lambda *_: latch.set())
-        try:
-            children.fork(signal_later)
-            assert latch.wait(5)
-            assert time.monotonic() - scratch[1] < 0.05
-        finally:
-            signal.signal(signal.SIGUSR1, previous)
-        for pid in list(children.pids):
-            assert children.reap(pid) == 0
-
-        # A set before the wait is not lost; repeated sets leave one wakeup; timeouts time out.
-        latch.set()
-        latch.set()
-        assert latch.wait(0)
-        started = time.monotonic()
-        assert latch.wait(0.1) is False
-        assert time.monotonic() - started >= 0.1
-        latch.set()
-        latch.reset()
-        assert latch.wait(0) is False
+        assert time.monotonic() - scratch[1] < 0.05
     finally:
-        state.unlink()
-        state.close()
+        signal.signal(signal.SIGUSR1, previous)
+    for pid in list(children.pids):
+        assert children.reap(pid) == 0
+
+    # A set before the wait is not lost; repeated sets leave one wakeup; timeouts time out.
+    latch.set()
+    latch.set()
+    assert latch.wait(0)
+    started = time.monotonic()
+    assert latch.wait(0.1) is False
+    assert time.monotonic() - started >= 0.1
+    latch.set()
+    latch.reset()
+    assert latch.wait(0) is False
 
 
 # --- 5. owner-only objects, one prefix per data directory ------------------------------------------------
@@ -543,22 +527,17 @@ def test_slots_and_tenants_across_processes(prefix: str, children: Children) -> 
         state.close()
 
 
-def test_attach_refuses_incomplete_or_foreign_layout(prefix: str) -> None:
-    state = SharedState.create(prefix, 2)
-    try:
-        state.control["magic"] = b""
-        with pytest.raises(RuntimeError, match="not initialised"):
-            SharedState.attach(prefix)
-        state.control["magic"] = b"NEURONDB"
-        state.control["layout_version"] = 99
-        with pytest.raises(RuntimeError, match="layout version 99"):
-            SharedState.attach(prefix)
-        with pytest.raises(FileExistsError):
-            SharedState.create(prefix, 2)
-        assert control_name(prefix) == state.segment.name
-    finally:
-        state.unlink()
-        state.close()
+def test_attach_refuses_incomplete_or_foreign_layout(prefix: str, state: SharedState) -> None:
+    state.control["magic"] = b""
+    with pytest.raises(RuntimeError, match="not initialised"):
+        SharedState.attach(prefix)
+    state.control["magic"] = b"NEURONDB"
+    state.control["layout_version"] = 99
+    with pytest.raises(RuntimeError, match="layout version 99"):
+        SharedState.attach(prefix)
+    with pytest.raises(FileExistsError):
+        SharedState.create(prefix, 2)
+    assert control_name(prefix) == state.segment.name
 
 
 # --- 8. generations ------------------------------------------------------------------------------------

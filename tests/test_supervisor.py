@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -15,21 +14,6 @@ from neurondb.status import pid_alive
 from tests.service import Service, wait_for
 
 WORKERS = {"neuranq", "neuranmon", "neurandefrag", "neuranllm"}
-
-
-@pytest.fixture
-def make_service(tmp_path: Path, fresh_dsn: str) -> Iterator:
-    services: list[Service] = []
-
-    def make(settings: dict[str, str] | None = None, env: dict[str, str] | None = None,
-             dsn: str | None = fresh_dsn) -> Service:
-        service = Service(tmp_path / f"data{len(services)}", dsn, settings, env)
-        services.append(service)
-        return service
-
-    yield make
-    for service in services:
-        service.close()
 
 
 @pytest.mark.parametrize("mode", ["smart", "fast", "immediate"])

@@ -39,7 +39,7 @@ from neurondb.shm.buckets import segment_name as buckets_segment_name
 from neurondb.shm.hashtable import probe
 from neurondb.shm.latch import Latch, create_latches, latch_name, unlink_latches
 from neurondb.shm.lock import LOCK_FIELDS, PID_MASK, RecoveryGuard, RobustLock
-from neurondb.shm.names import object_name
+from neurondb.shm.names import object_name, unlink_semaphore
 from neurondb.shm.segment import Segment
 
 MAGIC = b"NEURONDB"
@@ -308,10 +308,7 @@ class SharedState:
                 if row is None:
                     row = _free_entry(self.locks, "lock")
                     sem_name = lock_sem_name(self.prefix, row)
-                    try:  # left behind by a registrant that died before marking its row ready
-                        posix_ipc.unlink_semaphore(sem_name)
-                    except posix_ipc.ExistentialError:
-                        pass
+                    unlink_semaphore(sem_name)  # left behind by a registrant that died before marking its row ready
                     lock = RobustLock.create(sem_name, self.locks[row, ...], self._guard)
                     self.locks["name"][row] = key
                     self.locks["ready"][row] = 1
@@ -425,10 +422,7 @@ class SharedState:
         (idempotent). Segments of structures (generations) are their owners' to unlink;
         `names.unlink_all` removes everything."""
         for row in range(N_LOCKS):
-            try:
-                posix_ipc.unlink_semaphore(lock_sem_name(self.prefix, row))
-            except posix_ipc.ExistentialError:
-                pass
+            unlink_semaphore(lock_sem_name(self.prefix, row))
         unlink_latches(self.prefix, self.n_slots)
         try:
             posix_ipc.unlink_shared_memory(buckets_segment_name(self.prefix))

@@ -22,7 +22,7 @@ import time
 
 import posix_ipc
 
-from neurondb.shm.names import check_semaphore_owner, make_owner_only, object_name, semaphore_path
+from neurondb.shm.names import check_semaphore_owner, make_owner_only, object_name, semaphore_path, unlink_semaphore
 
 MAX_SLICE_SECONDS = 0.1
 _VALUE_SUPPORTED = posix_ipc.SEMAPHORE_VALUE_SUPPORTED
@@ -82,10 +82,7 @@ class Latch:
 
     def unlink(self) -> None:
         """Remove the name (idempotent)."""
-        try:
-            posix_ipc.unlink_semaphore(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        unlink_semaphore(self.name)
 
 
 def latch_name(prefix: str, slot: int) -> str:
@@ -104,7 +101,4 @@ def attach_latches(prefix: str, n_slots: int) -> list[Latch]:
 
 def unlink_latches(prefix: str, n_slots: int) -> None:
     for i in range(n_slots):
-        try:
-            posix_ipc.unlink_semaphore(latch_name(prefix, i))
-        except posix_ipc.ExistentialError:
-            pass
+        unlink_semaphore(latch_name(prefix, i))

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import posix_ipc
 
-from neurondb.shm.names import check_semaphore_owner, make_owner_only, semaphore_path
+from neurondb.shm.names import check_semaphore_owner, make_owner_only, semaphore_path, unlink_semaphore
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +290,7 @@ class RobustLock:
 
     def unlink(self) -> None:
         """Remove the semaphore's name (idempotent); processes that have it open keep it."""
-        try:
-            posix_ipc.unlink_semaphore(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        unlink_semaphore(self.name)
 
     def __enter__(self) -> RobustLock:
         self.acquire()

@@ -89,6 +89,15 @@ def unlink_all(prefix: str) -> list[str]:
     return removed
 
 
+def unlink_semaphore(name: str) -> None:
+    """Remove the named semaphore `name` if it exists: unlinking is idempotent, so a cleanup may run twice
+    or after another process's. Processes that have it open keep using it (unlink only removes the name)."""
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
 def make_owner_only(path: Path) -> None:
     """chmod 0600 `path` if it exists: creation modes are filtered by the umask, which could also
     remove the owner's own bits; this makes the result exact."""
