@@ -97,6 +97,7 @@ class QueueWorker(Worker):
         self._next_extend = 0.0
         self._read_limits()
         self._type_names = sorted({jt.name for jt in REGISTRY.values() if jt.is_async})
+        self._in_flight_zeroed = False
         self._publish_in_flight()
         signal.signal(signal.SIGALRM, self._on_alarm)
 
@@ -219,7 +220,7 @@ class QueueWorker(Worker):
         if lane:
             if self.lane is None:
                 self.lane = AsyncLane(self.ctx.dsn, self.ctx.name, self.running, self._running_lock,
-                                      self._finish_async, self.concurrency)
+                                      self._outcome, self.concurrency)
             self.lane.submit(lane)
         return blocking
 
@@ -306,17 +307,11 @@ class QueueWorker(Worker):
                                ms=(time.perf_counter() - started) * 1000, job_type=job.job_type)
         return self._failed(job.job_id, job.job_type, job.tenant, job.attempt, job.limit, error, started)
 
-    def _finish_async(self, job: ReadyJob, value: object, error: BaseException | None, started: float) -> Outcome:
-        """The lane's Finish: the same outcome as a blocking job's, computed in the lane's thread."""
-        return self._outcome(job, value, error, started)
-
-    def _collect(self) -> None:
-        """Move the outcomes the async lane finished into self._outcomes, for the next flush."""
-        if self.lane is not None:
-            self._collect_from(self.lane)
-
-    def _collect_from(self, lane: AsyncLane) -> None:
-        self._outcomes.extend(lane.take())
+    def _collect(self, lane: AsyncLane | None = None) -> None:
+        """Move the outcomes the async lane (ours, or `lane` being stopped) finished into self._outcomes."""
+        lane = lane or self.lane
+        if lane is not None:
+            self._outcomes.extend(lane.take())
 
     def _extend_held(self) -> None:
         """Renew the leases of the jobs the lane holds, every quarter of the lease time."""
@@ -328,6 +323,11 @@ class QueueWorker(Worker):
         self._extend_leases(self.lane.held())
 
     def _publish_in_flight(self) -> None:
+        """The lane's jobs in flight per type, for /metrics; nothing to write while no lane ran since the last
+        zeros (the no-op drain's batches pay nothing for it)."""
+        if self.lane is None and self._in_flight_zeroed:
+            return
+        self._in_flight_zeroed = self.lane is None
         running = self.lane.in_flight() if self.lane is not None else {}
         for name in self._type_names:
             self.metrics.set("neurondb_queue_jobs_in_flight", self.ctx.name, name, value=running.get(name, 0))
@@ -596,7 +596,7 @@ class QueueWorker(Worker):
                 lane.wait(LANE_WAIT)
                 self._beat()
             ids += lane.abandon()
-            self._collect_from(lane)
+            self._collect(lane)
             self._hand_back(ids, delay_ms=0)
             self._flush(BatchResult())
         except psycopg.Error as exc:   # unreachable: settled by the next batch, or handed back by the supervisor
