@@ -116,17 +116,48 @@ def test_counters_equal_a_known_workload(service: Service, conn: psycopg.Connect
     assert {f.name + ("_info" if f.kind == "info" else "") for f in families.FAMILIES} <= announced
 
 
+def metrics_process(svc: Service) -> int | None:
+    """The pid of the process that serves neuranmon's endpoint: neuranmon's one child (None while it has none)."""
+    pid = svc.worker("neuranmon").pid
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_killed_workers_show_in_restarts_and_counters_survive(service: Service, conn: psycopg.Connection) -> None:
-    """A SIGKILLed queue worker counts a restart and a crash; SIGKILLed neuranmon brings the endpoint back
-    (on a new port here: metrics_port 0) with the counters kept in shared memory."""
+    """A SIGKILLed queue worker counts a restart and a crash. A SIGKILLed metrics process is replaced by
+    neuranmon, which itself keeps running. A SIGKILLed neuranmon takes its metrics process with it, and its
+    successor serves the endpoint again (on a new port here: metrics_port 0) with the counters kept in shared
+    memory."""
     queue.enqueue_many(conn, "test.noop", [{}] * 20)
     until(service, "neurondb_queue_jobs_total", 20, outcome="completed")
     os.kill(service.worker("neuranq").pid, signal.SIGKILL)
     samples = until(service, "neurondb_worker_restarts_total", 1, worker="neuranq")
     assert value(samples, "neurondb_worker_crashes_total", worker="neuranq") == 1
     assert value(samples, "neurondb_worker_crashes_total", worker="neuranmon") == 0
+    first = wait_for(lambda: metrics_process(service), 10.0, "the metrics process")
+    os.kill(first, signal.SIGKILL)
+
+    def replaced() -> int | None:
+        pid = metrics_process(service)
+        return pid if pid not in (None, first) else None
+
+    second = wait_for(replaced, 20.0, "a new metrics process")
+    samples = until(service, "neurondb_queue_jobs_total", 20, outcome="completed")
+    assert value(samples, "neurondb_worker_restarts_total", worker="neuranmon") == 0
     old_url = metrics_url(service)
     os.kill(service.worker("neuranmon").pid, signal.SIGKILL)
+    wait_for(lambda: not running(second), 5.0, "the metrics process to die with neuranmon")
     wait_for(lambda: service.status().metrics_url not in (None, old_url), 20.0, "the endpoint after a restart")
     samples = until(service, "neurondb_worker_restarts_total", 1, worker="neuranmon")
     assert value(samples, "neurondb_queue_jobs_total", outcome="completed") == 20

@@ -1,11 +1,11 @@
 """The HTTP endpoint neuranmon serves: `/metrics` (Prometheus text format) and `/healthz`.
 
-A threading WSGI server from prometheus_client in a daemon thread of neuranmon, bound to
+It runs in neuranmon's metrics process (`process.py`), in a WSGI server that answers one request at a time, bound to
 neurondb.metrics_listen_address:metrics_port (127.0.0.1:9188 by default; '*' is every interface, '' turns
 it off). It only reads: shared memory and the database cache (`dbcache.py`), so a scrape takes
 milliseconds whatever the workers and PostgreSQL are doing. The port it bound (useful with metrics_port 0)
 is published in neuranmon's slot (gauge PORT_GAUGE) for `neurondb status`; it moves with a restart of
-neuranmon. A port it cannot bind is logged and retried every RETRY_SECONDS; neuranmon keeps tuning.
+neuranmon. A port it cannot bind is logged and retried every RETRY_SECONDS.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, make_server
 
 from neurondb.observability import health
 from neurondb.observability.collector import Collector
@@ -34,13 +33,15 @@ log = logging.getLogger("neurondb.metrics")
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 5.0           # requests are served one at a time: a client that stalls is dropped after this
+
     def log_message(self, format: str, *args: Any) -> None:   # one line per scrape would flood the log
         pass
 
 
 class MetricsEndpoint:
     def __init__(self, shared: SharedState, slot: int, dsn: str, address: str, port: int,
-                 heartbeat_timeout_s: Callable[[], float]) -> None:
+                 heartbeat_timeout_s: float) -> None:
         self.shared, self.slot = shared, slot
         self.address = "0.0.0.0" if address == "*" else address
         self.port = port
@@ -52,7 +53,7 @@ class MetricsEndpoint:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.collector)
         self._metrics_app = make_wsgi_app(registry)
-        self._server: ThreadingWSGIServer | None = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._next_try = 0.0
 
@@ -75,14 +76,13 @@ class MetricsEndpoint:
         if not self.enabled or self._server is not None or time.monotonic() < self._next_try:
             return
         try:
-            self._server = make_server(self.address, self.port, self._app, ThreadingWSGIServer,
+            self._server = make_server(self.address, self.port, self._app, WSGIServer,
                                        handler_class=_QuietHandler)
         except OSError as exc:
             self._next_try = time.monotonic() + RETRY_SECONDS
             log.error("metrics endpoint: cannot listen on %s:%d: %s; retrying in %.0f s", self.address, self.port,
                       exc.strerror or exc, RETRY_SECONDS)
             return
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
         self.shared.slot(self.slot)["gauges"][PORT_GAUGE] = self.bound_port
@@ -110,7 +110,7 @@ class MetricsEndpoint:
             workers.append(health.WorkerHealth(get_text(slot, "name"), state_name(int(slot["state"])),
                                                now - beat if beat else None))
         error = "the last refresh of the database figures failed" if self.cache.reachable is False else None
-        return health.evaluate(True, workers, error, self.heartbeat_timeout_s())
+        return health.evaluate(True, workers, error, self.heartbeat_timeout_s)
 
     def _app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -116,6 +116,9 @@ class Worker:
     def on_reload(self, result: ReloadResult) -> None:
         """Settings changed; `self.config` already holds the new values."""
 
+    def on_log_reopened(self) -> None:
+        """This process reopened its log file (SIGUSR1); pass it on to any process of the worker's own."""
+
     def on_stop(self) -> None:
         """Last call before a deliberate exit (smart or fast): hand back anything still claimed."""
 
@@ -273,6 +276,7 @@ class Worker:
             if self.reopen_log_requested:
                 self.reopen_log_requested = False
                 logsetup.reopen()
+                self.on_log_reopened()
                 self.log.info("log file reopened")
             if self.shutdown:
                 break

@@ -19,11 +19,15 @@ batch at a time, soon after start and then every tenth of the retention (at most
 worker's own memory is bounded too: the ring is a fixed-size segment and the windows have a fixed length.
 (Its RSS grows for the first minutes under load only because the ring's shared pages are touched for the
 first time, up to the ring's size; `scripts/bench_tuner_memory.py` shows it level off.)
+
+The Prometheus endpoint is served by a process of neuranmon's own (observability/process.py), which this
+worker restarts when it dies and takes down when it exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from datetime import datetime, timezone
 
@@ -35,7 +39,7 @@ from neurondb import caches, hybrid, recall, tuning
 from neurondb.index import hnsw
 from neurondb.index.store import SharedIndex
 from neurondb.observability.history import HistorySampler
-from neurondb.observability.server import MetricsEndpoint
+from neurondb.observability.process import MetricsProcess, Params
 from neurondb.queries import query
 from neurondb.shm.ring import QueryRing, Sample
 from neurondb.workers.base import BatchResult, Worker
@@ -65,10 +69,8 @@ class TunerWorker(Worker):
         self._next_sync = 0.0
         self._next_tune = time.monotonic() + self.naptime
         self.history = HistorySampler(self.config, self.ctx.shared, self._beat)
-        self.endpoint = MetricsEndpoint(
-            self.ctx.shared, self.ctx.slot, self.ctx.dsn, self.config.get_str("metrics_listen_address"),
-            self.config.get_int("metrics_port"), lambda: self.config.get_seconds("worker_heartbeat_timeout"))
-        self.endpoint.start()
+        self.endpoint = MetricsProcess(self.ctx.shared)
+        self.endpoint.ensure(self._endpoint_params())
 
     def idle_nap(self) -> float:
         return min(self.naptime, SYNC_EVERY, self.history.due_in())
@@ -77,7 +79,7 @@ class TunerWorker(Worker):
         now = time.monotonic()
         if now >= self._next_retention:
             self._retention()
-        self.endpoint.ensure()
+        self.endpoint.ensure(self._endpoint_params())
         flushed = self._flush_samples()
         if now >= self._next_sync:
             self._next_sync = now + SYNC_EVERY
@@ -359,6 +361,14 @@ class TunerWorker(Worker):
                     break
             if total:
                 self.log.info("retention: removed %d %s older than %.0f s", total, what, retention)
+
+    def _endpoint_params(self) -> Params:
+        return Params(f"{self.ctx.name}-metrics", os.getpid(), self.ctx.shared.prefix, self.ctx.slot, self.ctx.dsn,
+                      self.config.get_str("metrics_listen_address"), self.config.get_int("metrics_port"),
+                      self.config.get_seconds("worker_heartbeat_timeout"), str(self.ctx.datadir.log_file))
+
+    def on_log_reopened(self) -> None:
+        self.endpoint.reopen_log()
 
     def on_stop(self) -> None:
         self.endpoint.stop()
