@@ -10,7 +10,9 @@ Two classic bypasses are closed:
 - DNS rebinding / time-of-check-time-of-use: the name is resolved once, every resolved address is
   checked, and the connection goes to the checked address (the URL's host is replaced by the IP, the Host
   header and TLS SNI keep the name, so virtual hosting and certificate checks work as usual). There is
-  no second lookup an attacker's DNS server could answer differently.
+  no second lookup an attacker's DNS server could answer differently. The async client keeps connections
+  alive, keyed by the checked address and the name together, so a connection is reused only for the name
+  it was opened (and TLS-checked) for, at the address checked for it; the sync client keeps none.
 - Redirects: the guard sits in the transport, so every hop of a redirect chain is checked like the first.
 Numeric tricks ("http://2130706433/", "http://0x7f.1/", "::ffff:127.0.0.1") are caught because the
 check is on what getaddrinfo and ipaddress make of the host, and IPv4 embedded in IPv6 (mapped, NAT64,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from neurondb.providers.transport import KeepAliveTransport
 from neurondb.redaction import redact_url, redact_urls, shorten
 from neurondb.settings import parse_host_list
 
@@ -243,9 +246,12 @@ def _pinned(request: httpx.Request, target: ResolvedTarget) -> httpx.Request:
 
 
 def _inner_limits() -> httpx.Limits:
-    # No keep-alive: pooled connections are keyed by the pinned IP, so a connection opened (and TLS-checked)
+    # No keep-alive: httpx pools connections by the pinned IP alone, so a connection opened (and TLS-checked)
     # for one name could otherwise carry a request for another name on the same address.
     return httpx.Limits(max_keepalive_connections=0)
+
+
+IDLE_CONNECTIONS = 64    # keep-alive connections an async guarded client keeps idle, over all hosts
 
 
 class GuardedTransport(httpx.BaseTransport):
@@ -266,13 +272,17 @@ class GuardedTransport(httpx.BaseTransport):
 
 
 class AsyncGuardedTransport(httpx.AsyncBaseTransport):
-    """GuardedTransport for httpx.AsyncClient; the lookup runs in a thread (getaddrinfo blocks)."""
+    """GuardedTransport for httpx.AsyncClient; the lookup runs in a thread (getaddrinfo blocks).
+
+    Its connections are the LLM worker's keep-alive transport (providers/transport.py), which keys them by
+    (scheme, pinned address, port, name): reused only for the same name at the same checked address.
+    """
 
     def __init__(self, allowlist: str | Iterable[str] | Allowlist | None, *, resolver: Resolver | None = None,
                  verify: bool = True) -> None:
         self._allow = Allowlist.parse(allowlist)
         self._resolver = resolver
-        self._inner = httpx.AsyncHTTPTransport(verify=verify, limits=_inner_limits())
+        self._inner = KeepAliveTransport(IDLE_CONNECTIONS, verify=verify)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if _is_ip_literal(request.url.host):     # nothing to look up: checked in the loop, no thread hop

@@ -369,7 +369,8 @@ _SETTINGS = [
             "loopback, private or link-local; '*' allows every address.", check=parse_host_list,
             sql_settable=False),
     Setting("neurondb.http_max_response_size", "integer", 1024, "sighup",
-            "Largest response body an http_call job keeps as its result.", unit="kB", min=1, max=1_048_576),
+            "Largest response body an http_call job reads and keeps as its result; the rest is not read.",
+            unit="kB", min=1, max=1_048_576),
     # -- LLM providers, rate limits and cache (the document's neuranllm features)
     Setting("neurondb.neuranllm_concurrency", "integer", 16, "postmaster",
             "Maximum number of provider calls the LLM worker runs at once.", min=1, max=1024),

@@ -13,8 +13,8 @@ Prints, per round (`--rounds`, default 3), and their medians:
 
 The server is tests/fakeprovider.py (HTTP/1.1, one thread per connection), in this process, answering
 every request after `--delay-ms` (default 50). The http_call jobs go through everything a job's request
-does: the SSRF guard (127.0.0.1 is allowlisted for the run), one new connection per request (the guard
-pins the checked address and does not pool connections across names), the job's lease, outcome and
+does: the SSRF guard (127.0.0.1 is allowlisted for the run; every request checked, on keep-alive
+connections kept per name and checked address), the response size limit, the job's lease, outcome and
 result row. Rounds alternate the two measures so that the machine's noise falls on both.
 
     .venv/bin/python scripts/bench_http_jobs.py [--jobs 2000] [--concurrency 16] [--delay-ms 50] [--rounds 3]

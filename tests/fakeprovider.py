@@ -9,7 +9,9 @@ It can be told, per endpoint or for all of them, to answer late, to fail the nex
 status (429 with or without Retry-After, 500, 400 with an OpenAI-style error body ...) or to drop the
 connection without answering. It records every request (headers and body) so tests can check what was
 sent, and a required API key makes it answer 401 with the presented key echoed back, the worst case for
-leak tests. GET /redirect?to=URL answers 302 to URL; any other GET answers {"path", "host"}.
+leak tests. GET /redirect?to=URL answers 302 to URL; GET /peer answers {"peer": the client's port, "host"}
+(which connection carried the request); GET /big?bytes=N[&chunked=1] answers N bytes; any other GET answers
+{"path", "host"}.
 
 It is a ThreadingHTTPServer speaking HTTP/1.1 keep-alive with TCP_NODELAY, one thread per connection, so
 16 concurrent clients with a 50 ms delay see 50 ms, not a queue. In a test:
@@ -255,6 +257,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_big(self, size: int, chunked: bool) -> None:
+        """`size` bytes of 'x', with Content-Length or chunked, in 64 kB writes; a client that stops reading
+        and closes ends it."""
+        self.send_response(200)
+        self.send_header("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(size))
+        self.end_headers()
+        piece = b"x" * 65536
+        try:
+            while size > 0:
+                n = min(size, len(piece))
+                self.wfile.write(b"%x\r\n%s\r\n" % (n, piece[:n]) if chunked else piece[:n])
+                size -= n
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+
     def _handle(self) -> None:
         fake = self.server.fake
         length = int(self.headers.get("Content-Length") or 0)
@@ -277,6 +296,11 @@ class _Handler(BaseHTTPRequestHandler):
                 query = parse_qs(parts.query)
                 status = int(query.get("status", ["302"])[0])
                 self._send(status, {}, (("Location", query["to"][0]),))
+            elif parts.path == "/peer":
+                self._send(200, {"peer": self.client_address[1], "host": self.headers.get("Host")})
+            elif parts.path == "/big":
+                query = parse_qs(parts.query)
+                self._send_big(int(query["bytes"][0]), query.get("chunked") == ["1"])
             else:
                 self._send(200, {"path": parts.path, "host": self.headers.get("Host")})
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tracemalloc
 from collections.abc import Iterator
 
 import httpx
@@ -24,6 +25,7 @@ from neurondb.netguard import (
     guarded_client,
     read_bounded,
 )
+from neurondb.providers.transport import MAX_BODY
 from tests.fakeprovider import FakeProvider
 
 
@@ -182,6 +184,54 @@ def test_redirect_refused_async(servers: tuple[FakeProvider, FakeProvider]) -> N
 
     asyncio.run(run())
     assert inside.count() == 0
+
+
+def test_async_keep_alive_is_per_name_and_every_request_is_checked(servers: tuple[FakeProvider, FakeProvider]) -> None:
+    """The async client reuses a connection only for the name it was opened for, and a pooled connection
+    never spares a request its check: a name rebound to a private address is refused, not sent."""
+    outside, _ = servers
+    answers = {"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"]}
+
+    async def run() -> list[int]:
+        async with guarded_async_client("127.0.0.1", resolver=lambda host, port: answers[host]) as client:
+            peers = [(await client.get(f"http://{host}:{outside.port}/peer")).json()["peer"]
+                     for host in ("a.test", "a.test", "b.test", "b.test")]
+            answers["a.test"] = ["10.0.0.5"]
+            with pytest.raises(TargetRefused, match=r"10\.0\.0\.5 \(host a\.test\) is a private address"):
+                await client.get(f"http://a.test:{outside.port}/peer")
+            return peers
+
+    peers = asyncio.run(run())
+    assert peers[0] == peers[1] and peers[2] == peers[3] and peers[0] != peers[2], peers
+    assert outside.count("/peer") == 4
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_async_body_limit_reads_no_more_than_it_keeps(servers: tuple[FakeProvider, FakeProvider],
+                                                      chunked: bool) -> None:
+    """A 50 MB answer to a request limited to 1,000 bytes: 1,000 bytes kept, the cut reported, and the
+    transport never holds the rest (peak Python memory well under the body's size). HEAD answers, whose
+    Content-Length describes no body, do not hang the connection."""
+    outside, _ = servers
+
+    async def run() -> tuple[int, bool, int]:
+        async with guarded_async_client(["127.0.0.1"]) as client:
+            tracemalloc.start()
+            try:
+                async with client.stream("GET", f"{outside.url}/big?bytes=50000000&chunked={int(chunked)}",
+                                         extensions={MAX_BODY: 1000}) as response:
+                    body, cut = await aread_bounded(response, 1000)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            head = await client.head(f"{outside.url}/x", timeout=5.0)
+            assert head.status_code == 501 and head.content == b""   # the fake has no HEAD: an error, no body
+            assert (await client.get(f"{outside.url}/x")).json()["path"] == "/x"
+            return len(body), cut, peak
+
+    size, cut, peak = asyncio.run(run())
+    assert (size, cut) == (1000, True)
+    assert peak < 5_000_000, peak
 
 
 def test_connects_to_the_checked_address_only(servers: tuple[FakeProvider, FakeProvider]) -> None:

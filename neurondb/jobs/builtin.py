@@ -213,6 +213,7 @@ async def http_call(ctx: JobContext, payload: dict) -> dict:
     import httpx
 
     from neurondb.netguard import NetguardError, aread_bounded, guarded_async_client
+    from neurondb.providers.transport import MAX_BODY
 
     url = require(payload, "url", str)
     where = shorten(redact_url(url), 200)     # the URL as every message shows it
@@ -237,7 +238,7 @@ async def http_call(ctx: JobContext, payload: dict) -> dict:
     client = loop_local(("http_call", allowlist), lambda: guarded_async_client(allowlist))
     try:
         async with client.stream(method, url, headers=headers, content=body, json=payload.get("json"),
-                                 timeout=timeout) as response:
+                                 timeout=timeout, extensions={MAX_BODY: limit}) as response:
             content, truncated = await aread_bounded(response, limit)
     except NetguardError as exc:
         if getattr(exc, "retryable", False):

@@ -7,20 +7,28 @@ provider. `KeepAliveTransport` costs ~0.5 ms a request (mostly the kernel's send
 asyncio protocol (`_Exchange`) that parses the response in the loop's read callback, with no task or stream
 object per request.
 
-It does only what provider APIs need, and that is its limit: HTTP/1.1 (no HTTP/2), whole bodies (the
-request is sent and the response read in full, no streaming), no proxies. TLS uses httpx's own SSL
-context; connect and read timeouts raise httpx's exceptions, so the providers classify failures as they do
-with httpx's own transport. With a proxy in the environment (`PROXY_VARIABLES`), `make_client` falls back
-to httpx's default transport, slower but complete.
+It does only what provider APIs and the queue's `http_call` need, and that is its limit: HTTP/1.1 (no
+HTTP/2), whole bodies (the request is sent and the response read in full, no streaming, up to the
+request's `MAX_BODY` extension when it has one), no proxies. TLS uses httpx's own SSL context; connect and
+read timeouts raise httpx's exceptions, so the providers classify failures as they do with httpx's own
+transport. netguard's guarded async client runs on it too: it pins the checked address in the URL and
+names the host for SNI (extension `sni_hostname`), and pooled connections are keyed by both. With a proxy
+in the environment (`PROXY_VARIABLES`), `make_client` falls back to httpx's default transport, slower but
+complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+
+MAX_BODY = "neurondb.max_body"   # request extension: read at most this many body bytes, one more marks the cut
+CHUNK = 65536                     # the response body is handed on in pieces of this size
+
 
 
 class _Exchange(asyncio.Protocol):
@@ -40,6 +48,8 @@ class _Exchange(asyncio.Protocol):
         self._chunked = False
         self._until_close = False
         self._received = False
+        self._no_body = False            # a HEAD request: the answer's Content-Length describes no body here
+        self._limit: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -78,12 +88,13 @@ class _Exchange(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, request: bytes) -> asyncio.Future:
+    def start(self, request: bytes, no_body: bool = False, limit: int | None = None) -> asyncio.Future:
         assert self.transport is not None
         self._future = asyncio.get_running_loop().create_future()
         self._buf.clear()
         self._body.clear()
         self._head, self._received = None, False
+        self._no_body, self._limit = no_body, limit
         self.transport.write(request)
         return self._future
 
@@ -115,14 +126,16 @@ class _Exchange(asyncio.Protocol):
                 continue           # 100 Continue and friends: the real answer follows
             self._head = (status, headers, reusable)
             self._chunked = chunked
-            self._length = None if chunked else (0 if status in (204, 304) else length)
+            self._length = None if chunked else (0 if status in (204, 304) or self._no_body else length)
             self._until_close = not chunked and self._length is None
         if self._chunked:
-            self._advance_chunks()
+            self._advance_chunks()      # consumes every complete chunk
         elif self._length is not None and len(buf) >= self._length:
             self._body += buf[:self._length]
             del buf[:self._length]
             self._finish(self._head[2])
+        if self._head is not None and self._limit is not None and len(self._body) + len(buf) > self._limit:
+            self._cut()
 
     @staticmethod
     def _status_line(line: bytes) -> tuple[bytes, int]:
@@ -151,6 +164,21 @@ class _Exchange(asyncio.Protocol):
             self._body += buf[end + 2:end + 2 + size]
             del buf[:end + 2 + size + 2]
 
+    def _cut(self) -> None:
+        """Past the body limit: settle with the first limit + 1 bytes and drop the connection. The rest of the
+        body is never read, so a huge answer costs no more memory than the limit and one read."""
+        assert self._limit is not None
+        if not self._chunked:
+            self._body += self._buf
+        elif len(self._body) <= self._limit:  # complete chunks are consumed: left is a size line and some data
+            end = self._buf.find(b"\r\n")
+            if end < 0:
+                raise ValueError("chunk size line longer than the body limit")
+            self._body += self._buf[end + 2:]
+        del self._body[self._limit + 1:]
+        self._finish(reusable=False)
+        self.close()
+
     def _finish(self, reusable: bool) -> None:
         assert self._head is not None and self._future is not None
         status, headers, _ = self._head
@@ -159,34 +187,59 @@ class _Exchange(asyncio.Protocol):
             self._future.set_result((status, headers, bytes(self._body), reusable and not self.closed))
 
 
+Key = tuple[str, str, int, str]   # (scheme, address connected to, port, name: SNI or Host)
+
+
+class _Pieces(httpx.AsyncByteStream):
+    """A body read in full, handed on CHUNK bytes at a time, so a compressed body is decoded (and bounded by
+    the reader) a piece at a time, as httpcore's stream would be."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        view = memoryview(self._body)
+        for i in range(0, len(view), CHUNK):
+            yield bytes(view[i:i + CHUNK])
+
+
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     """The worker's HTTP/1.1 transport under its httpx.AsyncClient: a pool of keep-alive connections per
-    (scheme, host, port), each an `_Exchange` protocol.
+    (scheme, address, port, name), each an `_Exchange` protocol, at most `max_idle` idle in all.
 
     Why not httpcore (httpx's default): its pool re-examines every connection on every request and event
     (liveness probes through anyio's socket attributes), which measured ~2.5 ms of CPU per request at 16
     concurrent calls: a single worker process then tops out near 170 requests/s against a 50 ms server,
     below the 256 the issue asks for. This transport costs ~0.5 ms (most of it the kernel's send). It
-    does only what provider APIs need: HTTP/1.1 requests with a body, TLS through httpx's own SSL context,
-    connect/read timeouts as httpx exceptions (so providers classify failures as they always do). Proxies
-    are not: with a proxy in the environment the worker uses httpx's default transport instead.
+    does only what provider APIs and `http_call` need: HTTP/1.1 requests with a body, TLS through httpx's
+    own SSL context, connect/read timeouts as httpx exceptions (so providers classify failures as they
+    always do), a body limit per request (extension MAX_BODY). Proxies are not: with a proxy in the
+    environment the LLM worker uses httpx's default transport instead.
+
+    The name in the key is the request's `sni_hostname` extension, else its Host header: a request that
+    netguard pinned to a checked address (the address in the URL, the name for SNI) only ever reuses a
+    connection opened, and TLS-checked, for the same name at the same address.
     """
 
-    def __init__(self, max_idle: int) -> None:
+    def __init__(self, max_idle: int, verify: bool = True) -> None:
         self.max_idle = max_idle
-        self._idle: dict[tuple[str, str, int], list[_Exchange]] = {}
+        self.verify = verify
+        self._idle: dict[Key, list[_Exchange]] = {}
+        self._idle_total = 0
         self._ssl: Any = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         https = url.scheme == "https"
-        key = (url.scheme, url.host, url.port or (443 if https else 80))
+        server_name = request.extensions.get("sni_hostname") or request.headers.get("host", url.host)
+        key = (url.scheme, url.host, url.port or (443 if https else 80), server_name)
         timeouts = request.extensions.get("timeout", {})
+        limit = request.extensions.get(MAX_BODY)
         conn = await self._connection(key, https, timeouts.get("connect"))
         head = [request.method.encode() + b" " + url.raw_path + b" HTTP/1.1"]
         head += [name + b": " + value for name, value in request.headers.raw]
-        content = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
-        future = conn.start(b"\r\n".join(head) + b"\r\n\r\n" + content)
+        content = await request.aread()       # the body at once (a ByteStream's is already in memory)
+        future = conn.start(b"\r\n".join(head) + b"\r\n\r\n" + content, request.method == "HEAD", limit)
         read = timeouts.get("read")
         timer = asyncio.get_running_loop().call_later(read, _read_timeout, future, read) if read else None
         try:
@@ -197,39 +250,58 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         finally:
             if timer is not None:
                 timer.cancel()
-        idle = self._idle.setdefault(key, [])
-        if reusable and not conn.closed and len(idle) < self.max_idle:
-            idle.append(conn)
+        if reusable and not conn.closed:
+            self._keep(key, conn)
         else:
             conn.close()
-        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body),
-                              extensions={"http_version": b"HTTP/1.1"})
+        stream = httpx.ByteStream(body) if limit is None else _Pieces(body)
+        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
 
-    async def _connection(self, key: tuple[str, str, int], https: bool, timeout: float | None) -> _Exchange:
+    async def _connection(self, key: Key, https: bool, timeout: float | None) -> _Exchange:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
+            self._idle_total -= 1
+            if not idle:
+                del self._idle[key]
             if not conn.closed:
                 return conn
         loop = asyncio.get_running_loop()
-        _, host, port = key
+        _, host, port, name = key
         if https and self._ssl is None:
-            self._ssl = httpx.create_ssl_context()
+            self._ssl = httpx.create_ssl_context(verify=self.verify)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(_Exchange, host, port, ssl=self._ssl if https else None,
-                                       server_hostname=host if https else None), timeout)
+                                       server_hostname=name if https else None), timeout)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:     # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
         return conn
 
+    def _keep(self, key: Key, conn: _Exchange) -> None:
+        """Pool `conn` unless max_idle are pooled already (connections the servers closed are dropped first)."""
+        if self._idle_total >= self.max_idle:
+            for k, conns in list(self._idle.items()):
+                live = [c for c in conns if not c.closed]
+                self._idle_total -= len(conns) - len(live)
+                if live:
+                    self._idle[k] = live
+                else:
+                    del self._idle[k]
+        if self._idle_total >= self.max_idle:
+            conn.close()
+            return
+        self._idle.setdefault(key, []).append(conn)
+        self._idle_total += 1
+
     async def aclose(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._idle_total = 0
 
 
 def _read_timeout(future: asyncio.Future, seconds: float) -> None:
@@ -245,4 +317,4 @@ def make_client(concurrency: int) -> httpx.AsyncClient:
     if any(os.environ.get(v) for v in PROXY_VARIABLES):
         return httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency,
                                                      max_keepalive_connections=concurrency))
-    return httpx.AsyncClient(transport=KeepAliveTransport(concurrency))
+    return httpx.AsyncClient(transport=KeepAliveTransport(4 * concurrency))     # room for a few providers
