@@ -54,7 +54,7 @@ class Params:
     name: str                 # the process name in log lines: "<neuranmon's name>-metrics"
     parent: int               # neuranmon's pid: the child exits at once if it is not its parent
     prefix: str               # the shared memory's prefix
-    slot: int                 # neuranmon's slot, where the pid and port are published
+    slot: int                 # neuranmon's slot, where the bound port is published
     dsn: str
     address: str
     port: int
