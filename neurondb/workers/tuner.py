@@ -41,6 +41,7 @@ from neurondb.index.store import SharedIndex
 from neurondb.observability.history import HistorySampler
 from neurondb.observability.process import MetricsProcess, Params
 from neurondb.queries import query
+from neurondb.settings import ReloadResult
 from neurondb.shm.ring import QueryRing, Sample
 from neurondb.workers.base import BatchResult, Worker
 
@@ -70,7 +71,8 @@ class TunerWorker(Worker):
         self._next_tune = time.monotonic() + self.naptime
         self.history = HistorySampler(self.config, self.ctx.shared, self._beat)
         self.endpoint = MetricsProcess(self.ctx.shared)
-        self.endpoint.ensure(self._endpoint_params())
+        self.endpoint_params = self._endpoint_params()
+        self.endpoint.ensure(self.endpoint_params)
 
     def idle_nap(self) -> float:
         return min(self.naptime, SYNC_EVERY, self.history.due_in())
@@ -79,7 +81,7 @@ class TunerWorker(Worker):
         now = time.monotonic()
         if now >= self._next_retention:
             self._retention()
-        self.endpoint.ensure(self._endpoint_params())
+        self.endpoint.ensure(self.endpoint_params)
         flushed = self._flush_samples()
         if now >= self._next_sync:
             self._next_sync = now + SYNC_EVERY
@@ -361,6 +363,9 @@ class TunerWorker(Worker):
                     break
             if total:
                 self.log.info("retention: removed %d %s older than %.0f s", total, what, retention)
+
+    def on_reload(self, result: ReloadResult) -> None:
+        self.endpoint_params = self._endpoint_params()    # a change restarts the metrics process next batch
 
     def _endpoint_params(self) -> Params:
         return Params(f"{self.ctx.name}-metrics", os.getpid(), self.ctx.shared.prefix, self.ctx.slot, self.ctx.dsn,
