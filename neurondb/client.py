@@ -150,8 +150,8 @@ class Client:
             config = self.config
             route = resolve(config, "embed", info["model_name"], info["provider"])
             self._embedders[key] = (embedder_for(config, model=info["model_name"], provider=info["provider"]),
-                                    route, float(config.get("neurondb.llm_cache_ttl")),
-                                    int(config.get("neurondb.llm_cache_max_entries")) > 0)
+                                    route, config.get_seconds("llm_cache_ttl"),
+                                    config.get_int("llm_cache_max_entries") > 0)
         embedder, route, ttl_s, cache_on = self._embedders[key]
 
         def embed(t: str) -> np.ndarray:

@@ -435,7 +435,7 @@ def require_sql_settable(name: str) -> Setting:
 def config_warnings(config: Config) -> list[str]:
     """Values in force that are allowed but dangerous; the supervisor logs them at every start and reload."""
     warnings = []
-    if ALLOW_EVERYTHING in split_list(str(config.get("neurondb.http_allowlist"))):
+    if ALLOW_EVERYTHING in split_list(config.get_str("http_allowlist")):
         warnings.append(f"neurondb.http_allowlist contains '{ALLOW_EVERYTHING}': the SSRF guard is off, http_call "
                         "jobs may reach any address (loopback, private networks, cloud metadata)")
     return warnings

@@ -72,9 +72,11 @@ _OPERATION_WORDS = {"embed": "embeddings", "rerank": "reranking", "complete": "c
 
 
 class ConfigLike(Protocol):
-    """What is read from neurondb.settings.Config: values by name (and `datadir` for the key file)."""
+    """What is read from neurondb.settings.Config: typed values by name (and `datadir` for the key file)."""
 
-    def get(self, name: str) -> object: ...
+    def get_str(self, name: str) -> str: ...
+
+    def get_seconds(self, name: str) -> float: ...
 
 
 class Route(NamedTuple):
@@ -106,9 +108,9 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
     """The Route for `operation` ("embed", "rerank" or "complete"); see the module docstring."""
     if operation not in OPERATIONS:
         raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
-    configured = str(config.get("neurondb.llm_provider"))
-    name = model or str(config.get("neurondb.llm_model") or "")
-    routes = parse_llm_routes(str(config.get("neurondb.llm_routes") or ""))
+    configured = config.get_str("llm_provider")
+    name = model or config.get_str("llm_model")
+    routes = parse_llm_routes(config.get_str("llm_routes"))
     route = match_route(routes, name) if name else None
     if provider:
         chosen = provider.strip().lower()
@@ -125,7 +127,7 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
         chosen, endpoint = (route.provider, route.endpoint) if route else (configured, "")
     if chosen != LOCAL:
         if not endpoint and chosen == configured:
-            endpoint = str(config.get("neurondb.llm_endpoint") or "")
+            endpoint = config.get_str("llm_endpoint")
         endpoint = endpoint or DEFAULT_ENDPOINTS[chosen]
     if operation not in SERVES[chosen]:
         served = ", ".join(sorted(p for p, ops in SERVES.items() if operation in ops))
@@ -141,14 +143,14 @@ def resolve(config: ConfigLike, operation: str, model: str | None = None, provid
 
 def _api_key(config: ConfigLike, provider: str) -> Any:
     datadir = getattr(config, "datadir", None)
-    path = key_file_path(str(config.get("neurondb.llm_api_key_file") or ""), getattr(datadir, "root", None))
+    path = key_file_path(config.get_str("llm_api_key_file"), getattr(datadir, "root", None))
     return resolve_api_key(provider, path)
 
 
 def _timeout(config: ConfigLike, timeout: float | None) -> float:
     if timeout is not None:
         return timeout
-    return int(str(config.get("neurondb.neuranllm_timeout"))) / 1000.0  # the setting is in ms
+    return config.get_seconds("neuranllm_timeout")
 
 
 @functools.lru_cache(maxsize=16)
