@@ -109,6 +109,17 @@ def test_bulk_copy_is_analyzed_and_a_quiet_database_left_alone(conn: psycopg.Con
     assert conn.execute("SELECT count(*) FROM neurondb.neurondb_index_maintenance").fetchone()[0] == total
 
 
+def test_analyze_skips_the_embedding_column(conn: psycopg.Connection, log: logging.Logger) -> None:
+    """No planner statistics for embeddings (migration 018): computing them was most of ANALYZE's work."""
+    load(conn, 2000)
+    wait_stat(conn, VECTORS, "n_mod_since_analyze", 2000)
+    assert one(run(TableMaintenance(log), conn)[0], VECTORS).status == "completed"
+    analyzed = {row[0] for row in conn.execute(
+        "SELECT attname FROM pg_stats WHERE schemaname = 'neurondb' AND tablename = 'neurondb_vectors'")}
+    assert "doc_id" in analyzed and "index_name" in analyzed
+    assert "embedding" not in analyzed
+
+
 def test_a_held_lock_fails_fast_and_is_recorded(conn: psycopg.Connection, fresh_dsn: str,
                                                log: logging.Logger) -> None:
     load(conn, 3000)
