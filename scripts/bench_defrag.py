@@ -16,7 +16,7 @@ has caught up (every new id is a live node of the shared-memory graph, no delete
 `neurondb.vector_stats.pending_changes` is 0 in statistics published after the deletes), then until the
 maintenance has finished (`vector_stats.tombstones` 0 and no row for the index in
 `neurondb.maintenance_progress`). On timeout it says "maintenance did not finish" and measures anyway. With
-`neurandefrag_naptime` at its minimum (1 s) the maintenance cycles come quickly. Then three indexes over the
+`neurandefrag_naptime` at its minimum (1 s) the maintenance cycles come quickly. Then four indexes over the
 same live set, all l2, M 16, ef_construction 200, labels = neurondb_vectors.id:
 
 - **neurondb**: the service's own graph, attached in shared memory as the client does
@@ -27,6 +27,9 @@ same live set, all l2, M 16, ef_construction 200, labels = neurondb_vectors.id:
   the service's /dev/shm segment): what a rebuild would serve, searched from the same kind of memory as
   the service's graph (numpy's private arrays may get transparent huge pages, which /dev/shm does not
   here; on identical graphs the shared mapping searched at 0.97-1.00 x the private copy's QPS);
+- **control**: a second fresh build of the same rows whose levels are drawn with another seed. Its QPS
+  against the fresh build's (column `ctl`) is how far two builds of the same rows read apart in this run:
+  the noise floor of the neurondb / fresh ratio. No target; it is not part of any verdict;
 - **hnswlib**: built once from the base set, then each round `mark_deleted` of the same ids and
   `add_items(new, ids, replace_deleted=True)` (init_index with allow_replace_deleted, one thread): the baseline.
 
@@ -36,7 +39,7 @@ Measured per round, against exact ground truth (chunked numpy brute force over t
   at ef 16, 24, 32, 48, 64, 96, 128, 192, 256 until recall passes 0.95, each point the median of
   `--repeats` timed runs (5), timed by this thread's CPU time (the wall clock's figure is printed beside
   it); log QPS interpolated linearly in recall at 0.95 (`bench_index.interp_qps`). A timed run searches the
-  query set 100 queries at a time, each hundred by the three indexes in turn, so that they share the
+  query set 100 queries at a time, each hundred by the four indexes in turn, so that they share the
   machine's slow and fast phases (`Bench.curves`). Four builds of the same rows with different seeds,
   timed a whole batch at a time, read 0.99 to 1.04 x each other by the median of 5 runs and 0.89 to
   1.01 x by the best of 15; 100 queries at a time, 0.99 to 1.02 x in two runs;
@@ -104,7 +107,6 @@ TARGET_RECALL = 0.95
 RECALL_GAP, QPS_RATIO, MEMORY_RATIO, P99_RATIO = 0.01, 0.95, 1.1, 2.0
 POLL_S = 0.2
 CHUNK = 100                 # queries a system searches before the next system's turn (see Bench.curves)
-SYSTEMS = ("neurondb", "fresh", "hnswlib")
 QUICK = {"n": 6000, "dim": 64, "rounds": 6, "queries": 200, "noise": 0.5, "round_timeout": 5.0,
          "idle_seconds": 1.0}
 DEFAULTS = {"n": 20_000, "dim": 128, "rounds": 20, "queries": 2000, "noise": 0.3, "round_timeout": 60.0,
@@ -131,11 +133,21 @@ class Round:
     ingested_s: float | None = None             # from the COPY's start until the graph holds the new vectors
     fresh_build_s: float | None = None
 
-    def ratio(self, what: str) -> float | None:
-        """neurondb / fresh of `what` ("qps", "qps_wall" or "memory"), None when either is missing."""
+    def ratio(self, what: str, name: str = "neurondb") -> float | None:
+        """`name` / fresh of `what` ("qps", "qps_wall" or "memory"), None when either is missing."""
         figures = getattr(self, what)
-        ours, fresh = figures.get("neurondb"), figures.get("fresh")
+        ours, fresh = figures.get(name), figures.get("fresh")
         return None if ours is None or not fresh else ours / fresh
+
+
+def fresh_build(vectors: np.ndarray, labels: np.ndarray, seed: int) -> hnsw.HnswArrays:
+    """What a rebuild of these rows would serve: the capacity a rebuild gives, inserts in id order, in a shared
+    anonymous mapping (see the module docstring); `seed` draws the levels."""
+    capacity = max(1024, int(len(vectors) * 1.25) + 1)
+    arrays = hnsw.HnswArrays.create_in(mmap.mmap(-1, hnsw.layout(capacity, vectors.shape[1], M)[1]), capacity,
+                                       vectors.shape[1], m=M, ef_construction=EF_CONSTRUCTION, metric="l2", seed=seed)
+    hnsw.add_items(arrays, vectors, labels)
+    return arrays
 
 
 def recall_of(found: np.ndarray, truth: np.ndarray) -> float:
@@ -407,11 +419,9 @@ class Bench:
         live_ids, vectors = live_ids[order], self.pool[self.live[order]]
         truth = live_ids[ground_truth(vectors, self.queries, self.k)]
         t = time.monotonic()
-        capacity = max(1024, int(len(vectors) * 1.25) + 1)
-        fresh = hnsw.HnswArrays.create_in(mmap.mmap(-1, hnsw.layout(capacity, a.dim, M)[1]), capacity, a.dim,
-                                          m=M, ef_construction=EF_CONSTRUCTION, metric="l2")
-        hnsw.add_items(fresh, vectors, live_ids)
+        fresh = fresh_build(vectors, live_ids, seed=100)
         rnd.fresh_build_s = time.monotonic() - t
+        control = fresh_build(vectors, live_ids, seed=1000 + rnd.round)
         index, hl, k = self.index, self.hnswlib, self.k
 
         def search_hnswlib(ef: int, queries: np.ndarray) -> np.ndarray:
@@ -421,6 +431,7 @@ class Bench:
         systems: dict[str, Search] = {
             "neurondb": lambda ef, queries: hnsw.search_many(index.arrays(), queries, k, ef)[0],
             "fresh": lambda ef, queries: hnsw.search_many(fresh, queries, k, ef)[0],
+            "control": lambda ef, queries: hnsw.search_many(control, queries, k, ef)[0],
             "hnswlib": search_hnswlib,
         }
         rnd.recall = {name: recall_of(search(a.ef, self.queries), truth) for name, search in systems.items()}
@@ -515,14 +526,14 @@ class Bench:
                   f"build", flush=True)
             print(f"{'round':>5} {'deletes':7} {'live':>6} | {'recall@' + str(self.args.ef) + ': ndb':>13} "
                   f"{'fresh':>6} {'hnswlib':>7} | {'QPS@0.95: ndb':>13} {'fresh':>6} {'hnswlib':>7} {'ratio':>6} "
-                  f"{'wall':>6} | "
+                  f"{'wall':>6} {'ctl':>6} | "
                   f"{'memory ratio':>12} {'hnswlib MiB':>11} | {'ingest s':>8} {'caught up s':>11} {'maint. s':>8} "
                   f"{'tomb.':>6} | {'p99 idle ms':>11} {'ingest ms':>9} {'maint. ms':>9}", flush=True)
         maintained = "TIMEOUT" if r.maintained_s is None else f"{r.maintained_s:.1f}"
         print(f"{r.round:5d} {r.kind:7} {r.live:6d} | {r.recall['neurondb']:13.4f} {r.recall['fresh']:6.4f} "
               f"{r.recall['hnswlib']:7.4f} | {fmt(r.qps['neurondb'], '.0f'):>13} {fmt(r.qps['fresh'], '.0f'):>6} "
               f"{fmt(r.qps['hnswlib'], '.0f'):>7} {fmt(r.ratio('qps'), '.3f'):>6} "
-              f"{fmt(r.ratio('qps_wall'), '.3f'):>6} | "
+              f"{fmt(r.ratio('qps_wall'), '.3f'):>6} {fmt(r.ratio('qps', 'control'), '.3f'):>6} | "
               f"{fmt(r.ratio('memory'), '.3f'):>12} {r.memory['hnswlib'] / 2**20:11.1f} | "
               f"{fmt(r.ingested_s, '.1f'):>8} {fmt(r.caught_up_s, '.1f'):>11} {maintained:>8} "
               f"{fmt(r.tombstones, 'd'):>6} | {fmt(r.p99_idle_ms, '.3f'):>11} {fmt(r.p99_ingest_ms, '.3f'):>9} "
@@ -554,6 +565,11 @@ class Bench:
                                           "pass": gap <= RECALL_GAP}
                     verdicts["qps"] = {"worst_ratio": worst_qps[0], "round": worst_qps[1], "target": QPS_RATIO,
                                        "pass": worst_qps[0] is not None and worst_qps[0] >= QPS_RATIO}
+            controls = [c for c in (r.ratio("qps", "control") for r in self.rounds) if c is not None]
+            if controls:
+                print(f"control : a second fresh build (another seed) / the fresh build, QPS@0.95 over rounds 0..R: "
+                      f"{min(controls):.3f} .. {max(controls):.3f}, median {np.median(controls):.3f} (no target: "
+                      "how far two fresh builds of the same rows read apart)")
             memory = [(r.ratio("memory"), r.round) for r in churned]
             worst_mem = max(memory, key=lambda x: float("inf") if x[0] is None else x[0])
             verdicts["memory"] = {"worst_ratio": worst_mem[0], "round": worst_mem[1], "target": MEMORY_RATIO,
