@@ -66,8 +66,8 @@ verdicts), 1 if it failed, 130 if interrupted.
     .venv/bin/python scripts/bench_defrag.py             # 20,000 x 128, 20 rounds (see below)
     .venv/bin/python scripts/bench_defrag.py --rounds 10 --round-timeout 30 --json figures.json
 
-A default run took 10 minutes 15 s on 2 cores (about 1.5 minutes of set-up, then 20 rounds of about 30 s:
-the probes, the wait for the service, a fresh build and the QPS curves). A round whose maintenance never
+A default run took 13 minutes 20 s on 2 cores (about 1.5 minutes of set-up, then 20 rounds of about 35 s:
+the probes, the wait for the service, two fresh builds and the QPS curves). A round whose maintenance never
 finishes waits the whole timeout, so a run against a service without the maintenance cycle takes about 20
 minutes longer.
 """
