@@ -30,7 +30,6 @@ MAX_BODY = "neurondb.max_body"   # request extension: read at most this many bod
 CHUNK = 65536                     # the response body is handed on in pieces of this size
 
 
-
 class _Exchange(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection as an asyncio protocol: `start()` writes a request and returns a
     future of (status, headers, body, reusable); the response is parsed as its bytes arrive (Content-Length,
@@ -225,7 +224,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self.max_idle = max_idle
         self.verify = verify
         self._idle: dict[Key, list[_Exchange]] = {}
-        self._idle_total = 0
         self._ssl: Any = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -261,7 +259,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            self._idle_total -= 1
             if not idle:
                 del self._idle[key]
             if not conn.closed:
@@ -282,26 +279,26 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     def _keep(self, key: Key, conn: _Exchange) -> None:
         """Pool `conn` unless max_idle are pooled already (connections the servers closed are dropped first)."""
-        if self._idle_total >= self.max_idle:
+        if self._idle_count() >= self.max_idle:
             for k, conns in list(self._idle.items()):
                 live = [c for c in conns if not c.closed]
-                self._idle_total -= len(conns) - len(live)
                 if live:
                     self._idle[k] = live
                 else:
                     del self._idle[k]
-        if self._idle_total >= self.max_idle:
-            conn.close()
-            return
+            if self._idle_count() >= self.max_idle:
+                conn.close()
+                return
         self._idle.setdefault(key, []).append(conn)
-        self._idle_total += 1
+
+    def _idle_count(self) -> int:
+        return sum(map(len, self._idle.values()))
 
     async def aclose(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
-        self._idle_total = 0
 
 
 def _read_timeout(future: asyncio.Future, seconds: float) -> None:
