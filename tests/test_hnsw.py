@@ -523,3 +523,28 @@ def test_compaction_copy_and_rebalance(data):
     la, _ = hnsw.search_many(a, queries, K, 64)
     lb, _ = hnsw.search_many(b, queries, K, 64)
     assert np.array_equal(la, lb)
+
+
+def test_churn_keeps_the_level_distribution(data):
+    """Rows freed by maintenance hand their upper-level rows on to the inserts that reuse rows: under rounds of
+    delete 10 % + insert 10 % into the freed rows, the upper pool does not fill up, no new node has its level
+    cut (H_LEVEL_CLAMPED), and level 1 keeps the live nodes the level distribution expects (live / M)."""
+    base, _ = data
+    a = HnswArrays.allocate(N, DIM, ef_construction=EFC)
+    hnsw.add_items(a, base, np.arange(N))
+    rng = np.random.default_rng(5)
+    live = np.arange(N)
+    pool_used = int(a.header[hnsw.H_POOL_USED])
+    for rnd in range(12):
+        gone = rng.choice(live, N // 10, replace=False)
+        for i in gone:
+            hnsw.mark_deleted(a, int(i))
+        hnsw.fix_entry(a)
+        hnsw.consolidate(a)
+        freed = hnsw.free_deleted(a)
+        hnsw.add_items(a, clustered(len(freed), DIM, seed=100 + rnd), freed, slots=freed)
+        live = np.union1d(np.setdiff1d(live, gone), freed)
+    level1 = int(np.count_nonzero(a.levels[: a.count][a.tombstones[: a.count] == hnsw.LIVE] >= 1))
+    assert int(a.header[hnsw.H_LEVEL_CLAMPED]) == 0
+    assert int(a.header[hnsw.H_POOL_USED]) <= pool_used * 1.25 + 16, (pool_used, int(a.header[hnsw.H_POOL_USED]))
+    assert level1 >= 0.8 * N / 16, level1

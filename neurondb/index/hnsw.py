@@ -26,7 +26,9 @@ Layout (`layout()` gives names, dtypes, shapes and byte offsets; every array sta
 
 Internal ids are row numbers; a node keeps its row until the index is compacted or rebuilt. Maintenance
 (`consolidate`, `free_deleted`) repairs the lists of live nodes that point at deleted ones and then frees
-the deleted rows, which inserts reuse (`add_items(slots=...)`, as hnswlib's replace_deleted).
+the deleted rows, which inserts reuse (`add_items(slots=...)`, as hnswlib's replace_deleted). A freed row
+keeps its block of upper pool rows (its level says how many), and an insert above level 0 takes a free row's
+block before it takes new pool rows, so the pool does not fill up under churn.
 
 Level-0 links are not interleaved with the vectors as in hnswlib's data_level0 block: measured on
 scripts/bench_index.py's data, an interleaved block (rows padded to 64 bytes) searched at 0.95-1.0x
@@ -1017,13 +1019,44 @@ def _linker(header, links0, pool):
 
 
 @njit(**_JIT)
+def _block_donor(free, tombstones, levels, upper_offset, c, level):
+    """The free row (other than c) whose block of upper rows is the smallest that holds `level` levels, or -1.
+    A freed row keeps its block (its lists cleared), and its level says the block's size."""
+    best = np.int64(-1)
+    for t in range(free.shape[0]):
+        d = np.int64(free[t])
+        if d == c or tombstones[d] != FREE or upper_offset[d] < 0 or levels[d] < level:
+            continue
+        if best < 0 or levels[d] < levels[best]:
+            best = d
+            if levels[d] == level:
+                break
+    return best
+
+
+@njit(**_JIT)
+def _block_receive(free, tombstones, levels, upper_offset, c, off, level):
+    """Give the block of `level` upper rows at `off` to a free row (other than c) without one, so that a later
+    insert can take it (`_block_donor`); with no such row the rows stay unused until a compaction."""
+    for t in range(free.shape[0]):
+        e = np.int64(free[t])
+        if e != c and tombstones[e] == FREE and upper_offset[e] < 0:
+            levels[e] = level       # the level first, then the offset: a reader on a stale link to e reads
+            upper_offset[e] = off   # either no block or this one, whose lists are empty
+            return
+
+
+@njit(**_JIT)
 def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, tombstones, pool,
-                new_vecs, new_labels, new_tenants, replace_ids, slots, visited, cand_d, cand_i, out_ids):
+                new_vecs, new_labels, new_tenants, replace_ids, slots, free, visited, cand_d, cand_i, out_ids):
     """Insert new_vecs[t] (already normalised for cosine) one by one; returns how many were inserted.
 
     slots[t] >= 0 reuses that free slot (tombstone FREE: unlinked by maintenance, see `free_deleted`) instead
     of appending a row. Such a row is below the published count, so it is written under a tombstone (traversed,
-    never returned) and published by clearing the tombstone once its vector, label and links are complete."""
+    never returned) and published by clearing the tombstone once its vector, label and links are complete.
+    A node above level 0 takes its upper rows from its own row's block if that fits, else from another free
+    row's (`free`: the FREE rows), else from the pool's end; a block it does not use goes to a free row. So
+    churn reuses upper rows as it reuses rows, and the pool does not fill up (which would cut new levels)."""
     n = new_vecs.shape[0]
     cap = vectors.shape[0]
     dim = vectors.shape[1]
@@ -1053,23 +1086,29 @@ def _add_kernel(header, vectors, links0, levels, upper_offset, labels, tenants, 
             header[H_FREE] -= 1
             header[H_DELETED] += 1
         pool_used = header[H_POOL_USED]
-        if level > 0 and old_off >= 0 and level <= old_level:
-            off = np.int64(old_off)               # the freed node's upper rows fit
-        elif level > 0:
-            if level > pool_cap - pool_used:
+        off = np.int64(old_off) if level > 0 and old_off >= 0 and level <= old_level else np.int64(-1)
+        if level > 0 and off < 0:             # the row's own upper rows (if any) do not fit
+            d = _block_donor(free, tombstones, levels, upper_offset, c, level)
+            if d >= 0:                        # a free row's block: taken, the donor left without one
+                off = np.int64(upper_offset[d])
+                upper_offset[d] = -1
+                levels[d] = 0
+            elif level <= pool_cap - pool_used:
+                off = pool_used
+                header[H_POOL_USED] = pool_used + level
+            else:                             # the pool is full: a lower level
+                header[H_LEVEL_CLAMPED] += 1
                 if old_off >= 0:
                     level = old_level
                     off = np.int64(old_off)
                 else:
                     level = pool_cap - pool_used
                     off = pool_used
-                header[H_LEVEL_CLAMPED] += 1
-            else:
-                off = pool_used
-            if off == pool_used:
-                header[H_POOL_USED] = pool_used + level
-        else:
-            off = np.int64(-1)
+                    header[H_POOL_USED] = pool_cap
+        if old_off >= 0 and off != old_off:  # the row's own block goes to a free row without one
+            upper_offset[c] = -1              # first: a crash here leaks a block, never shares one
+            levels[c] = 0
+            _block_receive(free, tombstones, levels, upper_offset, c, old_off, old_level)
         # write the node (unpublished: readers ignore ids >= count, and never return a tombstoned node)
         for j in range(dim):
             vectors[c, j] = new_vecs[t, j]
@@ -1717,8 +1756,8 @@ def add_items(arrays: HnswArrays, vectors: np.ndarray, labels, tenants=None, *, 
         arrays.keys[rows[fits]] = np.asarray(keys, np.uint8).reshape(n, KEY_BYTES)[fits]
     out = np.full(n, -1, np.int64)
     s = _scratch(arrays.capacity)
-    done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, slots, s.visited, s.cand_d, s.cand_i,
-                       out)
+    done = _add_kernel(*arrays.kernel_args, vecs, labels, tenants, replace, slots, free_slots(arrays), s.visited,
+                       s.cand_d, s.cand_i, out)
     if done != n:
         if slots[done] >= 0:
             raise ValueError(f"slot {int(slots[done])} is not a free row (inserted {done} of {n})")
