@@ -4,6 +4,7 @@ prometheus_client's own parser, counters compared with a known workload, real SI
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -23,7 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import neurondb
 from neurondb import queue
 from neurondb.observability import families
+from neurondb.observability.process import MetricsProcess, Params
 from neurondb.settings import REGISTRY
+from neurondb.shm.control import SharedState
+from neurondb.shm.names import instance_prefix
 from tests.service import Service, running_service, wait_for
 
 DIM = 8
@@ -279,3 +283,25 @@ def test_llm_counters_equal_a_known_workload(tmp_path: Path, fresh_dsn: str, con
             assert fake.count() == 6
         finally:
             svc.close()
+
+
+def test_a_metrics_process_that_cannot_start_is_retried_ever_more_rarely(tmp_path: Path, caplog) -> None:
+    """A metrics process that exits at once (here the shared memory it is told to attach does not exist) is
+    restarted after 1 s, then 2 s, then 4 s, not every second: one warning per exit, with the delay."""
+    prefix = instance_prefix(tmp_path)
+    shared = SharedState.create(prefix, 1)
+    try:
+        endpoint = MetricsProcess(shared)
+        params = Params("neuranmon-metrics", os.getpid(), prefix + "-missing", 0, "", "127.0.0.1", 0, 10.0,
+                        str(tmp_path / "metrics.log"))
+        with caplog.at_level("WARNING", logger="neurondb.metrics"):
+            deadline = time.monotonic() + 30.0
+            while len(caplog.records) < 3 and time.monotonic() < deadline:
+                endpoint.ensure(params)
+                time.sleep(0.05)
+        endpoint.stop()
+    finally:
+        shared.unlink()
+        shared.close()
+    delays = [int(m.group(1)) for r in caplog.records if (m := re.search(r"restarting it in (\d+) s", r.getMessage()))]
+    assert delays == [1, 2, 4], [r.getMessage() for r in caplog.records]

@@ -16,8 +16,11 @@ How it runs:
   therefore leaves no endpoint behind: its successor starts a new one.
 - The child publishes the port it bound (PORT_GAUGE) in neuranmon's slot.
 - It exits on SIGTERM and reopens its log file on SIGUSR1, as the workers do.
-- neuranmon's `ensure()`, called every batch, restarts a child that exited after RESTART_DELAY seconds.
-  It also restarts the child when its parameters change after a reload.
+- neuranmon's `ensure()`, called every batch, restarts a child that exited after RESTART_DELAY seconds,
+  doubled for each further child that exits within STABLE_AFTER seconds of its start, up to
+  MAX_RESTART_DELAY. So a child that cannot start is retried ever more rarely, not every second (a port it
+  cannot bind is not such a case: the child keeps running and retries the bind). It also restarts the
+  child when its parameters change after a reload.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from neurondb.observability.families import PORT_GAUGE
 from neurondb.observability.server import MetricsEndpoint
 from neurondb.shm.control import SharedState
 
-RESTART_DELAY = 1.0           # seconds between a child's exit and its successor
+RESTART_DELAY = 1.0           # seconds between a child's exit and its successor (after a child that ran)
+MAX_RESTART_DELAY = 60.0      # ... at most, after children that exited one after the other at once
+STABLE_AFTER = 30.0           # a child that ran this long resets the delay to RESTART_DELAY
 STOP_TIMEOUT = 5.0            # seconds a child gets to exit after SIGTERM before it is killed
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger("neurondb.metrics")
@@ -70,13 +75,19 @@ class MetricsProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._params: Params | None = None
         self._next_start = 0.0
+        self._started = 0.0
+        self._delay = RESTART_DELAY
 
     def ensure(self, params: Params) -> None:
         """Keep one child running with `params` (none when the address is ''); cheap when all is well."""
         if self._proc is not None and self._proc.poll() is not None:
-            log.warning("metrics process %d exited with status %s; restarting it in %.0f s",
-                        self._proc.pid, self._proc.returncode, RESTART_DELAY)
-            self._reaped(time.monotonic() + RESTART_DELAY)
+            now = time.monotonic()
+            if now - self._started >= STABLE_AFTER:
+                self._delay = RESTART_DELAY
+            log.warning("metrics process %d exited with status %s after %.1f s; restarting it in %.0f s",
+                        self._proc.pid, self._proc.returncode, now - self._started, self._delay)
+            self._reaped(now + self._delay)
+            self._delay = min(self._delay * 2, MAX_RESTART_DELAY)
         if self._proc is not None and params != self._params:
             self.stop()
         if self._proc is None and params.address and time.monotonic() >= self._next_start:
@@ -106,6 +117,7 @@ class MetricsProcess:
         self._proc.stdin.write(orjson.dumps(asdict(params)))    # a few hundred bytes: the pipe never blocks
         self._proc.stdin.close()
         self._params = params
+        self._started = time.monotonic()
 
     def _reaped(self, next_start: float) -> None:
         if self._params is not None:      # it may have died before it could clear the port
