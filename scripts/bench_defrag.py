@@ -39,8 +39,9 @@ Measured per round, against exact ground truth (chunked numpy brute force over t
   at ef 16, 24, 32, 48, 64, 96, 128, 192, 256 until recall passes 0.95, each point the median of
   `--repeats` timed runs (5), timed by this thread's CPU time (the wall clock's figure is printed beside
   it); log QPS interpolated linearly in recall at 0.95 (`bench_index.interp_qps`). A timed run searches the
-  query set 100 queries at a time, each hundred by the four indexes in turn, so that they share the
-  machine's slow and fast phases (`Bench.curves`). Four builds of the same rows with different seeds,
+  query set 100 queries at a time, each hundred at every point of every index's curve in turn (the ef
+  points each index needs are found first, untimed), so that all points share the machine's slow and fast
+  phases (`Bench.curves`). Four builds of the same rows with different seeds,
   timed a whole batch at a time, read 0.99 to 1.04 x each other by the median of 5 runs and 0.89 to
   1.01 x by the best of 15; 100 queries at a time, 0.99 to 1.02 x in two runs;
 - memory: neurondb = its current segment's size (what vector_stats.memory_bytes publishes, read from the
@@ -447,38 +448,41 @@ class Bench:
     def curves(self, systems: dict[str, Search], truth: np.ndarray
                ) -> tuple[dict[str, list[tuple[int, float, float]]], dict[str, list[tuple[int, float, float]]]]:
         """(ef, recall, QPS) up the ef ladder for each system until its recall passes the target; QPS the
-        median of --repeats timed runs. A timed run searches the query set in chunks of CHUNK queries, each
-        chunk by every system in turn (the order rotating), so that the systems share the machine's slow and
-        fast phases: on this shared machine the same batch took 150 to 220 ms from one second to the next
-        (see the module docstring for what that does to a comparison).
+        median of --repeats timed runs. The recalls come first (untimed; this also warms up), then every
+        (system, ef) point is timed in the same runs: a timed run searches the query set in chunks of CHUNK
+        queries, each chunk at every point in turn (the order rotating). So every point of every curve shares
+        the machine's slow and fast phases. On this shared machine the same batch took 150 to 220 ms from one
+        second to the next, and when each ef was timed in a window of its own, a system could read faster at
+        ef 32 than at ef 24 (round 18 of a run: 17,708 and 20,045 QPS): a system whose recall crosses the target
+        nearer one end of that pair than another system's was then favoured or penalised by up to 14 %.
         Timed twice: by this thread's CPU time (the verdict: the wall clock also counts the time the search
         waited for a core) and by the wall clock (printed beside it)."""
-        cpu: dict[str, list[tuple[int, float, float]]] = {name: [] for name in systems}
-        wall: dict[str, list[tuple[int, float, float]]] = {name: [] for name in systems}
-        active = list(systems)
+        recall: dict[tuple[str, int], float] = {}
+        for name, search in systems.items():
+            for ef in EF_LADDER:
+                recall[name, ef] = recall_of(search(ef, self.queries), truth)
+                if recall[name, ef] > TARGET_RECALL:
+                    break
+        points = list(recall)
         n = len(self.queries)
         chunks = [self.queries[lo:lo + CHUNK] for lo in range(0, n, CHUNK)]
-        for ef in EF_LADDER:
-            if not active:
-                break
-            recall = {name: recall_of(systems[name](ef, self.queries), truth) for name in active}  # also warms up
-            times: dict[str, list[tuple[float, float]]] = {name: [] for name in active}
-            for repeat in range(self.args.repeats):
-                spent = {name: [0.0, 0.0] for name in active}
-                for j, chunk in enumerate(chunks):
-                    turn = (j + repeat) % len(active)
-                    for name in active[turn:] + active[:turn]:
-                        c, t = time.thread_time(), time.perf_counter()
-                        systems[name](ef, chunk)
-                        spent[name][0] += time.thread_time() - c
-                        spent[name][1] += time.perf_counter() - t
-                for name in active:
-                    times[name].append((spent[name][0], spent[name][1]))
-            for name in list(active):
-                cpu[name].append((ef, recall[name], n / float(np.median([c for c, _ in times[name]]))))
-                wall[name].append((ef, recall[name], n / float(np.median([t for _, t in times[name]]))))
-                if recall[name] > TARGET_RECALL:
-                    active.remove(name)
+        times: dict[tuple[str, int], list[tuple[float, float]]] = {point: [] for point in points}
+        for repeat in range(self.args.repeats):
+            spent = {point: [0.0, 0.0] for point in points}
+            for j, chunk in enumerate(chunks):
+                turn = (j + repeat) % len(points)
+                for name, ef in points[turn:] + points[:turn]:
+                    c, t = time.thread_time(), time.perf_counter()
+                    systems[name](ef, chunk)
+                    spent[name, ef][0] += time.thread_time() - c
+                    spent[name, ef][1] += time.perf_counter() - t
+            for point in points:
+                times[point].append((spent[point][0], spent[point][1]))
+        cpu: dict[str, list[tuple[int, float, float]]] = {name: [] for name in systems}
+        wall: dict[str, list[tuple[int, float, float]]] = {name: [] for name in systems}
+        for name, ef in points:
+            cpu[name].append((ef, recall[name, ef], n / float(np.median([c for c, _ in times[name, ef]]))))
+            wall[name].append((ef, recall[name, ef], n / float(np.median([t for _, t in times[name, ef]]))))
         return cpu, wall
 
     def hnswlib_bytes(self) -> int:
